@@ -1,0 +1,1 @@
+"""The collabtrain Kubernetes operator (kopf). Imports no torch."""

@@ -1,0 +1,63 @@
+"""The trainer's runtime configuration: what the operator renders into the job's ConfigMap
+(as JSON under the key `trainer.json`) and what `collabtrain-trainer local` builds itself.
+
+Torch-free, so the operator can import it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+CodecName = Literal["none", "fp16", "bf16", "int8", "int4", "topk", "powersgd"]
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class CompressionConfig(StrictModel):
+    codec: CodecName = "none"
+    # top-k: fraction of elements kept; powersgd: rank; quantizers: block size.
+    ratio: float = Field(0.01, gt=0, le=1)
+    rank: int = Field(2, ge=1, le=64)
+    block_size: int = Field(256, ge=16, le=65536)
+    error_feedback: bool = True
+
+
+class OptimizerConfig(StrictModel):
+    name: Literal["sgd", "adam", "adamw"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+
+
+class CheckpointConfig(StrictModel):
+    endpoint: str  # host:port, no scheme
+    bucket: str
+    prefix: str = ""
+    secure: bool = True
+    ca_bundle_path: str | None = None
+    every_steps: int | None = Field(None, ge=1)
+    every_minutes: float | None = Field(None, gt=0)
+    keep_last: int = Field(3, ge=1)
+    # Credentials come from the environment (the job's Secret), never from this file.
+    access_key_env: str = "AWS_ACCESS_KEY_ID"
+    secret_key_env: str = "AWS_SECRET_ACCESS_KEY"
+
+
+class TrainerConfig(StrictModel):
+    job: str
+    task: str = "tinylm"  # a built-in task name or `module:function`
+    task_args: dict[str, str] = Field(default_factory=dict)
+    target_batch_size: int = Field(256, ge=1)
+    micro_batch_size: int = Field(16, ge=1)
+    max_steps: int = Field(100, ge=1)
+    seed: int = 0
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    compression: CompressionConfig = Field(default_factory=CompressionConfig)
+    checkpoint: CheckpointConfig | None = None
+    coordinator_url: str = "http://127.0.0.1:7000"
+    # The join token is read from this environment variable (filled from the job's Secret).
+    token_env: str = "COLLABTRAIN_TOKEN"
