@@ -76,9 +76,7 @@ def same_kubernetes_minor(path: Path) -> bool:
 
 def kubectl_within_skew(path: Path) -> bool:
     version = binary_version(path, "version", "--client")
-    return (
-        version is not None and version[0] == 1 and abs(version[1] - KUBERNETES_MINOR) <= 1
-    )
+    return version is not None and version[0] == 1 and abs(version[1] - KUBERNETES_MINOR) <= 1
 
 
 def etcd_fits(path: Path) -> bool:
@@ -109,20 +107,23 @@ class Tool:
         return cache_root() / "tools" / f"{self.name}-{self.version}"
 
 
+def go_binary_candidates() -> list[Path]:
+    on_path = shutil.which("go")
+    usual = [Path("/usr/local/go/bin/go"), Path.home() / "go/bin/go"]
+    return [Path(on_path)] if on_path else [path for path in usual if path.is_file()]
+
+
 def go_binary() -> str:
-    go = shutil.which("go") or next(
-        (str(p) for p in (Path("/usr/local/go/bin/go"), Path.home() / "go/bin/go") if p.exists()),
-        None,
-    )
-    if go is None:
+    found = go_binary_candidates()
+    if not found:
         raise ToolError(
-            "no `go` on PATH, so the missing tools cannot be built. Either install Go 1.24+ "
+            "no `go` on PATH, so it cannot be built. Either install Go 1.24+ "
             "(https://go.dev/dl or your distribution's golang package), or supply the binaries: "
             "set KUBEBUILDER_ASSETS to a folder holding etcd, kube-apiserver, "
             "kube-controller-manager, kube-scheduler and kubectl, and put helm, kwok and minio "
             f"on PATH (or into {cache_root() / 'tools'}/<name>-<version>/)."
         )
-    return go
+    return str(found[0])
 
 
 def run_go(
@@ -199,7 +200,9 @@ def build_kubernetes(tool: Tool, output: Path) -> None:
     )
     ldflags = " ".join(["-s", "-w", *flags])
     package = f"k8s.io/kubernetes/cmd/{tool.name}"
-    run_go(["build", "-trimpath", "-ldflags", ldflags, "-o", str(output), package], workdir, tool.name)
+    run_go(
+        ["build", "-trimpath", "-ldflags", ldflags, "-o", str(output), package], workdir, tool.name
+    )
 
 
 def build_etcd(tool: Tool, output: Path) -> None:
@@ -235,7 +238,9 @@ TOOLS: dict[str, Tool] = {
     for tool in (
         Tool("etcd", ETCD_VERSION, etcd_fits, build_etcd, envtest_asset=True),
         Tool("kube-apiserver", KUBERNETES_VERSION, same_kubernetes_minor, build_kubernetes, True),
-        Tool("kube-controller-manager", KUBERNETES_VERSION, same_kubernetes_minor, build_kubernetes),
+        Tool(
+            "kube-controller-manager", KUBERNETES_VERSION, same_kubernetes_minor, build_kubernetes
+        ),
         Tool("kube-scheduler", KUBERNETES_VERSION, same_kubernetes_minor, build_kubernetes),
         Tool("kubectl", KUBERNETES_VERSION, kubectl_within_skew, build_kubernetes, True),
         Tool("helm", HELM_VERSION, helm_fits, go_install("helm.sh/helm/v3/cmd/helm")),
@@ -270,6 +275,13 @@ def find(name: str, build: bool = True) -> Path:
         return cached
     if not build:
         raise ToolError(f"{tool.name} {tool.version} is not provisioned (looked in {cached})")
+    try:
+        go_binary()
+    except ToolError as error:
+        raise ToolError(
+            f"{tool.name} {tool.version} was not found in KUBEBUILDER_ASSETS, on PATH or in "
+            f"{tool.cache_dir}, and {error}"
+        ) from None
     tool.cache_dir.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(tool.cache_dir) + ".lock"):
         if cached.is_file():  # another run built it while we waited for the lock

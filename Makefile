@@ -1,0 +1,49 @@
+# One command per chore; the README and CI use these same targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+UV_VERSION := 0.13.8
+# The stamp changes with pyproject.toml, so a second `make test` reuses the environment
+# (torch included) and an edited dependency list reinstalls.
+STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
+export PYTHONPATH := tests
+
+.PHONY: demo test test-fast lint format bench crds tools venv clean
+
+venv: $(STAMP)
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install -q --disable-pip-version-check uv==$(UV_VERSION)
+	$(VENV)/bin/uv pip install --python $(PY) -e '.[operator,trainer,dev]'
+	@rm -f $(VENV)/.installed-*; touch $@
+
+tools: venv  ## find or build etcd, kube-apiserver, controller-manager, scheduler, kubectl, helm, kwok, minio
+	$(PY) -m testbed.tools
+
+test: venv tools  ## everything: unit, integration (real processes) and e2e tests
+	$(PY) -m pytest
+
+test-fast: venv  ## unit tests only
+	$(PY) -m pytest -m "not integration and not e2e"
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy operator/collabtrain_operator trainer-image/collabtrain_trainer
+
+format: venv
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+crds: venv  ## regenerate crds/ and the chart's CRD from the pydantic models
+	$(PY) -m collabtrain_operator.crdgen
+
+demo: venv tools  ## the local demo: control plane, MinIO, operator, node agent, real trainer peers
+	$(PY) -m testbed.demo
+
+bench: venv tools  ## every benchmark; tables on stdout, JSON and plots in bench/results/
+	$(PY) -m bench.run_all
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,424 @@
+"""A real Kubernetes control plane, KWOK and MinIO on loopback, for tests and the demo.
+
+`ControlPlane` starts etcd and kube-apiserver, and, unless `api_only`, the
+controller-manager (Deployments, ReplicaSets, garbage collection, namespace deletion) and
+the scheduler. `Kwok` simulates nodes and pod lifecycles at scale. `MinioServer` is a real
+S3 endpoint. All bind 127.0.0.1 on free ports and clean up after themselves.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import ipaddress
+import json
+import secrets
+import shutil
+import ssl
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
+
+from testbed import tools
+from testbed.processes import ManagedProcess, ensure_port_free, free_port, wait_until
+
+SERVICE_CIDR = "10.96.0.0/16"
+KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"
+
+
+def _key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+def _pem_key(key: rsa.RSAPrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    )
+
+
+@dataclass
+class Pki:
+    """A throwaway CA, the API server's serving certificate, and the service-account keys."""
+
+    directory: Path
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.directory / "ca.crt"
+
+    @property
+    def serving_cert(self) -> Path:
+        return self.directory / "apiserver.crt"
+
+    @property
+    def serving_key(self) -> Path:
+        return self.directory / "apiserver.key"
+
+    @property
+    def sa_key(self) -> Path:
+        return self.directory / "sa.key"
+
+    @property
+    def sa_pub(self) -> Path:
+        return self.directory / "sa.pub"
+
+    def generate(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        now = datetime.datetime.now(datetime.UTC)
+        ca_key = _key()
+        ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "collabtrain-testbed-ca")])
+        ca = (
+            x509.CertificateBuilder()
+            .subject_name(ca_name)
+            .issuer_name(ca_name)
+            .public_key(ca_key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=2))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(ca_key, hashes.SHA256())
+        )
+        server_key = _key()
+        names = [
+            x509.DNSName(name)
+            for name in ("localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc")
+        ]
+        addresses = [x509.IPAddress(ipaddress.ip_address(a)) for a in ("127.0.0.1", "10.96.0.1")]
+        server = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]))
+            .issuer_name(ca_name)
+            .public_key(server_key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=2))
+            .add_extension(x509.SubjectAlternativeName([*names, *addresses]), critical=False)
+            .sign(ca_key, hashes.SHA256())
+        )
+        self.ca_cert.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+        self.serving_cert.write_bytes(server.public_bytes(serialization.Encoding.PEM))
+        self.serving_key.write_bytes(_pem_key(server_key))
+        sa_key = _key()
+        self.sa_key.write_bytes(_pem_key(sa_key))
+        self.sa_pub.write_bytes(
+            sa_key.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        )
+
+
+@dataclass
+class ControlPlane:
+    """etcd + kube-apiserver (+ controller-manager + scheduler unless `api_only`)."""
+
+    api_only: bool = False
+    apiserver_port: int | None = None
+    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="collabtrain-cp-")))
+    processes: list[ManagedProcess] = field(default_factory=list)
+    token: str = field(default_factory=lambda: secrets.token_hex(16))
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.apiserver_port}"
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.workdir / "kubeconfig"
+
+    @property
+    def pki(self) -> Pki:
+        return Pki(self.workdir / "pki")
+
+    def start(self) -> ControlPlane:
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self) -> None:
+        started = time.monotonic()
+        binaries = {
+            name: tools.find(name)
+            for name in ("etcd", "kube-apiserver")
+            + (() if self.api_only else ("kube-controller-manager", "kube-scheduler"))
+        }
+        if self.apiserver_port is None:
+            self.apiserver_port = free_port()
+        ensure_port_free(self.apiserver_port, "kube-apiserver", "--secure-port")
+        self.pki.generate()
+        etcd_port, etcd_peer_port = free_port(), free_port()
+        etcd = self._spawn(
+            "etcd",
+            [
+                str(binaries["etcd"]),
+                f"--data-dir={self.workdir / 'etcd'}",
+                f"--listen-client-urls=http://127.0.0.1:{etcd_port}",
+                f"--advertise-client-urls=http://127.0.0.1:{etcd_port}",
+                f"--listen-peer-urls=http://127.0.0.1:{etcd_peer_port}",
+                f"--initial-advertise-peer-urls=http://127.0.0.1:{etcd_peer_port}",
+                f"--initial-cluster=default=http://127.0.0.1:{etcd_peer_port}",
+                "--unsafe-no-fsync",  # throwaway data: durability costs seconds per test
+                "--log-level=warn",
+            ],
+        )
+        wait_until(
+            lambda: b'"health":"true"' in _get(f"http://127.0.0.1:{etcd_port}/health"),
+            "etcd to become healthy",
+            process=etcd,
+        )
+
+        tokens = self.workdir / "tokens.csv"
+        tokens.write_text(f'{self.token},admin,admin-uid,"system:masters"\n')
+        tokens.chmod(0o600)
+        disabled = "ServiceAccount" if self.api_only else ""  # no token controller to serve it
+        apiserver = self._spawn(
+            "kube-apiserver",
+            [
+                str(binaries["kube-apiserver"]),
+                f"--etcd-servers=http://127.0.0.1:{etcd_port}",
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                f"--secure-port={self.apiserver_port}",
+                f"--tls-cert-file={self.pki.serving_cert}",
+                f"--tls-private-key-file={self.pki.serving_key}",
+                f"--client-ca-file={self.pki.ca_cert}",
+                f"--token-auth-file={tokens}",
+                "--authorization-mode=RBAC",
+                "--service-account-issuer=https://kubernetes.default.svc",
+                f"--service-account-key-file={self.pki.sa_pub}",
+                f"--service-account-signing-key-file={self.pki.sa_key}",
+                f"--service-cluster-ip-range={SERVICE_CIDR}",
+                "--allow-privileged=true",
+                f"--disable-admission-plugins={disabled}",
+                "--profiling=false",
+            ],
+        )
+        self.write_kubeconfig(self.kubeconfig)
+        wait_until(
+            lambda: _get(f"{self.url}/readyz", self.token, self.pki.ca_cert) == b"ok",
+            "kube-apiserver /readyz",
+            timeout=90,
+            process=apiserver,
+        )
+        if not self.api_only:
+            cm_port, scheduler_port = free_port(), free_port()
+            controller_manager = self._spawn(
+                "kube-controller-manager",
+                [
+                    str(binaries["kube-controller-manager"]),
+                    f"--kubeconfig={self.kubeconfig}",
+                    "--bind-address=127.0.0.1",
+                    f"--secure-port={cm_port}",
+                    "--leader-elect=false",
+                    f"--service-account-private-key-file={self.pki.sa_key}",
+                    f"--root-ca-file={self.pki.ca_cert}",
+                    "--use-service-account-credentials=false",
+                    "--concurrent-gc-syncs=5",
+                ],
+            )
+            scheduler = self._spawn(
+                "kube-scheduler",
+                [
+                    str(binaries["kube-scheduler"]),
+                    f"--kubeconfig={self.kubeconfig}",
+                    "--bind-address=127.0.0.1",
+                    f"--secure-port={scheduler_port}",
+                    "--leader-elect=false",
+                ],
+            )
+            for process, port in ((controller_manager, cm_port), (scheduler, scheduler_port)):
+                wait_until(
+                    lambda port=port: _get(f"https://127.0.0.1:{port}/healthz") == b"ok",
+                    f"{process.name} /healthz",
+                    process=process,
+                )
+        parts = "API server" if self.api_only else "control plane"
+        print(f"[testbed] {parts} ready at {self.url} in {time.monotonic() - started:.1f} s")
+
+    def _spawn(self, name: str, argv: list[str]) -> ManagedProcess:
+        process = ManagedProcess(name, argv, self.workdir / f"{name}.log")
+        self.processes.append(process)
+        return process
+
+    def write_kubeconfig(self, path: Path) -> None:
+        ca_data = base64.b64encode(self.pki.ca_cert.read_bytes()).decode()
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [
+                {
+                    "name": "testbed",
+                    "cluster": {"server": self.url, "certificate-authority-data": ca_data},
+                }
+            ],
+            "users": [{"name": "admin", "user": {"token": self.token}}],
+            "contexts": [{"name": "testbed", "context": {"cluster": "testbed", "user": "admin"}}],
+            "current-context": "testbed",
+        }
+        path.write_text(yaml.safe_dump(config))
+        path.chmod(0o600)
+
+    def stop(self) -> None:
+        for process in reversed(self.processes):
+            process.stop()
+        self.processes.clear()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _get(url: str, token: str | None = None, ca: Path | None = None) -> bytes:
+    context = ssl.create_default_context(cafile=str(ca)) if ca else ssl._create_unverified_context()
+    request = urllib.request.Request(url)
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    with urllib.request.urlopen(request, timeout=5, context=context) as response:
+        return bytes(response.read())
+
+
+@dataclass
+class Kwok:
+    """KWOK managing the nodes annotated `kwok.x-k8s.io/node: fake` and their pods."""
+
+    kubeconfig: Path
+    workdir: Path = field(
+        default_factory=lambda: Path(tempfile.mkdtemp(prefix="collabtrain-kwok-"))
+    )
+    process: ManagedProcess | None = None
+
+    def start(self) -> Kwok:
+        port = free_port()
+        self.process = ManagedProcess(
+            "kwok",
+            [
+                str(tools.find("kwok")),
+                f"--kubeconfig={self.kubeconfig}",
+                "--manage-all-nodes=false",
+                f"--manage-nodes-with-annotation-selector={KWOK_NODE_ANNOTATION}=fake",
+                "--cidr=10.0.0.1/16",
+                "--node-ip=10.0.0.1",
+                f"--server-address=127.0.0.1:{port}",
+            ],
+            self.workdir / "kwok.log",
+        )
+        wait_until(
+            lambda: _get(f"http://127.0.0.1:{port}/healthz") == b"ok",
+            "kwok /healthz",
+            process=self.process,
+        )
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def kwok_node(
+    name: str,
+    labels: dict[str, str] | None = None,
+    taints: list[dict[str, str]] | None = None,
+    cpu: str = "32",
+    memory: str = "256Gi",
+    gpus: int = 0,
+) -> dict[str, Any]:
+    """A Node manifest KWOK will manage (heartbeats, Ready, running its pods)."""
+    capacity = {"cpu": cpu, "memory": memory, "pods": "110"}
+    if gpus:
+        capacity["nvidia.com/gpu"] = str(gpus)
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {
+            "name": name,
+            "annotations": {KWOK_NODE_ANNOTATION: "fake"},
+            "labels": {
+                "kubernetes.io/hostname": name,
+                "kubernetes.io/os": "linux",
+                "kubernetes.io/arch": "amd64",
+                "type": "kwok",
+                **(labels or {}),
+            },
+        },
+        "spec": {"taints": taints or []},
+        "status": {"allocatable": capacity, "capacity": capacity},
+    }
+
+
+@dataclass
+class MinioServer:
+    """A real MinIO server on loopback; `stop()` + `start()` keep its data and port."""
+
+    access_key: str = "collabtrain-test"
+    secret_key: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    port: int = field(default_factory=free_port)
+    workdir: Path = field(
+        default_factory=lambda: Path(tempfile.mkdtemp(prefix="collabtrain-minio-"))
+    )
+    process: ManagedProcess | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.endpoint}"
+
+    def start(self) -> MinioServer:
+        ensure_port_free(self.port, "minio", "--address")
+        console_port = free_port()
+        self.process = ManagedProcess(
+            "minio",
+            [
+                str(tools.find("minio")),
+                "server",
+                str(self.workdir / "data"),
+                f"--address=127.0.0.1:{self.port}",
+                f"--console-address=127.0.0.1:{console_port}",
+                "--quiet",
+            ],
+            self.workdir / "minio.log",
+            env={
+                "MINIO_ROOT_USER": self.access_key,
+                "MINIO_ROOT_PASSWORD": self.secret_key,
+                "MINIO_BROWSER": "off",
+                "MINIO_UPDATE": "off",
+            },
+        )
+        wait_until(
+            lambda: _get(f"{self.url}/minio/health/ready") == b"",
+            "MinIO /minio/health/ready",
+            process=self.process,
+        )
+        return self
+
+    def stop(self) -> None:
+        """Stop the server, keeping its data (an outage, not a wipe)."""
+        if self.process is not None:
+            self.process.stop()
+            self.process = None
+
+    def destroy(self) -> None:
+        self.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def client(self) -> Any:
+        from minio import Minio
+
+        return Minio(self.endpoint, self.access_key, self.secret_key, secure=False)
+
+
+def describe(value: Any) -> str:
+    return json.dumps(value, indent=1, default=str)[:2000]
