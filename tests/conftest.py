@@ -17,6 +17,7 @@ import pytest
 
 from testbed import tools
 from testbed.cluster import ControlPlane, Kwok, MinioServer
+from testbed.processes import wait_until
 
 
 @pytest.fixture(scope="session")
@@ -57,12 +58,21 @@ def api_client(control_plane: ControlPlane) -> Iterator[Any]:
 
 @pytest.fixture
 def namespace(api_client: Any) -> Iterator[str]:
-    """A fresh namespace per test, deleted (asynchronously) afterwards."""
+    """A fresh namespace per test, deleted (asynchronously) afterwards.
+
+    Waits for its `default` ServiceAccount: until the controller-manager has made it, the
+    ServiceAccount admission plugin refuses pods.
+    """
     from kubernetes import client
 
     core = client.CoreV1Api(api_client)
     name = f"t-{secrets.token_hex(4)}"
     core.create_namespace({"metadata": {"name": name}})
+    wait_until(
+        lambda: bool(core.list_namespaced_service_account(name).items),
+        f"the default ServiceAccount of namespace {name}",
+        timeout=60,
+    )
     try:
         yield name
     finally:
