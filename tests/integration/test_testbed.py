@@ -160,7 +160,7 @@ def test_helm_version_and_template(helm_binary: Path, tmp_path: Path) -> None:
     version = subprocess.run(
         [str(helm_binary), "version", "--short"], capture_output=True, text=True, check=True
     )
-    assert version.stdout.startswith("v3.")
+    assert version.stdout.startswith(f"v{tools.HELM_VERSION}")
     chart = tmp_path / "mini"
     (chart / "templates").mkdir(parents=True)
     (chart / "Chart.yaml").write_text("apiVersion: v2\nname: mini\nversion: 0.1.0\n")

@@ -34,6 +34,7 @@ KUBERNETES_VERSION = "1.33.13"
 ETCD_VERSION = "3.5.35"
 KWOK_VERSION = "0.7.0"
 HELM_VERSION = "3.19.5"
+HELM_KUBERNETES_MINOR = 34  # the client-go minor helm 3.19 is built with
 # MinIO tags releases as RELEASE.<date>, so the module proxy knows it by pseudo-version only.
 MINIO_VERSION = "0.0.0-20260212201848-7aac2a2c5b7c"
 
@@ -217,13 +218,18 @@ def build_etcd(tool: Tool, output: Path) -> None:
     )
 
 
-def go_install(package: str) -> Callable[[Tool, Path], None]:
-    """Build with `go install`, for modules whose go.mod has no replace directives."""
+def go_install(package: str, *version_flags: str) -> Callable[[Tool, Path], None]:
+    """Build with `go install`, for modules whose go.mod has no replace directives.
+
+    `version_flags` are `-X` settings a release build stamps in (`{version}` is filled).
+    """
 
     def build(tool: Tool, output: Path) -> None:
         gobin = output.parent / "gobin"
+        stamps = [f"-X {flag.format(version=tool.version)}" for flag in version_flags]
+        ldflags = " ".join(["-s", "-w", *stamps])
         run_go(
-            ["install", "-trimpath", "-ldflags", "-s -w", f"{package}@v{tool.version}"],
+            ["install", "-trimpath", "-ldflags", ldflags, f"{package}@v{tool.version}"],
             output.parent,
             tool.name,
             extra_env={"GOBIN": str(gobin), "GOFLAGS": ""},
@@ -243,7 +249,21 @@ TOOLS: dict[str, Tool] = {
         ),
         Tool("kube-scheduler", KUBERNETES_VERSION, same_kubernetes_minor, build_kubernetes),
         Tool("kubectl", KUBERNETES_VERSION, kubectl_within_skew, build_kubernetes, True),
-        Tool("helm", HELM_VERSION, helm_fits, go_install("helm.sh/helm/v3/cmd/helm")),
+        Tool(
+            "helm",
+            HELM_VERSION,
+            helm_fits,
+            # What helm's release Makefile stamps: without it `helm version` says v3.19
+            # and templates assume Kubernetes 1.20.
+            go_install(
+                "helm.sh/helm/v3/cmd/helm",
+                "helm.sh/helm/v3/internal/version.version=v{version}",
+                "helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1",
+                f"helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor={HELM_KUBERNETES_MINOR}",
+                "helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=1",
+                f"helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor={HELM_KUBERNETES_MINOR}",
+            ),
+        ),
         Tool("kwok", KWOK_VERSION, any_version, go_install("sigs.k8s.io/kwok/cmd/kwok")),
         Tool("minio", MINIO_VERSION, any_version, go_install("github.com/minio/minio")),
     )

@@ -1,0 +1,567 @@
+"""The `CollaborativeTrainingJob` API: the single source of the CRD's schema.
+
+`crdgen` turns these models into the structural OpenAPI schema in `crds/`; the handlers
+parse the objects they watch with them. Field descriptions become `kubectl explain` text,
+so they are written for the user. Python names are snake_case; the Kubernetes names are
+their camelCase aliases.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timedelta
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue
+from pydantic.alias_generators import to_camel
+
+GROUP = "collabtrain.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "CollaborativeTrainingJob"
+PLURAL = "collaborativetrainingjobs"
+SINGULAR = "collaborativetrainingjob"
+SHORT_NAMES = ("ctj",)
+CATEGORIES = ("collabtrain",)
+
+# Child names append at most "-coordinator" (12 characters) to the job's name, and a
+# Service name must be a DNS-1035 label of at most 63 characters.
+MAX_JOB_NAME_LENGTH = 50
+
+# A Go duration as `kubectl` and the CEL `duration()` function accept it: "90s", "5m", "1h30m".
+DURATION_PATTERN = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"
+_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str) -> timedelta:
+    """Parse a Go duration such as "1h30m" or "90s"; raise ValueError naming the format."""
+    if not re.fullmatch(DURATION_PATTERN, text):
+        raise ValueError(f"{text!r} is not a duration such as '90s', '5m' or '1h30m'")
+    seconds = sum(
+        float(number) * _UNIT_SECONDS[unit] for number, unit in _DURATION_PART.findall(text)
+    )
+    return timedelta(seconds=seconds)
+
+
+Duration = Annotated[
+    str,
+    Field(pattern=DURATION_PATTERN, json_schema_extra={"format": "duration"}),
+]
+# Kubernetes quantities are written as numbers ("nvidia.com/gpu: 1") or strings ("16Gi").
+Quantity = int | str
+LabelMap = dict[str, str]
+# Kubernetes objects this API passes through unchanged (affinity, env valueFrom): the API
+# server validates them where they land, in the Pod.
+FreeForm = dict[str, Any]
+
+
+class ApiModel(BaseModel):
+    """Base of the API models: camelCase names on the wire, unknown fields ignored when
+    reading (the API server has already pruned them)."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="ignore",
+    )
+
+
+def _cel(rule: str, message: str, field_path: str | None = None) -> dict[str, str]:
+    validation = {"rule": rule, "message": message}
+    if field_path is not None:
+        validation["fieldPath"] = field_path
+    return validation
+
+
+def _validations(*rules: dict[str, str]) -> ConfigDict:
+    """The base config plus CEL rules, which crdgen copies into the CRD."""
+    validations: list[JsonValue] = [dict(rule) for rule in rules]
+    return ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="ignore",
+        json_schema_extra={"x-kubernetes-validations": validations},
+    )
+
+
+# --------------------------------------------------------------------------- spec: trainer
+
+
+class EnvVar(ApiModel):
+    """An environment variable of the trainer container, as in a Pod."""
+
+    name: str = Field(min_length=1, description="Name of the variable.")
+    value: str | None = Field(default=None, description="Literal value.")
+    value_from: FreeForm | None = Field(
+        default=None,
+        description="Source of the value, as a Pod's env[].valueFrom "
+        "(secretKeyRef, configMapKeyRef, fieldRef, resourceFieldRef).",
+    )
+
+
+class Resources(ApiModel):
+    """Compute resources of a container, as in a Pod."""
+
+    requests: dict[str, Quantity] | None = Field(
+        default=None, description='Minimum resources, e.g. {cpu: "4", memory: 16Gi}.'
+    )
+    limits: dict[str, Quantity] | None = Field(
+        default=None, description='Maximum resources; GPUs go here, e.g. {"nvidia.com/gpu": 1}.'
+    )
+
+
+class TrainerSpec(ApiModel):
+    """The trainer container that every peer runs."""
+
+    image: str = Field(
+        min_length=1, description="Trainer image (holds the collabtrain-trainer command)."
+    )
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = Field(
+        default=None, description="Image pull policy; Kubernetes' default when omitted."
+    )
+    task: str = Field(
+        default="tinylm",
+        min_length=1,
+        description="What to train: a built-in task name, or `module:function` of a "
+        "function in the image that builds the model, data and loss.",
+    )
+    task_args: LabelMap = Field(
+        default_factory=dict, description="String arguments passed to the task function."
+    )
+    command: list[str] | None = Field(
+        default=None,
+        description="Replaces the peer's command (default: collabtrain-trainer peer "
+        "--config /etc/collabtrain/trainer.json). The config file is mounted either way.",
+    )
+    args: list[str] = Field(
+        default_factory=list,
+        description="Extra arguments after the command.",
+    )
+    env: list[EnvVar] = Field(
+        default_factory=list, description="Extra environment variables of the peers."
+    )
+    resources: Resources = Field(
+        default_factory=Resources, description="Resources of each peer's trainer container."
+    )
+    termination_grace_period_seconds: int = Field(
+        default=60,
+        ge=0,
+        le=3600,
+        description="Time a peer has to leave cleanly (flush its samples, hand over "
+        "checkpoint duty) after SIGTERM.",
+    )
+
+
+# -------------------------------------------------------------------------- spec: training
+
+
+class OptimizerSpec(ApiModel):
+    """The optimizer applied at every collaborative step."""
+
+    name: Literal["sgd", "adam", "adamw"] = Field(default="adamw", description="Optimizer.")
+    lr: float = Field(default=1e-3, gt=0, description="Learning rate.")
+    weight_decay: float = Field(default=0.0, ge=0, description="Weight decay.")
+    momentum: float = Field(default=0.0, ge=0, lt=1, description="Momentum (sgd only).")
+
+
+class CompressionSpec(ApiModel):
+    """How gradients are compressed before averaging."""
+
+    codec: Literal["none", "fp16", "bf16", "int8", "int4", "topk", "powersgd"] = Field(
+        default="none",
+        description="Codec: none (exact), fp16 or bf16 (half precision), int8 or int4 "
+        "(blockwise quantization), topk (sparsification), powersgd (low rank).",
+    )
+    ratio: float = Field(
+        default=0.01, gt=0, le=1, description="topk: the fraction of elements kept."
+    )
+    rank: int = Field(
+        default=2, ge=1, le=64, description="powersgd: the rank of the approximation."
+    )
+    block_size: int = Field(
+        default=256, ge=16, le=65536, description="int8/int4: elements per quantization block."
+    )
+    error_feedback: bool = Field(
+        default=True,
+        description="topk/powersgd: carry what compression dropped into the next step.",
+    )
+
+
+class TrainingSpec(ApiModel):
+    """The collaborative training run. Immutable: peers of one run must agree on it."""
+
+    model_config = _validations(
+        _cel(
+            "self.microBatchSize <= self.targetBatchSize",
+            "spec.training.microBatchSize must not exceed spec.training.targetBatchSize",
+            ".microBatchSize",
+        ),
+        _cel(
+            "self == oldSelf",
+            "spec.training is immutable: create a new job (it can resume from this "
+            "job's checkpoint) to change it",
+        ),
+    )
+
+    target_batch_size: int = Field(
+        default=256,
+        ge=1,
+        description="Samples that the live peers together accumulate before a "
+        "collaborative step commits.",
+    )
+    micro_batch_size: int = Field(
+        default=16, ge=1, description="Samples per forward/backward pass."
+    )
+    max_steps: int = Field(
+        default=100, ge=1, description="Collaborative steps until the job succeeds."
+    )
+    seed: int = Field(default=0, description="Seed of the model initialisation and data order.")
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec, description="Optimizer.")
+    compression: CompressionSpec = Field(
+        default_factory=CompressionSpec, description="Gradient compression."
+    )
+
+
+# -------------------------------------------------------------------------- spec: capacity
+
+CapacityProvider = Literal["karpenter", "gke", "eks", "aks"]
+SpotPolicy = Literal["Preferred", "Required", "Never"]
+
+
+class CapacitySpec(ApiModel):
+    """Where peers and the coordinator run: spot capacity for peers, on-demand for the
+    coordinator."""
+
+    spot: SpotPolicy = Field(
+        default="Preferred",
+        description="Peers on spot capacity: Preferred (soft node affinity), Required "
+        "(hard node affinity) or Never (on-demand only).",
+    )
+    providers: list[CapacityProvider] = Field(
+        default=["karpenter", "gke", "eks", "aks"],
+        min_length=1,
+        description="Node label schemes that mark spot capacity: karpenter "
+        "(karpenter.sh/capacity-type), gke (cloud.google.com/gke-spot), eks "
+        "(eks.amazonaws.com/capacityType), aks (kubernetes.azure.com/scalesetpriority). "
+        "Peers get node affinity and tolerations for each.",
+    )
+    on_demand_fallback_after: Duration | None = Field(
+        default=None,
+        description="A spot peer pending longer than this is replaced by an on-demand "
+        "peer (condition OnDemandFallback); peers move back to spot when spot pods "
+        "schedule again. Omit to wait for spot capacity forever.",
+    )
+    coordinator_on_demand: bool = Field(
+        default=True, description="Keep the coordinator off spot capacity (recommended)."
+    )
+
+
+# ------------------------------------------------------------------------ spec: checkpoint
+
+
+class SecretKeyRef(ApiModel):
+    name: str = Field(min_length=1, description="Name of a Secret in the job's namespace.")
+    key: str = Field(default="ca.crt", min_length=1, description="Key within the Secret.")
+
+
+class CredentialsSecretRef(ApiModel):
+    """A Secret in the job's namespace with the S3 access key pair."""
+
+    name: str = Field(min_length=1, description="Name of the Secret.")
+    access_key_key: str = Field(default="accessKey", description="Key holding the access key id.")
+    secret_key_key: str = Field(default="secretKey", description="Key holding the secret key.")
+
+
+class CheckpointTLS(ApiModel):
+    enabled: bool = Field(default=True, description="Talk HTTPS to the S3 endpoint.")
+    ca_secret_ref: SecretKeyRef | None = Field(
+        default=None, description="CA bundle to trust, when the endpoint's is not a public one."
+    )
+
+
+class CheckpointSpec(ApiModel):
+    """Checkpoints in S3-compatible storage."""
+
+    model_config = _validations(
+        _cel(
+            "has(self.everySteps) || has(self.everyMinutes)",
+            "spec.checkpoint needs everySteps or everyMinutes (or both)",
+        ),
+    )
+
+    endpoint: str = Field(
+        min_length=1,
+        pattern=r"^[^/:]+(:[0-9]+)?$",
+        description="S3 endpoint as host[:port], without scheme (e.g. minio.storage:9000).",
+    )
+    bucket: str = Field(min_length=3, max_length=63, description="Bucket.")
+    prefix: str = Field(default="", description="Key prefix of this job's checkpoints.")
+    credentials_secret_ref: CredentialsSecretRef | None = Field(
+        default=None, description="S3 credentials; omit for anonymous access."
+    )
+    tls: CheckpointTLS = Field(default_factory=CheckpointTLS, description="TLS settings.")
+    every_steps: int | None = Field(default=None, ge=1, description="Checkpoint every N steps.")
+    every_minutes: float | None = Field(
+        default=None, gt=0, description="Checkpoint every N minutes."
+    )
+    keep_last: int = Field(default=3, ge=1, description="Checkpoints kept; older ones are deleted.")
+
+
+# ---------------------------------------------------------------------- spec: failures, pods
+
+
+class FailurePolicy(ApiModel):
+    """How peer failures (a non-zero exit) are handled. Preemptions never count."""
+
+    model_config = _validations(
+        _cel(
+            "duration(self.maxBackoff) >= duration(self.initialBackoff)",
+            "spec.failurePolicy.maxBackoff must be at least spec.failurePolicy.initialBackoff",
+            ".maxBackoff",
+        ),
+    )
+
+    max_failures: int = Field(
+        default=3, ge=0, description="Failed peers tolerated; one more fails the job."
+    )
+    initial_backoff: Duration = Field(
+        default="10s", description="Delay before a failed peer's slot is refilled."
+    )
+    max_backoff: Duration = Field(
+        default="5m", description="Cap of the delay, which doubles with each consecutive failure."
+    )
+
+
+class Toleration(ApiModel):
+    key: str | None = Field(default=None, description="Taint key; empty with Exists matches all.")
+    operator: Literal["Exists", "Equal"] | None = Field(
+        default=None, description="Exists or Equal."
+    )
+    value: str | None = Field(default=None, description="Taint value (Equal).")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        default=None, description="Effect to tolerate; all when omitted."
+    )
+    toleration_seconds: int | None = Field(
+        default=None, description="NoExecute: seconds tolerated."
+    )
+
+
+class LocalObjectReference(ApiModel):
+    name: str = Field(min_length=1, description="Name of the object.")
+
+
+class PodOverrides(ApiModel):
+    """Additions to the generated pods. Node affinity given here replaces collabtrain's
+    preferences but keeps its on-demand requirement; tolerations are added to its own."""
+
+    node_selector: LabelMap | None = Field(default=None, description="Node selector.")
+    tolerations: list[Toleration] = Field(default_factory=list, description="Tolerations.")
+    affinity: FreeForm | None = Field(default=None, description="Affinity, as in a Pod.")
+    priority_class_name: str | None = Field(default=None, description="PriorityClass of the pods.")
+    service_account_name: str | None = Field(
+        default=None, description="ServiceAccount of the pods."
+    )
+    image_pull_secrets: list[LocalObjectReference] = Field(
+        default_factory=list, description="Secrets for pulling the image."
+    )
+    annotations: LabelMap = Field(default_factory=dict, description="Extra pod annotations.")
+    labels: LabelMap = Field(default_factory=dict, description="Extra pod labels.")
+
+
+class CoordinatorSpec(ApiModel):
+    """The coordinator: membership, step counter, rounds and checkpoint duty."""
+
+    image: str | None = Field(default=None, description="Image; the trainer's image when omitted.")
+    resources: Resources = Field(
+        default_factory=lambda: Resources(
+            requests={"cpu": "250m", "memory": "256Mi"}, limits={"memory": "512Mi"}
+        ),
+        description="Resources of the coordinator container.",
+    )
+    pod_overrides: PodOverrides = Field(
+        default_factory=PodOverrides, description="Additions to the coordinator's pod."
+    )
+
+
+class JobSpec(ApiModel):
+    """A training run on many preemptible peers that come and go."""
+
+    model_config = _validations(
+        _cel(
+            "self.minReplicas <= self.replicas",
+            "spec.replicas must be at least spec.minReplicas",
+            ".replicas",
+        ),
+        _cel(
+            "!has(self.maxReplicas) || self.replicas <= self.maxReplicas",
+            "spec.replicas must be at most spec.maxReplicas",
+            ".replicas",
+        ),
+        _cel(
+            "!has(self.maxReplicas) || self.minReplicas <= self.maxReplicas",
+            "spec.minReplicas must be at most spec.maxReplicas",
+            ".minReplicas",
+        ),
+    )
+
+    replicas: int = Field(ge=0, description="Peers wanted (the scale subresource sets this).")
+    min_replicas: int = Field(
+        default=1, ge=0, description="Fewest ready peers with which the job counts as Running."
+    )
+    max_replicas: int | None = Field(
+        default=None, ge=1, description="Most peers `kubectl scale` or an autoscaler may ask for."
+    )
+    trainer: TrainerSpec = Field(description="The peers' trainer container.")
+    training: TrainingSpec = Field(
+        default_factory=TrainingSpec, description="The training run (immutable)."
+    )
+    capacity: CapacitySpec = Field(
+        default_factory=CapacitySpec, description="Spot and on-demand placement."
+    )
+    checkpoint: CheckpointSpec | None = Field(
+        default=None, description="Checkpoint storage; without it a job cannot resume after loss."
+    )
+    failure_policy: FailurePolicy = Field(
+        default_factory=FailurePolicy, description="Failure budget and backoff."
+    )
+    suspend: bool = Field(
+        default=False,
+        description="true: checkpoint, remove the peers and the coordinator, keep the "
+        "job; false again resumes.",
+    )
+    ttl_seconds_after_finished: int | None = Field(
+        default=None,
+        ge=0,
+        description="Seconds after Succeeded or Failed when the job's children are "
+        "deleted (the job and its status stay). Omit to keep them.",
+    )
+    coordinator: CoordinatorSpec = Field(
+        default_factory=CoordinatorSpec, description="The coordinator."
+    )
+    pod_overrides: PodOverrides = Field(
+        default_factory=PodOverrides, description="Additions to every peer pod."
+    )
+
+
+# ----------------------------------------------------------------------------------- status
+
+Phase = Literal["Pending", "Running", "Suspended", "Succeeded", "Failed"]
+ConditionType = Literal[
+    "Ready", "CapacityShortage", "OnDemandFallback", "CheckpointStale", "InvalidSpec"
+]
+SlotCapacity = Literal["spot", "on-demand"]
+
+
+class Condition(ApiModel):
+    type: str = Field(
+        description="Ready, CapacityShortage, OnDemandFallback, CheckpointStale or InvalidSpec."
+    )
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str = Field(default="", description="CamelCase reason.")
+    message: str = Field(default="", description="Human-readable detail.")
+    last_transition_time: datetime | None = Field(default=None, description="Last status change.")
+    observed_generation: int | None = Field(default=None, description="Generation it reflects.")
+
+
+class PeerCounts(ApiModel):
+    desired: int = Field(default=0, description="Peers wanted now (0 while suspended or finished).")
+    active: int = Field(default=0, description="Peer pods that exist and have not terminated.")
+    ready: int = Field(default=0, description="Peers ready.")
+    pending: int = Field(default=0, description="Peers not scheduled or not yet ready.")
+    on_demand: int = Field(default=0, description="Peers placed on on-demand capacity by fallback.")
+
+
+class Progress(ApiModel):
+    step: int = Field(default=0, description="Committed collaborative steps.")
+    max_steps: int | None = Field(default=None, description="Steps until the job succeeds.")
+    samples_committed: int = Field(default=0, description="Samples in committed steps.")
+    loss: float | None = Field(default=None, description="Latest training loss.")
+    samples_per_second: float = Field(default=0.0, description="Throughput of all peers.")
+    live_peers: int = Field(default=0, description="Peers the coordinator counts as alive.")
+    updated_at: datetime | None = Field(
+        default=None, description="When the coordinator was last read."
+    )
+
+
+class LastCheckpointStatus(ApiModel):
+    step: int = Field(description="Step of the checkpoint.")
+    uri: str = Field(description="Where it is (s3://bucket/prefix/step).")
+    time: datetime = Field(description="When it was written.")
+
+
+class SlotState(ApiModel):
+    """Operator bookkeeping for one peer slot; the pod of a slot is NAME-peer-SLOT-ATTEMPT."""
+
+    attempt: int = Field(
+        default=0, ge=0, description="Current attempt; earlier pods are accounted."
+    )
+    capacity: SlotCapacity = Field(default="spot", description="Where the current attempt runs.")
+    consecutive_failures: int = Field(default=0, ge=0, description="Failures since last ready.")
+    retry_after: datetime | None = Field(default=None, description="No new pod before this time.")
+    lost_at: datetime | None = Field(default=None, description="When its last peer was lost.")
+    started: bool = Field(
+        default=False,
+        description="The current attempt's pod has been seen: if it disappears without "
+        "being released, it was lost.",
+    )
+
+
+class SuspendState(ApiModel):
+    requested_at: datetime = Field(description="When suspension was requested.")
+    checkpoint_requested: bool = Field(
+        default=False, description="A checkpoint was asked for; peers stay until it is written."
+    )
+
+
+class JobStatus(ApiModel):
+    phase: Phase = Field(
+        default="Pending", description="Pending, Running, Suspended, Succeeded or Failed."
+    )
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        description="Ready, CapacityShortage, OnDemandFallback, CheckpointStale, InvalidSpec.",
+        json_schema_extra={
+            "x-kubernetes-list-type": "map",
+            "x-kubernetes-list-map-keys": ["type"],
+        },
+    )
+    observed_generation: int | None = Field(default=None, description="Generation last reconciled.")
+    selector: str | None = Field(default=None, description="Label selector of the peer pods.")
+    peers: PeerCounts = Field(default_factory=PeerCounts, description="Peer counts.")
+    preemptions: int = Field(
+        default=0, description="Peers lost to preemption, eviction or node loss."
+    )
+    failures: int = Field(default=0, description="Peers that exited with an error.")
+    replacements: int = Field(default=0, description="Peers started to replace lost ones.")
+    progress: Progress = Field(default_factory=Progress, description="Training progress.")
+    last_checkpoint: LastCheckpointStatus | None = Field(
+        default=None, description="Newest checkpoint."
+    )
+    start_time: datetime | None = Field(default=None, description="When the job first ran.")
+    completion_time: datetime | None = Field(
+        default=None, description="When it succeeded or failed."
+    )
+    last_fallback_time: datetime | None = Field(
+        default=None, description="Last time a spot peer was moved to on-demand capacity."
+    )
+    suspending: SuspendState | None = Field(default=None, description="Pre-suspend checkpoint.")
+    children_deleted: bool = Field(default=False, description="ttlSecondsAfterFinished has run.")
+    slots: dict[str, SlotState] = Field(
+        default_factory=dict, description="Per-slot bookkeeping (slot index -> state)."
+    )
+
+
+# Rules on the whole object (CEL at the schema's root may read metadata.name).
+ROOT_VALIDATIONS = [
+    _cel(
+        f"size(self.metadata.name) <= {MAX_JOB_NAME_LENGTH}",
+        f"metadata.name must be at most {MAX_JOB_NAME_LENGTH} characters, so that the "
+        "names of the job's pods and Service stay valid",
+    ),
+]
+KIND_DESCRIPTION = (
+    "A CollaborativeTrainingJob trains one model on many preemptible peers (spot GPUs) "
+    "that come and go: the operator runs a coordinator and one pod per peer, replaces "
+    "lost peers alone, and reports progress in status."
+)

@@ -1,0 +1,653 @@
+"""The kopf handlers: observe, plan (`planning.plan`), apply. Nothing is decided here.
+
+One daemon per job reconciles it: it wakes on any change of the job, its peer pods or an
+interruption notice on their nodes (and at least every few seconds to read the
+coordinator), reads the in-memory indices instead of listing, writes the status first
+(with the job's resourceVersion as a precondition) and only then creates or releases pods.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import secrets
+import time
+from collections.abc import Awaitable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp
+import kopf
+from pydantic import ValidationError
+
+from collabtrain_operator import api, planning, rendering
+from collabtrain_operator.api import JobSpec, JobStatus
+from collabtrain_operator.coordinator_client import CoordinatorClient
+from collabtrain_operator.kube import KubeClient, KubeError, connection_info
+from collabtrain_operator.telemetry import Telemetry
+from collabtrain_trainer.protocol import CheckpointRequest, CoordinatorStatus, DrainRequest
+
+JOB = {"group": api.GROUP, "version": api.VERSION, "plural": api.PLURAL}
+PEER_LABELS = {
+    rendering.LABEL_MANAGED_BY: rendering.MANAGED_BY,
+    rendering.LABEL_COMPONENT: rendering.PEER,
+}
+COORDINATOR_LABELS = {
+    rendering.LABEL_MANAGED_BY: rendering.MANAGED_BY,
+    rendering.LABEL_COMPONENT: rendering.COORDINATOR,
+}
+JobKey = tuple[str, str]  # namespace, name
+
+# Children other than pods are re-applied this often even without a spec change, so
+# that one deleted by hand comes back.
+CHILDREN_RESYNC_SECONDS = 300.0
+# A burst of pod events is handled in one pass.
+DEBOUNCE_SECONDS = 0.2
+# After writing status, wait this long at most for the watch to show it before reading
+# the job again anyway (the write's precondition keeps that safe).
+STALE_BODY_PATIENCE_SECONDS = 30.0
+PARALLEL_POD_CALLS = 32
+
+
+# ---------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class OperatorOptions:
+    """Operator settings, from the command line (main) or the environment."""
+
+    metrics_port: int | None = 8080
+    reconcile_interval_seconds: float = 10.0
+    # Where the operator reaches a job's coordinator. The default is the Service's DNS
+    # name; an operator running outside the cluster (tests) points it elsewhere.
+    coordinator_url_template: str = "http://{service}.{namespace}.svc:{port}"
+
+    @classmethod
+    def from_env(cls) -> OperatorOptions:
+        port = os.environ.get("COLLABTRAIN_METRICS_PORT", "8080")
+        return cls(
+            metrics_port=int(port) if port not in ("", "off") else None,
+            reconcile_interval_seconds=float(
+                os.environ.get("COLLABTRAIN_RECONCILE_INTERVAL_SECONDS", "10")
+            ),
+            coordinator_url_template=os.environ.get(
+                "COLLABTRAIN_COORDINATOR_URL_TEMPLATE", cls.coordinator_url_template
+            ),
+        )
+
+    def coordinator_url(self, job: str, namespace: str) -> str:
+        return self.coordinator_url_template.format(
+            service=rendering.ChildNames(job).coordinator,
+            namespace=namespace,
+            port=rendering.COORDINATOR_PORT,
+            job=job,
+        )
+
+
+@dataclass
+class JobMemory:
+    """What the operator remembers about one job between passes (lost on restart, which
+    is fine: each item is re-derived or merely repeated)."""
+
+    token: str | None = None
+    applied: tuple[int, int] | None = None  # (generation, coordinator replicas)
+    applied_at: float = 0.0
+    invalid: dict[int, str] = field(default_factory=dict)  # generation -> problem
+    drain_requested: set[str] = field(default_factory=set)
+    # Last states of peer pods that were deleted, by name, until a pass has seen them.
+    vanished: dict[str, planning.PeerPod] = field(default_factory=dict)
+    stale_resource_version: str | None = None
+    stale_since: float = 0.0
+    coordinator_status: CoordinatorStatus | None = None
+    coordinator_polled_at: float = float("-inf")
+    wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass
+class Runtime:
+    options: OperatorOptions
+    kube: KubeClient
+    http: aiohttp.ClientSession
+    coordinator: CoordinatorClient
+    telemetry: Telemetry
+    jobs: dict[JobKey, JobMemory] = field(default_factory=dict)
+
+    def job(self, key: JobKey) -> JobMemory:
+        return self.jobs.setdefault(key, JobMemory())
+
+    def wake(self, key: JobKey) -> None:
+        memory = self.jobs.get(key)
+        if memory is not None:
+            memory.wakeup.set()
+
+
+def runtime_of(memo: kopf.Memo) -> Runtime:
+    runtime: Runtime = memo["runtime"]
+    return runtime
+
+
+@kopf.on.startup()
+async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    options: OperatorOptions = memo.get("options") or OperatorOptions.from_env()
+    # Progress and diff-base live in our own annotations: status belongs to users.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=api.GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=api.GROUP, key="last-handled-configuration"
+    )
+    settings.persistence.finalizer = f"{api.GROUP}/operator"
+    # Our Events are explicit (kopf.event); handler logs stay logs.
+    settings.posting.level = logging.WARNING
+    # Peering: replicas with equal priority would all pause, so each replica draws its
+    # own; the highest acts, the others wait.
+    if settings.peering.priority == 0:
+        settings.peering.priority = random.randint(1, 2**15)
+    # One ClusterKopfPeering object (the chart's) even when only some namespaces are
+    # watched, instead of a KopfPeering object per namespace.
+    settings.peering.clusterwide = True
+    settings.execution.max_workers = 8
+
+    telemetry = Telemetry(metrics_port=options.metrics_port)
+    kube = KubeClient(lambda: connection_info(settings), on_request=telemetry.record_api_request)
+    http = aiohttp.ClientSession()
+    memo["runtime"] = Runtime(
+        options=options,
+        kube=kube,
+        http=http,
+        coordinator=CoordinatorClient(http),
+        telemetry=telemetry,
+    )
+
+
+@kopf.on.login()
+def login(settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInfo:
+    """The service account in a cluster, else the kubeconfig: the same credentials the
+    operator's own client uses (kopf's default would need the kubernetes client)."""
+    return connection_info(settings)
+
+
+@kopf.on.cleanup()
+async def shut_down(memo: kopf.Memo, **_: Any) -> None:
+    runtime = runtime_of(memo)
+    await runtime.kube.close()
+    await runtime.http.close()
+    runtime.telemetry.shutdown()
+
+
+# ----------------------------------------------------------------------------- indices
+
+
+@kopf.index(**JOB)  # type: ignore[arg-type]
+def jobs_index(namespace: str, name: str, **_: Any) -> dict[JobKey, bool]:
+    return {(namespace, name): True}
+
+
+@kopf.index("pods", labels=PEER_LABELS)
+def peers_by_job(
+    namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
+) -> dict[JobKey, planning.PeerPod] | None:
+    pod = planning.peer_pod_from_body(body)
+    job = labels.get(rendering.LABEL_JOB)
+    return {(namespace or "", job): pod} if pod is not None and job else None
+
+
+@kopf.index("pods", labels=PEER_LABELS)
+def peer_jobs_by_node(
+    namespace: str | None, labels: kopf.Labels, spec: kopf.Spec, **_: Any
+) -> dict[str, JobKey] | None:
+    node = spec.get("nodeName")
+    job = labels.get(rendering.LABEL_JOB)
+    return {node: (namespace or "", job)} if node and job else None
+
+
+@kopf.index("nodes")
+def node_interruptions(name: str, body: kopf.Body, **_: Any) -> dict[str, tuple[str, ...]] | None:
+    taints = planning.node_interruptions_from_body(body)
+    return {name: taints} if taints else None
+
+
+@kopf.index("deployments", labels=COORDINATOR_LABELS)
+def coordinators_by_job(
+    namespace: str | None, labels: kopf.Labels, status: kopf.Status, **_: Any
+) -> dict[JobKey, int] | None:
+    job = labels.get(rendering.LABEL_JOB)
+    return {(namespace or "", job): int(status.get("readyReplicas") or 0)} if job else None
+
+
+# -------------------------------------------------------------------------- wake-ups
+
+
+@kopf.on.event(**JOB)  # type: ignore[arg-type]
+def job_changed(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+    runtime_of(memo).wake((namespace, name))
+
+
+# Indices arrive as extra keyword arguments, which kopf's callback protocols do not list.
+@kopf.on.event("pods", labels=PEER_LABELS)  # type: ignore[arg-type]
+async def peer_changed(
+    type: str,
+    namespace: str | None,
+    name: str,
+    labels: kopf.Labels,
+    meta: kopf.Meta,
+    body: kopf.Body,
+    memo: kopf.Memo,
+    jobs_index: kopf.Index[JobKey, bool],
+    **_: Any,
+) -> None:
+    key = (namespace or "", labels.get(rendering.LABEL_JOB, ""))
+    runtime = runtime_of(memo)
+    if key in jobs_index:
+        if type == "DELETED":
+            # Normally a pod goes only after the operator has accounted it; one whose
+            # finalizer was removed by someone else is remembered, so its loss counts.
+            pod = planning.peer_pod_from_body(body)
+            if pod is not None:
+                runtime.job(key).vanished[pod.name] = pod
+        runtime.wake(key)
+    elif rendering.PEER_FINALIZER in (meta.get("finalizers") or []):
+        # Orphaned (its job is gone): nothing to account any more.
+        await runtime.kube.remove_pod_finalizer(key[0], name, rendering.PEER_FINALIZER)
+
+
+def _has_interruption_taint(body: kopf.Body, **_: Any) -> bool:
+    return bool(planning.node_interruptions_from_body(body))
+
+
+@kopf.on.event("nodes", when=_has_interruption_taint)  # type: ignore[arg-type]
+def node_interrupted(
+    name: str, memo: kopf.Memo, peer_jobs_by_node: kopf.Index[str, JobKey], **_: Any
+) -> None:
+    runtime = runtime_of(memo)
+    for key in set(peer_jobs_by_node.get(name, [])):
+        runtime.wake(key)
+
+
+# ------------------------------------------------------------------------ the job daemon
+
+
+@kopf.daemon(**JOB, cancellation_timeout=30.0)  # type: ignore[arg-type]
+async def reconcile_job(
+    name: str,
+    namespace: str,
+    body: kopf.Body,
+    stopped: kopf.DaemonStopped,
+    memo: kopf.Memo,
+    logger: kopf.Logger,
+    peers_by_job: kopf.Index[JobKey, planning.PeerPod],
+    node_interruptions: kopf.Index[str, tuple[str, ...]],
+    coordinators_by_job: kopf.Index[JobKey, int],
+    **_: Any,
+) -> None:
+    runtime = runtime_of(memo)
+    key = (namespace, name)
+    memory = runtime.job(key)
+    reconciler = Reconciler(
+        runtime, memory, name, namespace, body, logger,
+        peers_by_job, node_interruptions, coordinators_by_job,
+    )  # fmt: skip
+    interval = runtime.options.reconcile_interval_seconds
+    while not stopped:
+        started = time.monotonic()
+        try:
+            delay = await reconciler.run_once()
+            result = "ok"
+        except KubeError as error:
+            logger.warning("reconciliation interrupted by the API server: %s", error)
+            delay, result = 2.0, "api_error"
+        except (aiohttp.ClientError, TimeoutError) as error:
+            logger.warning("reconciliation interrupted: %s", error)
+            delay, result = 2.0, "network_error"
+        runtime.telemetry.reconciles.add(1, {"result": result})
+        runtime.telemetry.reconcile_duration.record(time.monotonic() - started)
+        await _sleep(stopped, memory.wakeup, min(delay, interval))
+    runtime.telemetry.record_peers(namespace, name, None)
+
+
+async def _sleep(stopped: kopf.DaemonStopped, wakeup: asyncio.Event, seconds: float) -> None:
+    """Sleep until `seconds` pass, the job is woken (then a short debounce), or stopped."""
+    deadline = time.monotonic() + seconds
+    while not stopped:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        try:
+            await asyncio.wait_for(wakeup.wait(), timeout=min(remaining, 1.0))
+        except TimeoutError:
+            continue
+        await asyncio.sleep(DEBOUNCE_SECONDS)
+        break
+    wakeup.clear()
+
+
+@kopf.on.delete(**JOB)  # type: ignore[arg-type]
+async def release_peers(
+    name: str,
+    namespace: str,
+    memo: kopf.Memo,
+    peers_by_job: kopf.Index[JobKey, planning.PeerPod],
+    **_: Any,
+) -> None:
+    """Let the job's peer pods go: the garbage collector deletes them with the job."""
+    runtime = runtime_of(memo)
+    pods = list(peers_by_job.get((namespace, name), []))
+    await _bounded(
+        runtime.kube.remove_pod_finalizer(namespace, pod.name, rendering.PEER_FINALIZER)
+        for pod in pods
+    )
+    runtime.jobs.pop((namespace, name), None)
+
+
+async def _bounded(calls: Iterable[Awaitable[Any]]) -> list[Any]:
+    semaphore = asyncio.Semaphore(PARALLEL_POD_CALLS)
+
+    async def one(call: Awaitable[Any]) -> Any:
+        async with semaphore:
+            return await call
+
+    return await asyncio.gather(*(one(call) for call in calls), return_exceptions=True)
+
+
+# --------------------------------------------------------------------------- one pass
+
+
+class Reconciler:
+    """One job's pass: observe, plan, write status, act."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        memory: JobMemory,
+        name: str,
+        namespace: str,
+        body: kopf.Body,
+        logger: kopf.Logger,
+        peers_by_job: kopf.Index[JobKey, planning.PeerPod],
+        node_interruptions: kopf.Index[str, tuple[str, ...]],
+        coordinators_by_job: kopf.Index[JobKey, int],
+    ) -> None:
+        self.runtime = runtime
+        self.memory = memory
+        self.name = name
+        self.namespace = namespace
+        self.body = body  # kopf keeps it current
+        self.logger = logger
+        self.peers_by_job = peers_by_job
+        self.node_interruptions = node_interruptions
+        self.coordinators_by_job = coordinators_by_job
+
+    @property
+    def key(self) -> JobKey:
+        return (self.namespace, self.name)
+
+    async def run_once(self) -> float:
+        interval = self.runtime.options.reconcile_interval_seconds
+        metadata = self.body.get("metadata", {})
+        resource_version = str(metadata.get("resourceVersion", ""))
+        generation = int(metadata.get("generation") or 0)
+        if metadata.get("deletionTimestamp"):
+            return interval
+        if (
+            self.memory.stale_resource_version == resource_version
+            and time.monotonic() - self.memory.stale_since < STALE_BODY_PATIENCE_SECONDS
+        ):
+            return 1.0  # our last status write has not come back through the watch yet
+
+        previous = JobStatus.model_validate(self.body.get("status") or {})
+        try:
+            spec = JobSpec.model_validate(self.body.get("spec") or {})
+        except ValidationError as error:
+            await self._report_unreadable_spec(previous, generation, resource_version, error)
+            return interval
+
+        vanished = list(self.memory.vanished.values())
+        coordinator_ready = sum(self.coordinators_by_job.get(self.key, [])) > 0
+        token = await self._token()
+        coordinator_url = self.runtime.options.coordinator_url(self.name, self.namespace)
+        coordinator_status = await self._coordinator_status(
+            coordinator_url, token, coordinator_ready
+        )
+        observed = planning.Observed(
+            now=datetime.now(UTC),
+            generation=generation,
+            pods=list(self.peers_by_job.get(self.key, [])),
+            node_interruptions={
+                node: next(iter(taints)) for node, taints in self.node_interruptions.items()
+            },
+            coordinator_ready=coordinator_ready,
+            coordinator=coordinator_status,
+            drain_requested=frozenset(self.memory.drain_requested),
+            vanished=list(vanished),
+            invalid_spec=self.memory.invalid.get(generation),
+        )
+        plan = planning.plan(self.name, spec, previous, observed)
+
+        # 1. The status first: counts and attempts must be recorded before pods change.
+        patch = planning.merge_patch(
+            planning.status_body(previous), planning.status_body(plan.status)
+        )
+        if patch:
+            try:
+                await self.runtime.kube.patch_job_status(
+                    self.namespace, self.name, resource_version, patch
+                )
+            except KubeError as error:
+                if error.conflict:
+                    return 0.5  # the job changed meanwhile: plan again on fresh data
+                raise
+            self.memory.stale_resource_version = resource_version
+            self.memory.stale_since = time.monotonic()
+        for pod in vanished:  # accounted in the status just written
+            self.memory.vanished.pop(pod.name, None)
+
+        # 2. Then the world.
+        await self._ensure_children(spec, generation, plan)
+        await self._release(plan.release)
+        await self._create(spec, generation, plan.create)
+        await self._talk_to_coordinator(spec, plan, coordinator_url, token)
+        self._record(plan)
+
+        delay = interval if plan.requeue_after is None else min(interval, plan.requeue_after)
+        return max(delay, 0.05)
+
+    # ------------------------------------------------------------------------ pieces
+
+    async def _report_unreadable_spec(
+        self, previous: JobStatus, generation: int, resource_version: str, error: ValidationError
+    ) -> None:
+        problems = "; ".join(
+            f"spec.{'.'.join(str(p) for p in issue['loc'])}: {issue['msg']}"
+            for issue in error.errors()
+        )
+        status = previous.model_copy(deep=True)
+        status.observed_generation = generation
+        status.conditions = planning.set_condition(
+            status.conditions,
+            "InvalidSpec",
+            True,
+            "InvalidSpec",
+            problems,
+            now=datetime.now(UTC),
+            generation=generation,
+        )
+        patch = planning.merge_patch(planning.status_body(previous), planning.status_body(status))
+        if patch:
+            await self.runtime.kube.patch_job_status(
+                self.namespace, self.name, resource_version, patch
+            )
+            kopf.event(self.body, type="Warning", reason="InvalidSpec", message=problems)
+
+    async def _coordinator_status(
+        self, url: str, token: str, ready: bool
+    ) -> CoordinatorStatus | None:
+        """The coordinator's /status, read at most once per reconcile interval: passes
+        woken by pod events in between reuse it."""
+        memory = self.memory
+        if not ready or not token:
+            memory.coordinator_status = None
+            return None
+        due = memory.coordinator_polled_at + self.runtime.options.reconcile_interval_seconds
+        if time.monotonic() >= due:
+            memory.coordinator_status = await self.runtime.coordinator.status(url, token)
+            memory.coordinator_polled_at = time.monotonic()
+        return memory.coordinator_status
+
+    async def _token(self) -> str:
+        """The job's join token: generated once into its Secret, read back after a restart."""
+        if self.memory.token is not None:
+            return self.memory.token
+        names = rendering.ChildNames(self.name)
+        token = await self.runtime.kube.read_secret_value(
+            self.namespace, names.token_secret, rendering.TOKEN_KEY
+        )
+        if token is None:
+            token = secrets.token_urlsafe(32)
+            secret = rendering.build_token_secret(self.name, self.namespace, token)
+            kopf.adopt(secret, owner=self.body)
+            if not await self.runtime.kube.create(secret):
+                token = await self.runtime.kube.read_secret_value(
+                    self.namespace, names.token_secret, rendering.TOKEN_KEY
+                )
+        self.memory.token = token
+        return token or ""
+
+    async def _ensure_children(self, spec: JobSpec, generation: int, plan: planning.Plan) -> None:
+        kube = self.runtime.kube
+        names = rendering.ChildNames(self.name)
+        if plan.delete_children:
+            for api_version, kind, child_name in (
+                ("apps/v1", "Deployment", names.coordinator),
+                ("v1", "Service", names.coordinator),
+                ("v1", "ConfigMap", names.config_map),
+                ("v1", "Secret", names.token_secret),
+            ):
+                await kube.delete(api_version, kind, self.namespace, child_name)
+            kopf.event(
+                self.body,
+                type="Normal",
+                reason="ChildrenDeleted",
+                message="ttlSecondsAfterFinished passed",
+            )
+            self.memory.applied = None
+            return
+        if plan.status.children_deleted:
+            return
+        wanted = (generation, plan.coordinator_replicas)
+        fresh = time.monotonic() - self.memory.applied_at < CHILDREN_RESYNC_SECONDS
+        if self.memory.applied == wanted and fresh:
+            return
+        children = [
+            rendering.build_config_map(self.name, self.namespace, spec),
+            rendering.build_coordinator_service(self.name, self.namespace),
+            rendering.build_coordinator_deployment(
+                self.name, self.namespace, spec, replicas=plan.coordinator_replicas
+            ),
+        ]
+        kopf.adopt(children, owner=self.body)
+        for child in children:
+            try:
+                await kube.apply(child)
+            except KubeError as error:
+                if not error.invalid:
+                    raise
+                self._invalid(generation, f"{child['kind']} refused: {error.message}")
+                return
+        self.memory.applied = wanted
+        self.memory.applied_at = time.monotonic()
+
+    async def _release(self, pods: list[planning.PeerPod]) -> None:
+        kube = self.runtime.kube
+
+        async def release(pod: planning.PeerPod) -> None:
+            # Finalizer first: a pod that lingers undeleted is harmless (it is of an
+            # accounted attempt, so the next pass deletes it); one stuck terminating is not.
+            if pod.has_finalizer:
+                await kube.remove_pod_finalizer(self.namespace, pod.name, rendering.PEER_FINALIZER)
+            if not pod.deleting:
+                await kube.delete("v1", "Pod", self.namespace, pod.name)
+
+        for outcome in await _bounded(release(pod) for pod in pods):
+            if isinstance(outcome, Exception):
+                self.logger.warning("releasing a peer pod failed (will retry): %s", outcome)
+
+    async def _create(
+        self, spec: JobSpec, generation: int, peers: list[planning.PeerToCreate]
+    ) -> None:
+        telemetry = self.runtime.telemetry
+
+        async def create(peer: planning.PeerToCreate) -> None:
+            pod = rendering.build_peer_pod(
+                self.name,
+                self.namespace,
+                spec,
+                slot=peer.slot,
+                attempt=peer.attempt,
+                slot_capacity=peer.capacity,
+            )
+            kopf.adopt(pod, owner=self.body)
+            if await self.runtime.kube.create(pod):
+                telemetry.pods_created.add(1, {"capacity": peer.capacity})
+                if peer.replaces_loss_after is not None:
+                    telemetry.replacement_latency.record(
+                        peer.replaces_loss_after.total_seconds(), {"capacity": peer.capacity}
+                    )
+
+        for outcome in await _bounded(create(peer) for peer in peers):
+            if isinstance(outcome, KubeError) and outcome.invalid:
+                self._invalid(generation, f"a peer pod was refused: {outcome.message}")
+                return
+            if isinstance(outcome, Exception):
+                self.logger.warning("creating a peer pod failed (will retry): %s", outcome)
+
+    def _invalid(self, generation: int, message: str) -> None:
+        if self.memory.invalid.get(generation) != message:
+            self.memory.invalid[generation] = message
+            kopf.event(self.body, type="Warning", reason="InvalidSpec", message=message)
+            self.memory.wakeup.set()
+
+    async def _talk_to_coordinator(
+        self, spec: JobSpec, plan: planning.Plan, url: str, token: str
+    ) -> None:
+        client = self.runtime.coordinator
+        if plan.drain:
+            request = DrainRequest(
+                peers=plan.drain,
+                reason="node interruption notice",
+                deadline_seconds=float(max(1, spec.trainer.termination_grace_period_seconds)),
+            )
+            answer = await client.drain(url, token, request)
+            if answer is not None:
+                self.memory.drain_requested.update(plan.drain)
+                kopf.event(
+                    self.body,
+                    type="Normal",
+                    reason="DrainRequested",
+                    message=f"asked the coordinator to drain {', '.join(plan.drain)}",
+                )
+        if plan.request_checkpoint:
+            reply = await client.checkpoint(url, token, CheckpointRequest(reason="suspend"))
+            if reply is None or not reply.accepted:
+                kopf.event(
+                    self.body,
+                    type="Warning",
+                    reason="CheckpointNotTaken",
+                    message="the coordinator did not accept the pre-suspend checkpoint",
+                )
+        # Peers that are gone need no drain memory.
+        alive = {pod.name for pod in self.peers_by_job.get(self.key, [])}
+        self.memory.drain_requested &= alive
+
+    def _record(self, plan: planning.Plan) -> None:
+        telemetry = self.runtime.telemetry
+        for loss in plan.losses:
+            if loss.kind == "preemption":
+                telemetry.preemptions.add(1)
+            elif loss.kind == "failure":
+                telemetry.failures.add(1)
+        telemetry.record_peers(self.namespace, self.name, plan.status.peers)
+        for event in plan.events:
+            kopf.event(self.body, type=event.type, reason=event.reason, message=event.message)
+        for loss in plan.losses:
+            self.logger.info("peer %s lost (%s): %s", loss.pod, loss.kind, loss.reason)

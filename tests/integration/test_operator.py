@@ -1,0 +1,760 @@
+"""The operator against a real control plane (etcd, kube-apiserver, controller-manager,
+scheduler) with KWOK nodes: pods are scheduled and marked running, but run nothing.
+
+Each test runs the operator in-process (kopf's KopfRunner), limited to its own namespace,
+with a loopback HTTP server standing in for the job's coordinator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import secrets
+import subprocess
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from aiohttp import web
+from kopf.testing import KopfRunner
+
+from collabtrain_trainer.config import TrainerConfig
+from collabtrain_trainer.protocol import (
+    CheckpointRequest,
+    CheckpointResponse,
+    CoordinatorStatus,
+    DrainRequest,
+    DrainResponse,
+)
+from testbed.cluster import Kwok, kwok_node
+from testbed.processes import free_port
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+
+ROOT = Path(__file__).resolve().parents[2]
+CRD = ROOT / "crds" / "collaborativetrainingjobs.collabtrain.io.yaml"
+CHART = ROOT / "charts" / "collabtrain"
+GROUP, VERSION, PLURAL = "collabtrain.io", "v1alpha1", "collaborativetrainingjobs"
+SPOT = {"karpenter.sh/capacity-type": "spot"}
+ON_DEMAND = {"karpenter.sh/capacity-type": "on-demand"}
+
+
+def wait_for(predicate: Callable[[], Any], what: str, timeout: float = 60) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(0.3)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; last: {last!r}")
+
+
+def wait_until_equal(
+    getter: Callable[[], Any], expected: Any, what: str, timeout: float = 60
+) -> None:
+    seen: list[Any] = []
+
+    def check() -> bool:
+        seen[:] = [getter()]
+        return bool(seen[0] == expected)
+
+    try:
+        wait_for(check, what, timeout)
+    except AssertionError:
+        raise AssertionError(f"{what}: expected {expected!r}, last saw {seen[0]!r}") from None
+
+
+# ------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def crd(kubectl: Any) -> None:
+    """The CRD, server-side applied as a user without the chart would."""
+    applied = kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD), check=False)
+    assert applied.returncode == 0, applied.stderr
+    kubectl("wait", "--for=condition=Established", "--timeout=60s", f"crd/{PLURAL}.{GROUP}")
+
+
+@pytest.fixture
+def nodes(api_client: Any, kwok: Kwok) -> Iterator[dict[str, list[str]]]:
+    """Two spot nodes and one on-demand node, for this test only."""
+    from kubernetes import client
+
+    core = client.CoreV1Api(api_client)
+    suffix = secrets.token_hex(3)
+    made = {
+        "spot": [f"spot-{suffix}-{i}" for i in range(2)],
+        "on-demand": [f"od-{suffix}"],
+    }
+    for name in made["spot"]:
+        core.create_node(kwok_node(name, labels=SPOT))
+    for name in made["on-demand"]:
+        core.create_node(kwok_node(name, labels=ON_DEMAND))
+    try:
+        yield made
+    finally:
+        for name in made["spot"] + made["on-demand"]:
+            with contextlib.suppress(Exception):
+                core.delete_node(name)
+
+
+class FakeCoordinator:
+    """A loopback server speaking the coordinator's contract; records what it receives."""
+
+    def __init__(self) -> None:
+        self.drains: list[DrainRequest] = []
+        self.checkpoints: list[CheckpointRequest] = []
+        self.status = CoordinatorStatus(job="", max_steps=100, target_batch_size=64, step=7)
+        self.port = 0
+        self._loop = asyncio.new_event_loop()
+        self._started = threading.Event()
+        self._runner: web.AppRunner | None = None
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _app(self) -> web.Application:
+        async def status(request: web.Request) -> web.Response:
+            return web.json_response(self.status.model_dump(mode="json"))
+
+        async def drain(request: web.Request) -> web.Response:
+            parsed = DrainRequest.model_validate(await request.json())
+            self.drains.append(parsed)
+            return web.json_response(DrainResponse(draining=parsed.peers).model_dump(mode="json"))
+
+        async def checkpoint(request: web.Request) -> web.Response:
+            self.checkpoints.append(CheckpointRequest.model_validate(await request.json()))
+            reply = CheckpointResponse(accepted=True, step=self.status.step)
+            return web.json_response(reply.model_dump(mode="json"))
+
+        app = web.Application()
+        app.router.add_get("/status", status)
+        app.router.add_post("/drain", drain)
+        app.router.add_post("/checkpoint", checkpoint)
+        return app
+
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self._loop)
+
+        async def start() -> None:
+            self._runner = web.AppRunner(self._app())
+            await self._runner.setup()
+            site = web.TCPSite(self._runner, "127.0.0.1", 0)
+            await site.start()
+            self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            self._started.set()
+
+        self._loop.run_until_complete(start())
+        self._loop.run_forever()
+
+    def start(self) -> FakeCoordinator:
+        self._thread.start()
+        self._started.wait(10)
+        return self
+
+    def stop(self) -> None:
+        async def stop() -> None:
+            if self._runner is not None:
+                await self._runner.cleanup()
+
+        asyncio.run_coroutine_threadsafe(stop(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+
+@pytest.fixture
+def coordinator() -> Iterator[FakeCoordinator]:
+    server = FakeCoordinator().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def operator_env(
+    monkeypatch: pytest.MonkeyPatch, kubeconfig: Path, coordinator: FakeCoordinator
+) -> None:
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    monkeypatch.setenv("COLLABTRAIN_METRICS_PORT", "off")
+    monkeypatch.setenv("COLLABTRAIN_RECONCILE_INTERVAL_SECONDS", "1")
+    monkeypatch.setenv(
+        "COLLABTRAIN_COORDINATOR_URL_TEMPLATE", f"http://127.0.0.1:{coordinator.port}"
+    )
+
+
+@contextmanager
+def running_operator(namespace: str) -> Iterator[KopfRunner]:
+    args = [
+        "run",
+        "--standalone",
+        f"--namespace={namespace}",
+        "-m",
+        "collabtrain_operator.handlers",
+    ]
+    with KopfRunner(args, timeout=60) as runner:
+        yield runner
+
+
+@pytest.fixture
+def operator(
+    crd: None, operator_env: None, namespace: str, nodes: dict[str, list[str]]
+) -> Iterator[KopfRunner]:
+    with running_operator(namespace) as runner:
+        yield runner
+
+
+class Cluster:
+    """Shortcuts over the Kubernetes client for one namespace."""
+
+    def __init__(self, api_client: Any, namespace: str) -> None:
+        from kubernetes import client
+
+        # Typed Any: the client's optional-everywhere models would need a check per
+        # attribute, and a test wants the AttributeError instead.
+        self.namespace = namespace
+        self.core: Any = client.CoreV1Api(api_client)
+        self.apps: Any = client.AppsV1Api(api_client)
+        self.custom: Any = client.CustomObjectsApi(api_client)
+
+    def create_job(self, name: str, **spec: Any) -> None:
+        body = job_manifest(name, **spec)
+        self.custom.create_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, body)
+
+    def job(self, name: str) -> dict[str, Any]:
+        job: dict[str, Any] = self.custom.get_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, PLURAL, name
+        )
+        return job
+
+    def status(self, name: str) -> dict[str, Any]:
+        return dict(self.job(name).get("status") or {})
+
+    def patch_spec(self, name: str, spec: dict[str, Any]) -> None:
+        self.custom.patch_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, PLURAL, name, {"spec": spec}
+        )
+
+    def peers(self, job: str, *, include_deleting: bool = False) -> list[Any]:
+        selector = f"collabtrain.io/job={job},app.kubernetes.io/component=peer"
+        pods = self.core.list_namespaced_pod(self.namespace, label_selector=selector).items
+        if not include_deleting:
+            pods = [p for p in pods if p.metadata.deletion_timestamp is None]
+        return sorted(pods, key=lambda p: p.metadata.name)
+
+    def peer_names(self, job: str) -> list[str]:
+        return [p.metadata.name for p in self.peers(job)]
+
+    def event_reasons(self, job: str) -> set[str]:
+        events = self.core.list_namespaced_event(
+            self.namespace, field_selector=f"involvedObject.name={job}"
+        ).items
+        return {event.reason for event in events}
+
+    def node_labels(self, name: str) -> dict[str, str]:
+        return dict(self.core.read_node(name).metadata.labels or {})
+
+    def fail_pod(self, name: str, exit_code: int = 1) -> None:
+        """What the kubelet reports when the trainer exits with an error."""
+        self.core.patch_namespaced_pod_status(
+            name,
+            self.namespace,
+            {
+                "status": {
+                    "phase": "Failed",
+                    "containerStatuses": [
+                        {
+                            "name": "trainer",
+                            "image": "img",
+                            "imageID": "",
+                            "ready": False,
+                            "restartCount": 0,
+                            "state": {"terminated": {"exitCode": exit_code, "reason": "Error"}},
+                        }
+                    ],
+                }
+            },
+        )
+
+    def interruption_notice(self, node: str) -> None:
+        """What Karpenter does before it reclaims a node."""
+        self.core.patch_node(
+            node,
+            {
+                "spec": {
+                    "taints": [{"key": "karpenter.sh/disrupted", "effect": "NoSchedule"}],
+                }
+            },
+        )
+
+    def preempt(self, pod_name: str, node: str) -> None:
+        """A spot node dies: interruption taint, DisruptionTarget on the pod, deletion."""
+        self.interruption_notice(node)
+        self.core.patch_namespaced_pod_status(
+            pod_name,
+            self.namespace,
+            {
+                "status": {
+                    "conditions": [
+                        {
+                            "type": "DisruptionTarget",
+                            "status": "True",
+                            "reason": "TerminationByKubelet",
+                            "message": "spot instance reclaimed",
+                        }
+                    ]
+                }
+            },
+        )
+        self.core.delete_namespaced_pod(pod_name, self.namespace)
+
+
+def job_manifest(name: str, **spec: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "replicas": 2,
+        "maxReplicas": 4,
+        "trainer": {"image": "example.invalid/trainer:1"},
+        "capacity": {"providers": ["karpenter"]},
+        "failurePolicy": {"initialBackoff": "1s", "maxBackoff": "2s"},
+    }
+    body.update(spec)
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "CollaborativeTrainingJob",
+        "metadata": {"name": name},
+        "spec": body,
+    }
+
+
+@pytest.fixture
+def cluster(api_client: Any, namespace: str) -> Cluster:
+    return Cluster(api_client, namespace)
+
+
+def peers_running(cluster: Cluster, job: str, count: int) -> Callable[[], list[Any]]:
+    def check() -> list[Any]:
+        pods = cluster.peers(job)
+        running = [p for p in pods if p.status.phase == "Running" and p.spec.node_name]
+        return running if len(running) == count and len(pods) == count else []
+
+    return check
+
+
+# ---------------------------------------------------------------------------- tests
+
+
+def test_job_gets_its_children_with_the_right_placement(
+    operator: KopfRunner, cluster: Cluster, nodes: dict[str, list[str]]
+) -> None:
+    cluster.create_job("place")
+    pods = wait_for(peers_running(cluster, "place", 2), "2 running peers", timeout=90)
+    assert [p.metadata.name for p in pods] == ["place-peer-0-0", "place-peer-1-0"]
+    for pod in pods:
+        assert pod.spec.node_name in nodes["spot"], "peers prefer spot nodes"
+        assert pod.metadata.owner_references[0].kind == "CollaborativeTrainingJob"
+        assert "collabtrain.io/peer-accounting" in pod.metadata.finalizers
+        env = {e.name: e for e in pod.spec.containers[0].env}
+        assert env["COLLABTRAIN_TOKEN"].value_from.secret_key_ref.name == "place-token"
+
+    deployment = cluster.apps.read_namespaced_deployment("place-coordinator", cluster.namespace)
+    assert deployment.spec.replicas == 1
+    service = cluster.core.read_namespaced_service("place-coordinator", cluster.namespace)
+    assert service.spec.ports[0].port == 7000
+    config_map = cluster.core.read_namespaced_config_map("place-config", cluster.namespace)
+    config = TrainerConfig.model_validate(json.loads(config_map.data["trainer.json"]))
+    assert config.job == "place"
+    assert cluster.core.read_namespaced_secret("place-token", cluster.namespace).data["token"]
+
+    def coordinator_pod() -> Any:
+        selector = "collabtrain.io/job=place,app.kubernetes.io/component=coordinator"
+        pods = cluster.core.list_namespaced_pod(cluster.namespace, label_selector=selector)
+        return next((p for p in pods.items if p.spec.node_name), None)
+
+    pod = wait_for(coordinator_pod, "the coordinator scheduled", timeout=90)
+    assert pod.spec.node_name in nodes["on-demand"], "the coordinator stays off spot"
+
+    status = wait_for(
+        lambda: (s := cluster.status("place")).get("phase") == "Running" and s,
+        "phase Running",
+        timeout=90,
+    )
+    assert status["peers"]["ready"] == 2 and status["peers"]["desired"] == 2
+    assert status["selector"] == "collabtrain.io/job=place,app.kubernetes.io/component=peer"
+    assert status["progress"]["step"] == 7  # read from the coordinator's /status
+    conditions = {c["type"]: c["status"] for c in status["conditions"]}
+    assert conditions["Ready"] == "True" and conditions["InvalidSpec"] == "False"
+
+
+def api_requests(metrics: str) -> float:
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("collabtrain_operator_api_requests_total{")
+    )
+
+
+def test_metrics_endpoint_serves_the_operators_metrics(
+    crd: None,
+    operator_env: None,
+    nodes: dict[str, list[str]],
+    cluster: Cluster,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    port = free_port()
+    monkeypatch.setenv("COLLABTRAIN_METRICS_PORT", str(port))
+    with running_operator(cluster.namespace):
+        cluster.create_job("watched")
+        wait_for(peers_running(cluster, "watched", 2), "2 running peers", timeout=90)
+
+        def scrape() -> str:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                text: str = r.read().decode()
+            return text if 'state="ready"' in text else ""
+
+        wait_for(scrape, "peer gauges on /metrics")
+        wait_for(lambda: cluster.status("watched").get("phase") == "Running", "Running")
+        # A quiet job costs (almost) no API requests: no status write without a change.
+        before = api_requests(scrape())
+        time.sleep(5)
+        text = scrape()
+        assert api_requests(text) - before <= 3
+    assert "collabtrain_operator_reconciles_total" in text
+    assert "collabtrain_operator_pods_created_total" in text
+    assert "collabtrain_operator_api_requests_total" in text
+    ready = [
+        line
+        for line in text.splitlines()
+        if line.startswith("collabtrain_operator_peers") and 'state="ready"' in line
+    ]
+    assert any('job="watched"' in line and line.endswith(" 2.0") for line in ready), ready
+
+
+def test_preempted_peer_is_drained_replaced_and_counted_as_preemption(
+    operator: KopfRunner, cluster: Cluster, coordinator: FakeCoordinator
+) -> None:
+    cluster.create_job("spot")
+    pods = wait_for(peers_running(cluster, "spot", 2), "2 running peers", timeout=90)
+    victim = pods[0]
+    cluster.interruption_notice(victim.spec.node_name)
+    wait_for(
+        lambda: any(victim.metadata.name in d.peers for d in coordinator.drains),
+        "a drain request for the victim at the coordinator",
+    )
+    cluster.preempt(victim.metadata.name, victim.spec.node_name)
+    wait_for(
+        lambda: "spot-peer-0-1" in cluster.peer_names("spot"), "the replacement pod", timeout=90
+    )
+    status = wait_for(
+        lambda: (s := cluster.status("spot")).get("preemptions") == 1 and s, "preemption counted"
+    )
+    assert status.get("failures", 0) == 0
+    wait_for(
+        lambda: (
+            victim.metadata.name
+            not in [p.metadata.name for p in cluster.peers("spot", include_deleting=True)]
+        ),
+        "the victim released and gone",
+    )
+    time.sleep(3)  # nothing more happens
+    assert cluster.status("spot")["preemptions"] == 1
+    assert cluster.peer_names("spot") == ["spot-peer-0-1", "spot-peer-1-0"]
+    wait_for(
+        lambda: (
+            {"DrainRequested", "PeerPreempted", "PeerReplaced"} <= cluster.event_reasons("spot")
+        ),
+        "Events on the job",
+    )
+
+
+def test_deleting_a_job_deletes_its_children(operator: KopfRunner, cluster: Cluster) -> None:
+    cluster.create_job("gone")
+    wait_for(peers_running(cluster, "gone", 2), "2 running peers", timeout=90)
+    cluster.custom.delete_namespaced_custom_object(
+        GROUP, VERSION, cluster.namespace, PLURAL, "gone"
+    )
+    wait_for(lambda: not cluster.peers("gone", include_deleting=True), "peers deleted", 90)
+
+    def job_gone() -> bool:
+        try:
+            cluster.job("gone")
+        except Exception as error:
+            return getattr(error, "status", None) == 404
+        return False
+
+    wait_for(job_gone, "the job deleted (its finalizer released)")
+    wait_for(
+        lambda: not cluster.apps.list_namespaced_deployment(cluster.namespace).items,
+        "the coordinator deleted",
+        90,
+    )
+
+
+def test_failures_are_counted_and_too_many_fail_the_job(
+    operator: KopfRunner, cluster: Cluster
+) -> None:
+    cluster.create_job("flaky", failurePolicy={"maxFailures": 1, "initialBackoff": "1s"})
+    wait_for(peers_running(cluster, "flaky", 2), "2 running peers", timeout=90)
+    cluster.fail_pod("flaky-peer-0-0")
+    wait_for(lambda: cluster.status("flaky").get("failures") == 1, "first failure counted")
+    wait_for(lambda: "flaky-peer-0-1" in cluster.peer_names("flaky"), "the failed peer replaced")
+    assert cluster.status("flaky").get("preemptions", 0) == 0
+    assert cluster.status("flaky")["phase"] != "Failed"
+
+    cluster.fail_pod("flaky-peer-1-0", exit_code=3)
+    status = wait_for(
+        lambda: (s := cluster.status("flaky")).get("phase") == "Failed" and s, "phase Failed"
+    )
+    assert status["failures"] == 2
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == "MaxFailuresExceeded"
+    assert "maxFailures=1" in ready["message"]
+    wait_for(lambda: not cluster.peers("flaky", include_deleting=True), "peers removed")
+    wait_for(
+        lambda: (
+            cluster.apps.read_namespaced_deployment(
+                "flaky-coordinator", cluster.namespace
+            ).spec.replicas
+            == 0
+        ),
+        "the coordinator scaled to zero",
+    )
+
+
+def test_scale_subresource(operator: KopfRunner, cluster: Cluster, kubectl: Any) -> None:
+    cluster.create_job("elastic")
+    wait_for(peers_running(cluster, "elastic", 2), "2 running peers", timeout=90)
+    ns = f"--namespace={cluster.namespace}"
+    kubectl("scale", ns, "ctj/elastic", "--replicas=3")
+    wait_for(peers_running(cluster, "elastic", 3), "3 running peers", timeout=90)
+    wait_for(lambda: cluster.status("elastic")["peers"]["active"] == 3, "status counts 3")
+
+    refused = kubectl("scale", ns, "ctj/elastic", "--replicas=9", check=False)
+    assert refused.returncode != 0
+    assert "spec.replicas must be at most spec.maxReplicas" in refused.stderr
+
+    kubectl("scale", ns, "ctj/elastic", "--replicas=1")
+    wait_for(lambda: cluster.peer_names("elastic") == ["elastic-peer-0-0"], "scaled down to 1")
+    status = cluster.status("elastic")
+    assert status.get("preemptions", 0) == 0 and status.get("failures", 0) == 0
+
+
+def test_suspend_and_resume(
+    operator: KopfRunner, cluster: Cluster, coordinator: FakeCoordinator
+) -> None:
+    cluster.create_job("pause")
+    wait_for(peers_running(cluster, "pause", 2), "2 running peers", timeout=90)
+    cluster.patch_spec("pause", {"suspend": True})
+    wait_for(lambda: not cluster.peers("pause", include_deleting=True), "peers removed")
+    wait_for(lambda: cluster.status("pause").get("phase") == "Suspended", "phase Suspended")
+    wait_for(
+        lambda: (
+            cluster.apps.read_namespaced_deployment(
+                "pause-coordinator", cluster.namespace
+            ).spec.replicas
+            == 0
+        ),
+        "the coordinator scaled to zero",
+    )
+
+    cluster.patch_spec("pause", {"suspend": False})
+    pods = wait_for(peers_running(cluster, "pause", 2), "peers back", timeout=90)
+    assert [p.metadata.name for p in pods] == ["pause-peer-0-1", "pause-peer-1-1"]
+    status = cluster.status("pause")
+    assert status.get("preemptions", 0) == 0 and status.get("failures", 0) == 0
+
+
+def test_restarting_the_operator_creates_no_duplicates_and_loses_no_count(
+    crd: None,
+    operator_env: None,
+    nodes: dict[str, list[str]],
+    cluster: Cluster,
+) -> None:
+    with running_operator(cluster.namespace):
+        cluster.create_job("steady", replicas=3)
+        pods = wait_for(peers_running(cluster, "steady", 3), "3 running peers", timeout=90)
+    # While no operator runs, a peer is preempted: it waits, held by its finalizer.
+    victim = pods[1]
+    cluster.preempt(victim.metadata.name, victim.spec.node_name)
+    time.sleep(2)
+    for _ in range(2):
+        with running_operator(cluster.namespace):
+            wait_until_equal(
+                lambda: cluster.peer_names("steady"),
+                ["steady-peer-0-0", "steady-peer-1-1", "steady-peer-2-0"],
+                "exactly one replacement",
+                timeout=90,
+            )
+            wait_for(lambda: cluster.status("steady").get("preemptions") == 1, "counted once")
+            time.sleep(3)
+        assert cluster.status("steady")["preemptions"] == 1
+        assert len(cluster.peers("steady", include_deleting=True)) == 3
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"replicas": 5, "maxReplicas": 4}, "spec.replicas must be at most spec.maxReplicas"),
+        ({"replicas": 1, "minReplicas": 2}, "spec.replicas must be at least spec.minReplicas"),
+        (
+            {"training": {"compression": {"codec": "zip"}}},
+            'Unsupported value: "zip"',
+        ),
+        (
+            {"capacity": {"onDemandFallbackAfter": "5 minutes"}},
+            "spec.capacity.onDemandFallbackAfter",
+        ),
+        (
+            {"training": {"targetBatchSize": 8, "microBatchSize": 16}},
+            "spec.training.microBatchSize must not exceed spec.training.targetBatchSize",
+        ),
+        (
+            {"checkpoint": {"endpoint": "minio:9000", "bucket": "ckpt"}},
+            "spec.checkpoint needs everySteps or everyMinutes",
+        ),
+        (
+            {"failurePolicy": {"initialBackoff": "10m", "maxBackoff": "1m"}},
+            "spec.failurePolicy.maxBackoff must be at least",
+        ),
+    ],
+)
+def test_invalid_objects_are_refused_with_their_message(
+    crd: None, kubectl: Any, namespace: str, change: dict[str, Any], message: str
+) -> None:
+    manifest = job_manifest("bad", **change)
+    result = kubectl(
+        "apply", f"--namespace={namespace}", "-f", "-", input=yaml.safe_dump(manifest), check=False
+    )
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr
+
+
+def test_name_too_long_and_immutable_training_are_refused(
+    crd: None, kubectl: Any, namespace: str
+) -> None:
+    long = job_manifest("x" * 51)
+    result = kubectl(
+        "apply", f"--namespace={namespace}", "-f", "-", input=yaml.safe_dump(long), check=False
+    )
+    assert "metadata.name must be at most 50 characters" in result.stderr, result.stderr
+
+    job = job_manifest("fixed")
+    kubectl("apply", f"--namespace={namespace}", "-f", "-", input=yaml.safe_dump(job))
+    job["spec"]["training"] = {"maxSteps": 5}
+    result = kubectl(
+        "apply", f"--namespace={namespace}", "-f", "-", input=yaml.safe_dump(job), check=False
+    )
+    assert result.returncode != 0
+    assert "spec.training is immutable" in result.stderr, result.stderr
+
+
+def test_kubectl_explain_teaches_the_fields(crd: None, kubectl: Any) -> None:
+    text = kubectl("explain", "ctj.spec.capacity").stdout
+    assert "onDemandFallbackAfter" in text and "spot" in text
+
+
+def service_account_kubeconfig(
+    kubectl: Any, admin_kubeconfig: Path, namespace: str, account: str, path: Path
+) -> Path:
+    """A kubeconfig that authenticates as `account` (a short-lived TokenRequest token)."""
+    token = kubectl(
+        "create", "token", account, f"--namespace={namespace}", "--duration=15m"
+    ).stdout.strip()
+    config = yaml.safe_load(admin_kubeconfig.read_text())
+    config["users"] = [{"name": "admin", "user": {"token": token}}]
+    path.write_text(yaml.safe_dump(config))
+    path.chmod(0o600)
+    return path
+
+
+def test_helm_install_gives_the_operator_exactly_the_permissions_it_needs(
+    crd: None,
+    kubeconfig: Path,
+    helm_binary: Path,
+    kubectl: Any,
+    namespace: str,
+    api_client: Any,
+    nodes: dict[str, list[str]],
+    cluster: Cluster,
+    operator_env: None,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """helm install creates the CRD and the operator's objects; the operator then runs
+    as the chart's ServiceAccount, so a verb missing from the ClusterRole fails here."""
+    from kubernetes import client
+
+    release = f"ct-{secrets.token_hex(3)}"
+    crd_name = f"{PLURAL}.{GROUP}"
+
+    def helm(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(helm_binary), f"--kubeconfig={kubeconfig}", *args],
+            capture_output=True,
+            text=True,
+            timeout=180,
+            check=False,
+        )
+
+    # The module already applied the CRD: hand it over to the release the way Helm
+    # documents adoption, so that the chart's CRD template applies to it.
+    kubectl("label", "--overwrite", f"crd/{crd_name}", "app.kubernetes.io/managed-by=Helm")
+    kubectl(
+        "annotate", "--overwrite", f"crd/{crd_name}",
+        f"meta.helm.sh/release-name={release}", f"meta.helm.sh/release-namespace={namespace}",
+    )  # fmt: skip
+    installed = helm(
+        "install", release, str(CHART), f"--namespace={namespace}",
+        # No image to run here (the operator runs in-process below), and no cluster-wide
+        # peering CRD left behind by a test.
+        "--set", "replicaCount=0",
+        "--set", "peering.enabled=false",
+        "--wait", "--timeout=120s",
+    )  # fmt: skip
+    assert installed.returncode == 0, installed.stderr
+    extensions: Any = client.ApiextensionsV1Api(api_client)
+    try:
+        crd_object = extensions.read_custom_resource_definition(crd_name)
+        assert crd_object.metadata.annotations["helm.sh/resource-policy"] == "keep"
+        assert crd_object.metadata.labels["app.kubernetes.io/part-of"] == "collabtrain"
+        apps: Any = client.AppsV1Api(api_client)
+        core: Any = client.CoreV1Api(api_client)
+        account = f"{release}-collabtrain"
+        deployment = apps.read_namespaced_deployment(account, namespace)
+        pod = deployment.spec.template.spec
+        assert pod.containers[0].security_context.read_only_root_filesystem is True
+        assert pod.service_account_name == account
+        assert core.read_namespaced_service(f"{release}-collabtrain-metrics", namespace)
+
+        own = service_account_kubeconfig(
+            kubectl, kubeconfig, namespace, account, tmp_path / "operator.kubeconfig"
+        )
+        monkeypatch.setenv("KUBECONFIG", str(own))
+        with running_operator(namespace):
+            cluster.create_job("rbac")
+            pods = wait_for(peers_running(cluster, "rbac", 2), "2 running peers", timeout=90)
+            cluster.preempt(pods[0].metadata.name, pods[0].spec.node_name)
+            wait_for(lambda: cluster.status("rbac").get("preemptions") == 1, "preemption counted")
+            wait_for(peers_running(cluster, "rbac", 2), "the peer replaced", timeout=90)
+            # A failed pod keeps its finalizer until the operator releases it (patch).
+            # The replacement runs off the tainted node, so its exit is a failure.
+            cluster.fail_pod("rbac-peer-0-1")
+            wait_for(lambda: cluster.status("rbac").get("failures") == 1, "failure counted")
+            wait_for(
+                lambda: (
+                    "rbac-peer-0-1"
+                    not in [p.metadata.name for p in cluster.peers("rbac", include_deleting=True)]
+                ),
+                "the failed pod released and deleted",
+            )
+            wait_for(lambda: cluster.status("rbac").get("phase") == "Running", "Running")
+    finally:
+        uninstalled = helm("uninstall", release, f"--namespace={namespace}", "--wait")
+    assert uninstalled.returncode == 0, uninstalled.stderr
+    # Kept: deleting the CRD would delete every job in the cluster.
+    assert extensions.read_custom_resource_definition(crd_name)

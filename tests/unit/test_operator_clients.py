@@ -1,0 +1,194 @@
+"""The operator's HTTP clients against real loopback servers, and its settings."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import kopf
+import pytest
+from aiohttp import web
+
+from collabtrain_operator import handlers, kube, main
+from collabtrain_operator.coordinator_client import CoordinatorClient
+from collabtrain_trainer.protocol import (
+    CheckpointRequest,
+    CheckpointResponse,
+    CoordinatorStatus,
+    DrainRequest,
+    DrainResponse,
+)
+
+TOKEN = "t0ken"
+
+
+def fake_coordinator(received: list[tuple[str, Any]]) -> web.Application:
+    """A coordinator that speaks the contract: bearer token, protocol models."""
+
+    def authorized(request: web.Request) -> bool:
+        return request.headers.get("Authorization") == f"Bearer {TOKEN}"
+
+    async def status(request: web.Request) -> web.Response:
+        if not authorized(request):
+            return web.Response(status=401)
+        body = CoordinatorStatus(job="demo", max_steps=10, target_batch_size=64, step=3)
+        return web.json_response(body.model_dump(mode="json"))
+
+    async def drain(request: web.Request) -> web.Response:
+        if not authorized(request):
+            return web.Response(status=401)
+        parsed = DrainRequest.model_validate(await request.json())
+        received.append(("drain", parsed))
+        return web.json_response(DrainResponse(draining=parsed.peers).model_dump(mode="json"))
+
+    async def checkpoint(request: web.Request) -> web.Response:
+        parsed = CheckpointRequest.model_validate(await request.json())
+        received.append(("checkpoint", parsed))
+        answer = CheckpointResponse(accepted=True, writer="demo-peer-0-0", step=3)
+        return web.json_response(answer.model_dump(mode="json"))
+
+    app = web.Application()
+    app.router.add_get("/status", status)
+    app.router.add_post("/drain", drain)
+    app.router.add_post("/checkpoint", checkpoint)
+    return app
+
+
+def with_server(
+    app: web.Application, body: Callable[[str, CoordinatorClient], Awaitable[None]]
+) -> None:
+    async def run() -> None:
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        try:
+            async with aiohttp.ClientSession() as session:
+                await body(f"http://127.0.0.1:{port}", CoordinatorClient(session))
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(run())
+
+
+def test_status_drain_and_checkpoint_use_the_contract() -> None:
+    received: list[tuple[str, Any]] = []
+
+    async def body(url: str, client: CoordinatorClient) -> None:
+        status = await client.status(url, TOKEN)
+        assert status is not None and status.step == 3
+        answer = await client.drain(url, TOKEN, DrainRequest(peers=["demo-peer-1-0"]))
+        assert answer is not None and answer.draining == ["demo-peer-1-0"]
+        reply = await client.checkpoint(url, TOKEN, CheckpointRequest(reason="suspend"))
+        assert reply is not None and reply.accepted
+
+    with_server(fake_coordinator(received), body)
+    assert [kind for kind, _ in received] == ["drain", "checkpoint"]
+
+
+def test_wrong_token_and_unreachable_coordinator_give_none() -> None:
+    async def body(url: str, client: CoordinatorClient) -> None:
+        assert await client.status(url, "wrong") is None
+        assert await client.status("http://127.0.0.1:9", TOKEN) is None
+
+    with_server(fake_coordinator([]), body)
+
+
+def test_malformed_answers_give_none() -> None:
+    app = web.Application()
+
+    async def garbage(request: web.Request) -> web.Response:
+        return web.json_response({"step": "many"})
+
+    app.router.add_get("/status", garbage)
+
+    async def body(url: str, client: CoordinatorClient) -> None:
+        assert await client.status(url, TOKEN) is None
+
+    with_server(app, body)
+
+
+def test_options_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLLABTRAIN_METRICS_PORT", "off")
+    monkeypatch.setenv("COLLABTRAIN_COORDINATOR_URL_TEMPLATE", "http://127.0.0.1:1234/{job}")
+    options = handlers.OperatorOptions.from_env()
+    assert options.metrics_port is None
+    assert options.coordinator_url("demo", "ns") == "http://127.0.0.1:1234/demo"
+    assert handlers.OperatorOptions().coordinator_url("demo", "ns") == (
+        "http://demo-coordinator.ns.svc:7000"
+    )
+
+
+def test_command_line() -> None:
+    arguments = main.parse_args(["-n", "team-a", "--standalone", "--metrics-port", "9100"])
+    assert arguments.namespace == ["team-a"]
+    assert arguments.standalone and arguments.metrics_port == 9100
+
+
+@pytest.mark.parametrize(
+    ("path", "resource"),
+    [
+        ("/api/v1/namespaces/a/pods", "pods"),
+        ("/api/v1/namespaces/a/pods/p", "pods"),
+        (
+            "/apis/collabtrain.io/v1alpha1/namespaces/a/collaborativetrainingjobs/j/status",
+            "collaborativetrainingjobs/status",
+        ),
+    ],
+)
+def test_resource_of(path: str, resource: str) -> None:
+    assert kube.resource_of(path) == resource
+
+
+def test_kube_errors_say_what_kind_of_problem() -> None:
+    assert kube.KubeError(409, "Conflict", "x").conflict
+    assert kube.KubeError(422, "Invalid", "x").invalid
+    assert not kube.KubeError(500, "InternalError", "x").invalid
+
+
+def test_kube_client_sends_status_patches_with_a_precondition() -> None:
+    seen: list[dict[str, Any]] = []
+    app = web.Application()
+
+    async def patch(request: web.Request) -> web.Response:
+        seen.append(
+            {
+                "path": request.path,
+                "type": request.headers["Content-Type"],
+                "body": json.loads(await request.text()),
+            }
+        )
+        return web.json_response({"metadata": {"resourceVersion": "8"}})
+
+    app.router.add_route("PATCH", "/{tail:.*}", patch)
+
+    async def body(url: str, _: CoordinatorClient) -> None:
+        client = kube.KubeClient(lambda: kopf.ConnectionInfo(server=url))
+        try:
+            assert await client.patch_job_status("ns", "demo", "7", {"phase": "Running"}) == "8"
+        finally:
+            await client.close()
+
+    with_server(app, body)
+    assert seen == [
+        {
+            "path": "/apis/collabtrain.io/v1alpha1/namespaces/ns"
+            "/collaborativetrainingjobs/demo/status",
+            "type": "application/merge-patch+json",
+            "body": {"metadata": {"resourceVersion": "7"}, "status": {"phase": "Running"}},
+        }
+    ]
+
+
+def test_the_operator_imports_no_torch() -> None:
+    probe = (
+        "import sys, collabtrain_operator.main, collabtrain_operator.handlers; "
+        "assert 'torch' not in sys.modules, 'the operator imported torch'"
+    )
+    subprocess.run([sys.executable, "-c", probe], check=True, timeout=120)

@@ -1,0 +1,294 @@
+"""Rendering of the job's children and of spot/on-demand placement."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from collabtrain_operator import capacity, rendering
+from collabtrain_operator.api import JobSpec
+from collabtrain_trainer.config import TrainerConfig
+
+NS = "team-a"
+
+
+def make_spec(**fields: Any) -> JobSpec:
+    body: dict[str, Any] = {"replicas": 3, "trainer": {"image": "registry/trainer:1"}}
+    body.update(fields)
+    return JobSpec.model_validate(body)
+
+
+def peer(spec: JobSpec | None = None, **kwargs: Any) -> dict[str, Any]:
+    arguments: dict[str, Any] = {"slot": 2, "attempt": 1, "slot_capacity": "spot"}
+    arguments.update(kwargs)
+    return rendering.build_peer_pod("demo", NS, spec or make_spec(), **arguments)
+
+
+def env_of(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {variable["name"]: variable for variable in container["env"]}
+
+
+def test_trainer_config_is_the_trainers_model_as_json() -> None:
+    spec = make_spec(
+        training={"targetBatchSize": 512, "compression": {"codec": "topk", "ratio": 0.05}},
+        checkpoint={
+            "endpoint": "minio:9000",
+            "bucket": "ckpt",
+            "everySteps": 10,
+            "tls": {"enabled": False},
+        },
+    )
+    config_map = rendering.build_config_map("demo", NS, spec)
+    assert config_map["metadata"]["name"] == "demo-config"
+    config = TrainerConfig.model_validate(json.loads(config_map["data"]["trainer.json"]))
+    assert config.job == "demo"
+    assert config.target_batch_size == 512
+    assert config.compression.codec == "topk" and config.compression.ratio == 0.05
+    assert config.coordinator_url == "http://demo-coordinator.team-a.svc:7000"
+    assert config.token_env == "COLLABTRAIN_TOKEN"
+    assert config.checkpoint is not None
+    assert config.checkpoint.secure is False and config.checkpoint.every_steps == 10
+
+
+def test_leave_grace_fits_in_the_pods_termination_grace_period() -> None:
+    config = rendering.trainer_config(
+        "demo", NS, make_spec(trainer={"image": "x", "terminationGracePeriodSeconds": 10})
+    )
+    assert config.timing.leave_grace_s < 10
+
+
+def test_token_secret() -> None:
+    secret = rendering.build_token_secret("demo", NS, "s3cret")
+    assert secret["metadata"]["name"] == "demo-token"
+    assert secret["stringData"] == {"token": "s3cret"}
+
+
+def test_peer_pod_identity_command_and_finalizer() -> None:
+    pod = peer()
+    metadata = pod["metadata"]
+    assert metadata["name"] == "demo-peer-2-1"
+    assert metadata["namespace"] == NS
+    assert metadata["finalizers"] == [rendering.PEER_FINALIZER]
+    labels = metadata["labels"]
+    assert labels["collabtrain.io/job"] == "demo"
+    assert labels["app.kubernetes.io/component"] == "peer"
+    assert (labels["collabtrain.io/slot"], labels["collabtrain.io/attempt"]) == ("2", "1")
+    assert labels["collabtrain.io/capacity"] == "spot"
+    spec = pod["spec"]
+    assert spec["restartPolicy"] == "Never"
+    container = spec["containers"][0]
+    assert container["command"] == [
+        "collabtrain-trainer",
+        "peer",
+        "--config",
+        "/etc/collabtrain/trainer.json",
+    ]
+
+
+def test_peer_env_carries_token_from_secret_and_identity_from_the_pod() -> None:
+    env = env_of(peer()["spec"]["containers"][0])
+    assert env["COLLABTRAIN_TOKEN"]["valueFrom"] == {
+        "secretKeyRef": {"name": "demo-token", "key": "token"}
+    }
+    assert "value" not in env["COLLABTRAIN_TOKEN"]
+    assert env["COLLABTRAIN_PEER_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+
+
+def test_pods_run_unprivileged() -> None:
+    for pod_spec in (
+        peer()["spec"],
+        rendering.build_coordinator_deployment("demo", NS, make_spec(), replicas=1)["spec"][
+            "template"
+        ]["spec"],
+    ):
+        assert pod_spec["securityContext"]["runAsNonRoot"] is True
+        context = pod_spec["containers"][0]["securityContext"]
+        assert context["allowPrivilegeEscalation"] is False
+        assert context["capabilities"] == {"drop": ["ALL"]}
+        assert context["readOnlyRootFilesystem"] is True
+        mounts = {m["mountPath"] for m in pod_spec["containers"][0]["volumeMounts"]}
+        assert {"/tmp", "/etc/collabtrain"} <= mounts
+
+
+def test_preferred_spot_placement_covers_every_provider() -> None:
+    pod_spec = peer()["spec"]
+    preferred = pod_spec["affinity"]["nodeAffinity"][
+        "preferredDuringSchedulingIgnoredDuringExecution"
+    ]
+    keys = {term["preference"]["matchExpressions"][0]["key"] for term in preferred}
+    assert keys == {
+        "karpenter.sh/capacity-type",
+        "cloud.google.com/gke-spot",
+        "eks.amazonaws.com/capacityType",
+        "kubernetes.azure.com/scalesetpriority",
+    }
+    assert (
+        "requiredDuringSchedulingIgnoredDuringExecution" not in pod_spec["affinity"]["nodeAffinity"]
+    )
+    tolerated = {(t["key"], t["value"]) for t in pod_spec["tolerations"]}
+    assert ("cloud.google.com/gke-spot", "true") in tolerated
+    assert ("kubernetes.azure.com/scalesetpriority", "spot") in tolerated
+
+
+def test_required_spot_placement_ors_the_providers() -> None:
+    pod = peer(make_spec(capacity={"spot": "Required", "providers": ["eks", "gke"]}))
+    terms = pod["spec"]["affinity"]["nodeAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"
+    ]["nodeSelectorTerms"]
+    assert [t["matchExpressions"] for t in terms] == [
+        [{"key": "eks.amazonaws.com/capacityType", "operator": "In", "values": ["SPOT"]}],
+        [{"key": "cloud.google.com/gke-spot", "operator": "In", "values": ["true"]}],
+    ]
+
+
+def test_on_demand_peers_and_the_coordinator_avoid_every_spot_label() -> None:
+    on_demand_peer = peer(slot_capacity="on-demand")
+    assert on_demand_peer["metadata"]["labels"]["collabtrain.io/capacity"] == "on-demand"
+    deployment = rendering.build_coordinator_deployment("demo", NS, make_spec(), replicas=1)
+    for pod_spec in (on_demand_peer["spec"], deployment["spec"]["template"]["spec"]):
+        terms = pod_spec["affinity"]["nodeAffinity"][
+            "requiredDuringSchedulingIgnoredDuringExecution"
+        ]["nodeSelectorTerms"]
+        assert len(terms) == 1
+        expressions = terms[0]["matchExpressions"]
+        assert {e["operator"] for e in expressions} == {"NotIn"}
+        assert len(expressions) == 4
+        assert "tolerations" not in pod_spec
+
+
+def test_user_required_affinity_is_anded_with_ours() -> None:
+    user_term = {"matchExpressions": [{"key": "gpu", "operator": "In", "values": ["a100"]}]}
+    spec = make_spec(
+        capacity={"providers": ["karpenter"]},
+        podOverrides={
+            "affinity": {
+                "nodeAffinity": {
+                    "requiredDuringSchedulingIgnoredDuringExecution": {
+                        "nodeSelectorTerms": [user_term]
+                    }
+                },
+                "podAntiAffinity": {"x": 1},
+            },
+            "tolerations": [{"key": "gpu", "operator": "Exists"}],
+            "labels": {"collabtrain.io/job": "hijack", "team": "a"},
+            "priorityClassName": "low",
+        },
+    )
+    pod_spec = peer(spec, slot_capacity="on-demand")["spec"]
+    terms = pod_spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+        "nodeSelectorTerms"
+    ]
+    assert terms == [
+        {
+            "matchExpressions": [
+                {"key": "gpu", "operator": "In", "values": ["a100"]},
+                {"key": "karpenter.sh/capacity-type", "operator": "NotIn", "values": ["spot"]},
+            ]
+        }
+    ]
+    assert pod_spec["affinity"]["podAntiAffinity"] == {"x": 1}
+    assert {"key": "gpu", "operator": "Exists"} in pod_spec["tolerations"]
+    assert pod_spec["priorityClassName"] == "low"
+    labels = peer(spec)["metadata"]["labels"]
+    assert labels["collabtrain.io/job"] == "demo" and labels["team"] == "a"
+
+
+def test_checkpoint_credentials_and_ca_reach_the_pod() -> None:
+    spec = make_spec(
+        checkpoint={
+            "endpoint": "s3.example:443",
+            "bucket": "ckpt",
+            "everyMinutes": 5,
+            "credentialsSecretRef": {"name": "s3-creds"},
+            "tls": {"caSecretRef": {"name": "s3-ca"}},
+        },
+        trainer={"image": "x", "env": [{"name": "EXTRA", "value": "1"}]},
+    )
+    container = peer(spec)["spec"]["containers"][0]
+    env = env_of(container)
+    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"] == {
+        "name": "s3-creds",
+        "key": "accessKey",
+    }
+    assert env["EXTRA"] == {"name": "EXTRA", "value": "1"}
+    config = rendering.trainer_config("demo", NS, spec)
+    assert config.checkpoint is not None
+    assert config.checkpoint.ca_bundle_path == "/etc/collabtrain-checkpoint-ca/ca.crt"
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert "/etc/collabtrain-checkpoint-ca" in mounts
+
+
+def test_gpu_resources_pass_through() -> None:
+    spec = make_spec(trainer={"image": "x", "resources": {"limits": {"nvidia.com/gpu": 1}}})
+    assert peer(spec)["spec"]["containers"][0]["resources"] == {"limits": {"nvidia.com/gpu": 1}}
+
+
+def test_custom_command_and_args() -> None:
+    spec = make_spec(trainer={"image": "x", "command": ["python", "-m", "mine"], "args": ["-v"]})
+    container = peer(spec)["spec"]["containers"][0]
+    assert container["command"] == ["python", "-m", "mine"]
+    assert container["args"] == ["-v"]
+
+
+def test_coordinator_deployment_and_service() -> None:
+    deployment = rendering.build_coordinator_deployment("demo", NS, make_spec(), replicas=0)
+    service = rendering.build_coordinator_service("demo", NS)
+    assert deployment["metadata"]["name"] == service["metadata"]["name"] == "demo-coordinator"
+    assert deployment["spec"]["replicas"] == 0
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"][:2] == ["collabtrain-trainer", "coordinator"]
+    assert container["ports"][0]["containerPort"] == 7000
+    assert container["readinessProbe"]["httpGet"]["path"] == "/healthz"
+    selector = deployment["spec"]["selector"]["matchLabels"]
+    assert service["spec"]["selector"] == selector
+    assert selector.items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    assert service["spec"]["ports"][0]["port"] == 7000
+
+
+def test_config_hash_follows_the_config() -> None:
+    first = peer()["metadata"]["annotations"][rendering.ANNOTATION_CONFIG_HASH]
+    other = peer(make_spec(training={"maxSteps": 7}))["metadata"]["annotations"][
+        rendering.ANNOTATION_CONFIG_HASH
+    ]
+    assert first != other
+
+
+def test_peer_selector_matches_peer_labels() -> None:
+    labels = peer()["metadata"]["labels"]
+    for pair in rendering.peer_selector("demo").split(","):
+        key, value = pair.split("=")
+        assert labels[key] == value
+
+
+@pytest.mark.parametrize(
+    ("taints", "expected"),
+    [
+        ([{"key": "karpenter.sh/disrupted", "effect": "NoSchedule"}], ["karpenter.sh/disrupted"]),
+        (
+            [{"key": "aws-node-termination-handler/spot-itn"}],
+            ["aws-node-termination-handler/spot-itn"],
+        ),
+        (
+            [{"key": "cloud.google.com/impending-node-termination"}],
+            ["cloud.google.com/impending-node-termination"],
+        ),
+        (
+            [{"key": "node.cloudprovider.kubernetes.io/shutdown"}],
+            ["node.cloudprovider.kubernetes.io/shutdown"],
+        ),
+        ([{"key": "node.kubernetes.io/not-ready"}], []),
+    ],
+)
+def test_interruption_taints(taints: list[dict[str, str]], expected: list[str]) -> None:
+    assert capacity.interruption_taints(taints) == expected
+
+
+def test_merge_node_affinity_keeps_user_preferences() -> None:
+    ours = capacity.spot_affinity(["karpenter"], required=False)
+    theirs = {"preferredDuringSchedulingIgnoredDuringExecution": [{"weight": 1, "preference": {}}]}
+    assert capacity.merge_node_affinity(ours, theirs) == theirs
+    assert capacity.merge_node_affinity(ours, None) == ours
