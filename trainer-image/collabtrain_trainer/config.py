@@ -47,6 +47,24 @@ class CheckpointConfig(StrictModel):
     secret_key_env: str = "AWS_SECRET_ACCESS_KEY"
 
 
+class TimingConfig(StrictModel):
+    """How quickly lost peers are noticed and how long a round may take.
+
+    The round deadline starts at `initial_round_deadline_s`, then follows measured round
+    times (a multiple of recent durations) between the minimum and the maximum.
+    """
+
+    heartbeat_interval_s: float = Field(default=0.5, gt=0)
+    peer_expiry_s: float = Field(default=3.0, gt=0)
+    initial_round_deadline_s: float = Field(default=30.0, gt=0)
+    min_round_deadline_s: float = Field(default=5.0, gt=0)
+    max_round_deadline_s: float = Field(default=120.0, gt=0)
+    # Rounds wait at most this long for a peer that is fetching state, so it catches up.
+    state_sync_grace_s: float = Field(default=30.0, ge=0)
+    # On SIGTERM a peer waits at most this long to contribute its samples before it leaves.
+    leave_grace_s: float = Field(default=20.0, ge=0)
+
+
 class TrainerConfig(StrictModel):
     job: str
     task: str = "tinylm"  # a built-in task name or `module:function`
@@ -61,3 +79,8 @@ class TrainerConfig(StrictModel):
     coordinator_url: str = "http://127.0.0.1:7000"
     # The join token is read from this environment variable (filled from the job's Secret).
     token_env: str = "COLLABTRAIN_TOKEN"
+    timing: TimingConfig = Field(default_factory=TimingConfig)
+    # Peers take data shard `join order % data_shards`, so peers do not repeat each other.
+    data_shards: int = Field(default=64, ge=1)
+    # No round forms with fewer live peers than this (the first steps wait for the group).
+    min_peers: int = Field(default=1, ge=1)
