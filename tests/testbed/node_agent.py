@@ -1052,6 +1052,16 @@ class NodeAgent:
         with self._lock:
             return sorted(name for name, state in self._nodes.items() if state.active)
 
+    def running_pods(self) -> list[tuple[str, str]]:
+        """(namespace, name) of every pod that has a live process on this agent."""
+        with self._lock:
+            records = list(self._records.values())
+        return sorted(
+            (record.namespace, record.name)
+            for record in records
+            if any(run.process is not None and run.process.poll() is None for run in record.running)
+        )
+
     def _find(self, namespace: str, name: str) -> PodRuntime | None:
         for record in reversed(list(self._records.values())):  # the newest of a name first
             if record.namespace == namespace and record.name == name:

@@ -1,0 +1,484 @@
+"""The coordinator's rules, driven directly with an injected clock."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from collabtrain_trainer.config import TrainerConfig
+from collabtrain_trainer.coordinator.deadline import AdaptiveDeadline
+from collabtrain_trainer.coordinator.server import (
+    CoordinatorApp,
+    CoordinatorSettings,
+    token_matches,
+)
+from collabtrain_trainer.coordinator.state import CoordinatorState, UnknownPeerError
+from collabtrain_trainer.protocol import (
+    CheckpointResult,
+    DrainRequest,
+    Heartbeat,
+    Instruction,
+    JoinRequest,
+    LeaveRequest,
+    ProgressReport,
+    RoundReady,
+    RoundVote,
+)
+
+EXPIRY = 3.0
+
+
+def make_config(**overrides: object) -> TrainerConfig:
+    raw: dict[str, object] = {
+        "job": "unit",
+        "target_batch_size": 100,
+        "max_steps": 50,
+        "timing": {
+            "peer_expiry_s": EXPIRY,
+            "initial_round_deadline_s": 10.0,
+            "min_round_deadline_s": 2.0,
+            "max_round_deadline_s": 60.0,
+        },
+    }
+    raw.update(overrides)
+    return TrainerConfig.model_validate(raw)
+
+
+class Harness:
+    """A coordinator, a clock, and helpers that act as peers."""
+
+    def __init__(self, **overrides: object) -> None:
+        self.now = 1000.0
+        self.state = CoordinatorState(
+            make_config(**overrides), now=self.now, store_host="127.0.0.1", store_port=1
+        )
+        self.now += EXPIRY + 0.1  # past the start-up grace
+        self.hashes: dict[str, str] = {}
+
+    def join(self, peer_id: str, step: int = 0, param_hash: str | None = None) -> None:
+        self.state.join(
+            JoinRequest(
+                peer_id=peer_id, state_url=f"http://{peer_id}", step=step, param_hash=param_hash
+            ),
+            self.now,
+        )
+
+    def report(
+        self, peer_id: str, samples: int, *, step: int | None = None, param_hash: str = "h0"
+    ) -> Instruction:
+        return self.state.report(
+            ProgressReport(
+                peer_id=peer_id,
+                step=self.state.step if step is None else step,
+                param_hash=param_hash,
+                samples=samples,
+                loss=2.0,
+            ),
+            self.now,
+        )
+
+    def advance(self, seconds: float, keep_alive: tuple[str, ...] = ()) -> None:
+        self.now += seconds
+        for peer_id in keep_alive:
+            self.state.heartbeat(Heartbeat(peer_id=peer_id), self.now)
+        self.state.tick(self.now)
+
+    def vote(self, peer_id: str, round_id: int, ok: bool = True, weight: float = 50.0) -> str:
+        decision = self.state.vote(
+            RoundVote(
+                peer_id=peer_id,
+                round_id=round_id,
+                ok=ok,
+                weight=weight,
+                total_weight=100.0,
+                loss=1.5,
+                reason="" if ok else "Connection closed by peer",
+            ),
+            self.now,
+        )
+        return decision.outcome
+
+    def ready(self, peer_id: str, round_id: int) -> str:
+        return self.state.ready(RoundReady(peer_id=peer_id, round_id=round_id), self.now).outcome
+
+
+def three_peers_in_a_round() -> tuple[Harness, int]:
+    h = Harness()
+    for peer in ("a", "b", "c"):
+        h.join(peer)
+    h.report("a", 40)
+    h.report("b", 30)
+    instruction = h.report("c", 30)
+    assert instruction.action == "round" and instruction.round is not None
+    return h, instruction.round.round_id
+
+
+# --- token ------------------------------------------------------------------------------
+
+
+def test_token_check_accepts_only_the_exact_bearer_token() -> None:
+    assert token_matches("Bearer s3cret", "s3cret")
+    assert not token_matches("Bearer s3cret2", "s3cret")
+    assert not token_matches("Bearer ", "s3cret")
+    assert not token_matches("s3cret", "s3cret")
+    assert not token_matches(None, "s3cret")
+
+
+def test_http_refuses_a_wrong_token_and_logs_without_it(caplog: pytest.LogCaptureFixture) -> None:
+    settings = CoordinatorSettings(host="127.0.0.1", port=0, store_port=1, advertise_host="x")
+    app = CoordinatorApp(make_config(), settings, token="right-token").make_app()
+
+    async def scenario() -> tuple[int, int, int, int]:
+        async with TestClient(TestServer(app)) as client:
+            wrong = await client.get("/status", headers={"Authorization": "Bearer wrong-token"})
+            missing = await client.post("/peers/join", json={})
+            right = await client.get("/status", headers={"Authorization": "Bearer right-token"})
+            health = await client.get("/healthz")
+            return wrong.status, missing.status, right.status, health.status
+
+    with caplog.at_level(logging.WARNING):
+        assert asyncio.run(scenario()) == (401, 401, 200, 200)
+    refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(refusals) == 2
+    assert all("wrong-token" not in m and "right-token" not in m for m in caplog.messages)
+
+
+# --- deadline ---------------------------------------------------------------------------
+
+
+def test_deadline_follows_measured_round_times_within_bounds() -> None:
+    deadline = AdaptiveDeadline(30.0, 2.0, 60.0, factor=3.0, margin=1.0, window=3)
+    assert deadline.seconds == 30.0
+    deadline.observe_commit(0.2)
+    assert deadline.seconds == 2.0  # 3 * 0.2 + 1 is below the minimum
+    deadline.observe_commit(5.0)
+    assert deadline.seconds == 16.0
+    for _ in range(3):
+        deadline.observe_commit(1.0)  # the slow round leaves the window
+    assert deadline.seconds == 4.0
+    deadline.observe_commit(100.0)
+    assert deadline.seconds == 60.0
+
+
+def test_deadline_grows_after_a_timeout() -> None:
+    deadline = AdaptiveDeadline(4.0, 2.0, 10.0, backoff=1.5)
+    deadline.observe_timeout()
+    assert deadline.seconds == 6.0
+    deadline.observe_timeout()
+    deadline.observe_timeout()
+    assert deadline.seconds == 10.0
+
+
+def test_deadline_rejects_inverted_bounds() -> None:
+    with pytest.raises(ValueError, match="minimum <= maximum"):
+        AdaptiveDeadline(1.0, 5.0, 2.0)
+
+
+# --- membership -------------------------------------------------------------------------
+
+
+def test_silent_peers_expire_and_unknown_peers_must_rejoin() -> None:
+    h = Harness()
+    h.join("a")
+    h.join("b")
+    h.advance(EXPIRY / 2, keep_alive=("a",))
+    h.advance(EXPIRY / 2 + 0.1, keep_alive=("a",))
+    assert h.state.live_peers(h.now) == ["a"]
+    assert h.state.peers_lost == 1
+    with pytest.raises(UnknownPeerError):
+        h.report("b", 10)
+
+
+def test_each_join_gets_the_next_data_shard() -> None:
+    h = Harness(data_shards=2)
+    shards = [h.state.join(JoinRequest(peer_id=p, state_url="u"), h.now).data_shard for p in "abc"]
+    assert shards == [0, 1, 0]
+
+
+def test_newcomer_is_told_to_sync_from_live_peers_holding_the_step() -> None:
+    h = Harness()
+    h.join("a")
+    h.report("a", 0)
+    response = h.state.join(JoinRequest(peer_id="b", state_url="http://b"), h.now)
+    assert [s.peer_id for s in response.sync_from] == ["a"]
+
+
+# --- rounds -----------------------------------------------------------------------------
+
+
+def test_round_forms_when_live_samples_reach_the_target() -> None:
+    h = Harness()
+    for peer in ("a", "b", "c"):
+        h.join(peer)
+    assert h.report("a", 40).action == "train"
+    assert h.report("b", 30).action == "train"
+    instruction = h.report("c", 30)
+    assert instruction.action == "round"
+    assert instruction.round is not None
+    assert instruction.round.members == ["a", "b", "c"]
+    assert instruction.round.rank == 2
+    assert h.report("a", 40).round is not None
+
+
+def test_train_instruction_asks_each_peer_for_its_share() -> None:
+    h = Harness()
+    h.join("a")
+    h.join("b")
+    h.report("a", 20)
+    assert h.report("b", 20).samples_needed == 30  # (100 - 40) / 2
+
+
+def test_step_commits_exactly_once() -> None:
+    h, round_id = three_peers_in_a_round()
+    for peer in ("a", "b", "c"):
+        assert h.ready(peer, round_id) in ("wait", "go")
+    assert h.ready("a", round_id) == "go"
+    assert h.vote("a", round_id) == "wait"
+    assert h.vote("b", round_id) == "wait"
+    assert h.vote("c", round_id) == "commit"
+    assert h.state.step == 1
+    # Repeated or late votes get the recorded decision and change nothing.
+    assert h.vote("c", round_id) == "commit"
+    assert h.vote("a", round_id) == "commit"
+    assert h.state.step == 1
+    assert h.state.samples_committed == 100
+
+
+def test_member_lost_before_the_exchange_aborts_and_survivors_keep_their_samples() -> None:
+    h, round_id = three_peers_in_a_round()
+    h.ready("a", round_id)
+    h.ready("b", round_id)
+    h.advance(EXPIRY + 0.1, keep_alive=("a", "b"))  # c is gone
+    assert h.ready("a", round_id) == "abort"
+    assert h.state.step == 0
+    assert h.state.rounds_aborted == 1
+    # The survivors still hold 70 samples; with more they form a new round without c,
+    # in a new membership epoch.
+    first_epoch = h.state.epoch
+    h.advance(0.01)
+    h.report("a", 40)
+    instruction = h.report("b", 60)
+    assert instruction.action == "round" and instruction.round is not None
+    assert instruction.round.members == ["a", "b"]
+    assert instruction.round.epoch == first_epoch + 1
+
+
+def test_member_lost_after_the_exchange_does_not_block_the_commit() -> None:
+    h, round_id = three_peers_in_a_round()
+    for peer in ("a", "b", "c"):
+        h.ready(peer, round_id)
+    h.vote("a", round_id)
+    h.advance(EXPIRY + 0.1, keep_alive=("a", "b"))  # c died after the collectives
+    assert h.vote("b", round_id) == "commit"
+    assert h.state.step == 1
+
+
+def test_failed_exchange_aborts_and_the_next_round_uses_a_fresh_group() -> None:
+    h, round_id = three_peers_in_a_round()
+    for peer in ("a", "b", "c"):
+        h.ready(peer, round_id)
+    epoch = h.state.epoch
+    assert h.vote("a", round_id, ok=False) == "abort"
+    assert h.vote("b", round_id) == "abort"
+    assert h.state.step == 0
+    # Nobody may start the next round before showing it is alive after the abort.
+    h.advance(0.01)
+    assert h.report("a", 40).action == "wait"
+    h.report("b", 30)
+    instruction = h.report("c", 30)
+    assert instruction.round is not None
+    assert instruction.round.epoch == epoch + 1
+    assert instruction.round.store_prefix != f"collabtrain/{h.state.instance}/epoch{epoch}/"
+
+
+def test_same_members_after_a_commit_reuse_the_epoch() -> None:
+    h, round_id = three_peers_in_a_round()
+    for peer in ("a", "b", "c"):
+        h.ready(peer, round_id)
+        h.vote(peer, round_id)
+    epoch = h.state.epoch
+    h.report("a", 40, param_hash="h1")
+    h.report("b", 30, param_hash="h1")
+    instruction = h.report("c", 30, param_hash="h1")
+    assert instruction.round is not None and instruction.round.epoch == epoch
+
+
+def test_round_past_its_deadline_aborts_and_the_deadline_grows() -> None:
+    h, round_id = three_peers_in_a_round()
+    h.ready("a", round_id)
+    before = h.state.deadline.seconds
+    h.advance(before + 0.1, keep_alive=("a", "b", "c"))
+    assert h.state.decisions[round_id].outcome == "abort"
+    assert "deadline" in h.state.decisions[round_id].reason
+    assert h.state.deadline.seconds > before
+
+
+def test_peer_with_a_different_hash_is_told_to_resync() -> None:
+    h, round_id = three_peers_in_a_round()
+    for peer in ("a", "b", "c"):
+        h.ready(peer, round_id)
+        h.vote(peer, round_id)
+    assert h.report("a", 0, param_hash="good").action == "train"
+    assert h.report("b", 0, param_hash="good").action == "train"
+    instruction = h.report("c", 0, param_hash="bad")
+    assert instruction.action == "resync"
+    assert {s.peer_id for s in instruction.sync_from} == {"a", "b"}
+    assert not h.state.param_hashes_agree
+
+
+def test_peer_behind_the_step_is_told_to_resync() -> None:
+    h, round_id = three_peers_in_a_round()
+    for peer in ("a", "b"):
+        h.ready(peer, round_id)
+    h.ready("c", round_id)
+    for peer in ("a", "b", "c"):
+        h.vote(peer, round_id)
+    h.join("d")
+    assert h.report("d", 0, step=0).action == "wait"  # nobody has reported step 1 yet
+    h.report("a", 0, param_hash="h1")
+    instruction = h.report("d", 0, step=0)
+    assert instruction.action == "resync"
+    assert "behind" in instruction.reason
+
+
+def test_non_member_waits_while_a_round_is_in_flight() -> None:
+    h, _ = three_peers_in_a_round()
+    h.join("d")
+    assert h.report("d", 10).action == "wait"
+
+
+def test_finished_run_tells_peers_to_stop() -> None:
+    h = Harness(max_steps=1)
+    h.join("a")
+    instruction = h.report("a", 100)
+    assert instruction.round is not None
+    h.ready("a", instruction.round.round_id)
+    h.vote("a", instruction.round.round_id, weight=100)
+    assert h.report("a", 0, param_hash="h1").action == "stop"
+    assert h.state.status(h.now).finished
+
+
+# --- restarts ---------------------------------------------------------------------------
+
+
+def test_restarted_coordinator_adopts_the_step_peers_report() -> None:
+    h = Harness()
+    h.join("a", step=7, param_hash="h7")
+    h.join("b", step=7, param_hash="h7")
+    assert h.state.step == 7
+    h.report("a", 60, param_hash="h7")
+    instruction = h.report("b", 60, param_hash="h7")
+    assert instruction.round is not None and instruction.round.step == 7
+
+
+def test_no_round_forms_during_the_grace_period_after_start() -> None:
+    h = Harness()
+    h.now = h.state.started_at + 0.1
+    h.join("a", step=3, param_hash="h3")
+    assert h.report("a", 500, param_hash="h3").action == "wait"
+    h.now = h.state.started_at + EXPIRY + 0.2
+    assert h.report("a", 500, param_hash="h3").action == "round"
+
+
+def test_peer_leaving_mid_round_counts_as_gone() -> None:
+    h, round_id = three_peers_in_a_round()
+    h.ready("a", round_id)
+    h.state.leave(LeaveRequest(peer_id="c"), h.now)
+    assert h.state.decisions[round_id].outcome == "abort"
+
+
+# --- drain and checkpoints ---------------------------------------------------------------
+
+
+def test_draining_peer_is_never_the_checkpoint_writer() -> None:
+    h = Harness(
+        checkpoint={"endpoint": "minio:9000", "bucket": "b", "every_steps": 1},
+    )
+    h.join("a")
+    h.join("b")
+    h.report("a", 0)
+    h.report("b", 0)
+    assert h.state.checkpoint_writer == "a"
+    response = h.state.drain(DrainRequest(peers=["a", "zz"]), h.now)
+    assert response.draining == ["a"] and response.unknown == ["zz"]
+    assert h.state.checkpoint_writer == "b"
+    assert h.report("a", 0).action == "wait"  # drains: no more training
+
+
+def test_checkpoint_duty_goes_to_the_writer_after_the_due_step() -> None:
+    h = Harness(checkpoint={"endpoint": "minio:9000", "bucket": "b", "every_steps": 1})
+    h.join("a")
+    h.join("b")
+    h.report("a", 50)
+    instruction = h.report("b", 50)
+    assert instruction.round is not None
+    for peer in ("a", "b"):
+        h.ready(peer, instruction.round.round_id)
+        h.vote(peer, instruction.round.round_id)
+    assert h.report("a", 0, param_hash="h1").checkpoint_step == 1
+    assert h.report("b", 0, param_hash="h1").checkpoint_step is None
+    h.state.report(
+        ProgressReport(
+            peer_id="a",
+            step=1,
+            param_hash="h1",
+            checkpoint=CheckpointResult(step=1, uri="s3://b/unit/step-1"),
+        ),
+        h.now,
+    )
+    status = h.state.status(h.now)
+    assert status.last_checkpoint is not None and status.last_checkpoint.step == 1
+    assert h.report("a", 0, param_hash="h1").checkpoint_step is None
+
+
+def test_when_every_holder_is_gone_training_goes_on_from_what_is_left() -> None:
+    h = Harness()
+    h.join("a", step=4, param_hash="h4")
+    h.report("a", 0, param_hash="h4")
+    h.advance(EXPIRY + 0.1)  # a is gone; nobody holds step 4
+    h.join("b")
+    h.report("b", 0, step=0, param_hash="seed")
+    assert h.state.step == 0
+    assert h.report("b", 100, step=0, param_hash="seed").action == "round"
+
+
+def test_finished_run_is_not_rewound_by_a_late_peer() -> None:
+    h = Harness(max_steps=1)
+    h.join("a")
+    instruction = h.report("a", 100)
+    assert instruction.round is not None
+    h.ready("a", instruction.round.round_id)
+    h.vote("a", instruction.round.round_id, weight=100)
+    h.state.leave(LeaveRequest(peer_id="a"), h.now)
+    h.join("late")
+    h.report("late", 0, step=0, param_hash="seed")
+    h.advance(0.1, keep_alive=("late",))
+    assert h.state.step == 1 and h.state.finished
+    assert h.report("late", 0, step=0, param_hash="seed").action == "stop"
+
+
+def test_member_that_reports_its_new_hash_late_stays_in_the_next_round() -> None:
+    h, round_id = three_peers_in_a_round()
+    for peer in ("a", "b", "c"):
+        h.ready(peer, round_id)
+        h.vote(peer, round_id)
+    h.report("a", 50, param_hash="h1")
+    instruction = h.report("b", 50, param_hash="h1")  # c has not reported since the commit
+    assert instruction.round is not None
+    assert instruction.round.members == ["a", "b", "c"]
+    assert [s.peer_id for s in h.state.sources(h.now)] == ["a", "b"]
+
+
+def test_member_that_must_resync_aborts_the_unformed_round() -> None:
+    h, round_id = three_peers_in_a_round()
+    for peer in ("a", "b", "c"):
+        h.ready(peer, round_id)
+        h.vote(peer, round_id)
+    h.report("a", 50, param_hash="h1")
+    next_round = h.report("b", 50, param_hash="h1").round
+    assert next_round is not None
+    assert h.report("c", 0, param_hash="different").action == "resync"
+    assert h.state.decisions[next_round.round_id].outcome == "abort"

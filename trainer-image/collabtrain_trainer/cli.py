@@ -1,0 +1,292 @@
+"""`collabtrain-trainer`: the coordinator, a peer, or a whole local run.
+
+    collabtrain-trainer coordinator --config trainer.json [--port 7000] [--store-port 7001]
+    collabtrain-trainer peer --config trainer.json [--peer-id NAME]
+    collabtrain-trainer local --peers 3 --task tinylm --max-steps 20 --codec none \\
+        [--respawn] [--summary summary.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, get_args
+from urllib.parse import urlparse
+
+from collabtrain_trainer.config import (
+    CodecName,
+    TrainerConfig,
+)
+
+log = logging.getLogger("collabtrain.cli")
+
+
+def _load_config(path: str) -> TrainerConfig:
+    try:
+        return TrainerConfig.model_validate_json(Path(path).read_text())
+    except OSError as error:
+        raise SystemExit(f"cannot read the trainer config {path}: {error}") from error
+    except ValueError as error:
+        raise SystemExit(f"the trainer config {path} is not valid:\n{error}") from error
+
+
+def _coordinator(args: argparse.Namespace) -> int:
+    from collabtrain_trainer.coordinator.server import CoordinatorSettings, run_coordinator
+
+    config = _load_config(args.config)
+    port = args.port or urlparse(config.coordinator_url).port or 7000
+    settings = CoordinatorSettings(
+        host=args.host,
+        port=port,
+        store_port=args.store_port or port + 1,
+        advertise_host=args.advertise_host
+        or urlparse(config.coordinator_url).hostname
+        or "127.0.0.1",
+    )
+    return run_coordinator(config, settings)
+
+
+def _peer(args: argparse.Namespace) -> int:
+    config = _load_config(args.config)
+    token = os.environ.get(config.token_env)
+    if not token:
+        print(
+            f"the join token is missing: set the environment variable {config.token_env}",
+            file=sys.stderr,
+        )
+        return 2
+    peer_id = args.peer_id or os.environ.get("POD_NAME") or socket.gethostname()
+    from collabtrain_trainer.observability import configure_logging
+
+    configure_logging(config.job, peer=peer_id)
+    import torch
+
+    threads = os.environ.get("COLLABTRAIN_TORCH_THREADS")
+    if threads:
+        torch.set_num_threads(int(threads))
+    from collabtrain_trainer.peer.runtime import Faults, Peer
+
+    advertise = (
+        args.advertise_host
+        or os.environ.get("POD_IP")
+        or socket.gethostbyname(socket.gethostname())
+    )
+    peer = Peer(
+        config,
+        peer_id,
+        token,
+        advertise_host=advertise,
+        bind_host=args.bind_host,
+        state_port=args.state_port,
+        faults=Faults.from_env(),
+    )
+    try:
+        return peer.run()
+    except PermissionError as error:
+        logging.getLogger("collabtrain.peer").error("%s", error)
+        return 3
+
+
+def _local_config(args: argparse.Namespace) -> TrainerConfig:
+    task_defaults = {"tinylm": (3e-3, 256), "digits": (1e-2, 256)}
+    lr, target = task_defaults.get(args.task, (1e-3, 256))
+    return TrainerConfig.model_validate(
+        {
+            "job": args.job,
+            "task": args.task,
+            "target_batch_size": args.target_batch_size or target,
+            "micro_batch_size": args.micro_batch_size,
+            "max_steps": args.max_steps,
+            "seed": args.seed,
+            "optimizer": {"name": args.optimizer, "lr": args.lr or lr},
+            "compression": {"codec": args.codec},
+            # Loopback is fast: notice lost peers within two seconds.
+            "timing": {
+                "heartbeat_interval_s": 0.3,
+                "peer_expiry_s": 2.0,
+                "initial_round_deadline_s": 20.0,
+                "min_round_deadline_s": 3.0,
+                "max_round_deadline_s": 60.0,
+                "leave_grace_s": 10.0,
+            },
+        }
+    )
+
+
+def _local(args: argparse.Namespace) -> int:
+    from collabtrain_trainer.local import LocalCluster
+
+    config = _local_config(args)
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="collabtrain-local-"))
+    cluster = LocalCluster(config, workdir)
+    stopping: list[int] = []
+
+    def on_signal(signum: int, _: Any) -> None:
+        stopping.append(signum)
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    started = time.monotonic()
+    print(
+        f"collabtrain local: {args.peers} peers, task {args.task}, codec {args.codec}, "
+        f"{args.max_steps} steps of {config.target_batch_size} samples; logs in {workdir}",
+        flush=True,
+    )
+    outcome = "finished"
+    last_step = -1
+    status = None
+    try:
+        cluster.start_coordinator()
+        cluster.wait_coordinator()
+        for _ in range(args.peers):
+            _announce(cluster, cluster.start_peer())
+        last_print = 0.0
+        while True:
+            if stopping:
+                outcome = "interrupted"
+                break
+            if time.monotonic() - started > args.timeout:
+                outcome = f"timed out after {args.timeout:.0f}s"
+                break
+            if cluster.coordinator is not None and cluster.coordinator.poll() is not None:
+                outcome = f"the coordinator exited with {cluster.coordinator.returncode}"
+                break
+            status = cluster.status() or status
+            for peer in cluster.reap():
+                code = peer.process.returncode
+                finished = status is not None and status.finished
+                if code != 0:
+                    print(f"  {peer.peer_id} died (exit {code})", flush=True)
+                if args.respawn and not finished:
+                    print(f"  respawning a peer for {peer.peer_id}", flush=True)
+                    _announce(cluster, cluster.start_peer())
+            if status is not None and (
+                status.step != last_step or time.monotonic() - last_print > 5
+            ):
+                last_step, last_print = status.step, time.monotonic()
+                loss = f"{status.loss:.4f}" if status.loss is not None else "-"
+                print(
+                    f"step {status.step}/{status.max_steps}  loss {loss}  "
+                    f"peers {len(status.peers)}  "
+                    f"samples {status.samples_in_round}/{status.target_batch_size}  "
+                    f"epoch {status.membership_epoch}  aborted {status.rounds_aborted}",
+                    flush=True,
+                )
+            if status is not None and status.finished:
+                break
+            if not cluster.running_peers() and not args.respawn:
+                outcome = "every peer exited before the last step"
+                break
+            time.sleep(0.2)
+        if status is not None and status.finished:
+            # Peers leave on their own once they learn the run is over.
+            until = time.monotonic() + 15
+            while cluster.running_peers() and time.monotonic() < until:
+                time.sleep(0.1)
+            cluster.reap()
+    finally:
+        cluster.stop()
+    elapsed = time.monotonic() - started
+    summary = _summary(cluster, status, elapsed, args, outcome)
+    print(json.dumps(summary, indent=2), flush=True)
+    if args.summary:
+        Path(args.summary).write_text(json.dumps(summary, indent=2) + "\n")
+    return 0 if outcome == "finished" else 1
+
+
+def _announce(cluster: Any, peer_id: str) -> None:
+    print(f"  started {peer_id} (pid {cluster.peers[peer_id].process.pid})", flush=True)
+
+
+def _summary(
+    cluster: Any, status: Any, elapsed: float, args: argparse.Namespace, outcome: str
+) -> dict[str, Any]:
+    totals = cluster.totals
+    steps = status.step if status is not None else 0
+    return {
+        "outcome": outcome,
+        "task": args.task,
+        "codec": args.codec,
+        "peers": args.peers,
+        "steps": steps,
+        "initial_loss": totals.initial_loss,
+        "final_loss": status.loss if status is not None else None,
+        "peers_joined": cluster.peers_started,
+        "peers_lost": cluster.peers_lost,
+        "param_hashes_agree": totals.param_hashes_agree,
+        "bytes_sent": totals.bytes_sent,
+        "bytes_fp32_equivalent": totals.bytes_fp32_equivalent,
+        "samples_committed": status.samples_committed if status is not None else 0,
+        "rounds_aborted": totals.rounds_aborted,
+        "wall_seconds": round(elapsed, 2),
+        "steps_per_second": round(steps / elapsed, 3) if elapsed > 0 else 0.0,
+        "coordinator_starts": cluster.coordinator_starts,
+        "workdir": str(cluster.workdir),
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="collabtrain-trainer", description=__doc__.splitlines()[0]
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    coordinator = commands.add_parser("coordinator", help="run the coordinator service")
+    coordinator.add_argument("--config", required=True, help="trainer config JSON (trainer.json)")
+    coordinator.add_argument("--host", default="0.0.0.0", help="address to listen on")
+    coordinator.add_argument(
+        "--port", type=int, default=None, help="HTTP port (default: from coordinator_url)"
+    )
+    coordinator.add_argument(
+        "--store-port", type=int, default=None, help="rendezvous store port (default: port+1)"
+    )
+    coordinator.add_argument("--advertise-host", default=None, help="store address peers use")
+    coordinator.set_defaults(run=_coordinator)
+
+    peer = commands.add_parser("peer", help="run one peer")
+    peer.add_argument("--config", required=True, help="trainer config JSON (trainer.json)")
+    peer.add_argument("--peer-id", default=None, help="default: $POD_NAME or the host name")
+    peer.add_argument(
+        "--advertise-host", default=None, help="address others fetch state from (default: $POD_IP)"
+    )
+    peer.add_argument("--bind-host", default="0.0.0.0", help="address the state server listens on")
+    peer.add_argument("--state-port", type=int, default=0, help="state server port (0: any free)")
+    peer.set_defaults(run=_peer)
+
+    local = commands.add_parser("local", help="a coordinator and N peers as local processes")
+    local.add_argument("--peers", type=int, default=3)
+    local.add_argument("--task", default="tinylm", help="tinylm, digits or module:function")
+    local.add_argument("--max-steps", type=int, default=20)
+    local.add_argument("--codec", default="none", choices=get_args(CodecName))
+    local.add_argument("--respawn", action="store_true", help="start a new peer whenever one dies")
+    local.add_argument("--summary", default=None, help="write the run's summary JSON here")
+    local.add_argument("--target-batch-size", type=int, default=None)
+    local.add_argument("--micro-batch-size", type=int, default=16)
+    local.add_argument("--optimizer", default="adamw", choices=["sgd", "adam", "adamw"])
+    local.add_argument("--lr", type=float, default=None)
+    local.add_argument("--seed", type=int, default=0)
+    local.add_argument("--job", default="local")
+    local.add_argument("--workdir", default=None, help="logs and config (default: a temp dir)")
+    local.add_argument(
+        "--timeout", type=float, default=600.0, help="give up after this many seconds"
+    )
+    local.set_defaults(run=_local)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    code: int = args.run(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

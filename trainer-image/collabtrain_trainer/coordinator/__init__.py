@@ -1,0 +1,1 @@
+"""The coordinator: membership, rounds, the step counter, and its HTTP service."""

@@ -1,0 +1,705 @@
+"""The coordinator's state machine: membership, progress, rounds and the step counter.
+
+Pure logic: no I/O, the clock is passed in, so every rule here is unit-tested directly.
+
+A round runs in two phases, and the coordinator decides each:
+
+1. formation: every member says it is ready (`ready`); the round goes on only when all
+   members are present, so nobody blocks in a process-group rendezvous waiting for a peer
+   that is already gone.
+2. exchange: every member averages, then votes. The step commits when every member still
+   alive voted ok (a member that died after the exchange completed does not matter: the
+   survivors hold identical results). Any failure, a member lost before the exchange, or the
+   deadline aborts the round; members keep their accumulated gradients and a new round forms
+   from the survivors. A decision is taken once per round, so the step advances exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from collabtrain_trainer.config import TrainerConfig
+from collabtrain_trainer.coordinator.deadline import AdaptiveDeadline
+from collabtrain_trainer.protocol import (
+    Action,
+    CheckpointResult,
+    CoordinatorStatus,
+    DrainRequest,
+    DrainResponse,
+    Heartbeat,
+    HeartbeatResponse,
+    Instruction,
+    JoinRequest,
+    JoinResponse,
+    LastCheckpoint,
+    LeaveRequest,
+    ProgressReport,
+    RoundAssignment,
+    RoundDecision,
+    RoundReady,
+    RoundVote,
+    StateSource,
+)
+
+log = logging.getLogger("collabtrain.coordinator")
+
+# Hashes of this many recent steps are kept to check agreement.
+_HASH_HISTORY = 8
+_DECISION_HISTORY = 32
+
+
+class UnknownPeerError(KeyError):
+    """The peer is not a member (the coordinator restarted or expired it): join again."""
+
+
+@dataclass
+class PeerRecord:
+    peer_id: str
+    state_url: str
+    joined_at: float
+    last_seen: float
+    step: int
+    param_hash: str | None
+    data_shard: int
+    samples: int = 0
+    samples_per_second: float = 0.0
+    loss: float | None = None
+    reported: bool = False  # has reported since joining (it holds usable state)
+    draining: bool = False
+    # Since when it has been fetching state; rounds wait for it (bounded) so it catches up.
+    syncing_since: float | None = None
+
+
+@dataclass
+class Round:
+    round_id: int
+    step: int
+    epoch: int
+    store_prefix: str
+    members: tuple[str, ...]
+    created_at: float
+    deadline_at: float
+    ready: set[str] = field(default_factory=set)
+    votes: dict[str, RoundVote] = field(default_factory=dict)
+    outcome: Literal["commit", "abort"] | None = None
+    reason: str = ""
+
+    @property
+    def formed(self) -> bool:
+        return self.ready >= set(self.members)
+
+
+@dataclass
+class Decision:
+    outcome: Literal["commit", "abort"]
+    step: int
+    reason: str
+
+
+class CoordinatorState:
+    def __init__(
+        self,
+        config: TrainerConfig,
+        *,
+        now: float,
+        store_host: str,
+        store_port: int,
+        instance: str | None = None,
+    ) -> None:
+        self.config = config
+        self.timing = config.timing
+        self.instance = instance or secrets.token_hex(4)
+        self.store_host = store_host
+        self.store_port = store_port
+        self.started_at = now
+        # After a restart, give peers time to re-register before forming a round.
+        self.rounds_not_before = now + self.timing.peer_expiry_s
+        self.step = 0
+        self.peers: dict[str, PeerRecord] = {}
+        self.round: Round | None = None
+        self.decisions: dict[int, Decision] = {}
+        self.next_round_id = 1
+        self.epoch = 0
+        self.epoch_members: tuple[str, ...] = ()
+        self.epoch_usable = False  # the last epoch's process group is still healthy
+        self.last_abort_at = float("-inf")
+        self.rounds_aborted = 0
+        self.deadline = AdaptiveDeadline(
+            self.timing.initial_round_deadline_s,
+            self.timing.min_round_deadline_s,
+            self.timing.max_round_deadline_s,
+        )
+        self.join_counter = 0
+        self.peers_joined = 0
+        self.peers_lost = 0
+        self.samples_committed = 0
+        self.initial_loss: float | None = None
+        self.loss: float | None = None
+        self.hashes: dict[int, dict[str, str]] = {}
+        self.param_hashes_agree = True
+        self.bytes_sent = 0
+        self.bytes_fp32_equivalent = 0
+        self.draining: set[str] = set()
+        self.checkpoint_writer: str | None = None
+        self.checkpoint_due_step: int | None = None
+        self.last_checkpoint: LastCheckpoint | None = None
+        self.checkpoint_error: str | None = None
+        self.round_durations: list[float] = []
+
+    # --- queries ---------------------------------------------------------------------
+
+    @property
+    def finished(self) -> bool:
+        return self.step >= self.config.max_steps
+
+    def is_live(self, peer_id: str, now: float) -> bool:
+        record = self.peers.get(peer_id)
+        return record is not None and now - record.last_seen <= self.timing.peer_expiry_s
+
+    def reference_hash(self, step: int) -> str | None:
+        """The hash most peers reported at `step` (the earliest on a tie)."""
+        reported = self.hashes.get(step)
+        if not reported:
+            return None
+        return Counter(reported.values()).most_common(1)[0][0]
+
+    def in_sync(self, record: PeerRecord) -> bool:
+        """At the current step with the agreed parameters. A member of the round that just
+        committed counts as in sync until it reports its new hash (None), so a member that
+        reports a little later than the others is not left out of the next round."""
+        if not record.reported or record.step != self.step:
+            return False
+        reference = self.reference_hash(self.step)
+        return reference is None or record.param_hash in (None, reference)
+
+    def sources(self, now: float, *, exclude: str | None = None) -> list[StateSource]:
+        """Live peers holding the agreed state at the current step, oldest first."""
+        candidates = [
+            r
+            for r in self.peers.values()
+            if r.peer_id != exclude
+            and self.is_live(r.peer_id, now)
+            and self.in_sync(r)
+            and r.param_hash is not None  # it has applied the step and said so
+        ]
+        candidates.sort(key=lambda r: (r.draining, r.joined_at))
+        return [StateSource(peer_id=r.peer_id, state_url=r.state_url) for r in candidates]
+
+    def eligible(self, now: float) -> list[PeerRecord]:
+        """Peers that would be members of a round formed now."""
+        return sorted(
+            (r for r in self.peers.values() if self.is_live(r.peer_id, now) and self.in_sync(r)),
+            key=lambda r: (r.joined_at, r.peer_id),
+        )
+
+    # --- membership ------------------------------------------------------------------
+
+    def join(self, request: JoinRequest, now: float) -> JoinResponse:
+        if request.peer_id in self.peers:
+            log.info("peer %s joined again; replacing its record", request.peer_id)
+            self._remove(request.peer_id, now, reason="joined again")
+        record = PeerRecord(
+            peer_id=request.peer_id,
+            state_url=request.state_url,
+            joined_at=now,
+            last_seen=now,
+            step=request.step,
+            param_hash=request.param_hash,
+            data_shard=self.join_counter % self.config.data_shards,
+            samples=request.samples,
+        )
+        self.join_counter += 1
+        self.peers_joined += 1
+        self.peers[request.peer_id] = record
+        if request.param_hash is None or request.step != self.step:
+            record.syncing_since = now
+        if request.param_hash is not None and request.step > self.step:
+            self._adopt(request.step, f"peer {request.peer_id} holds step {request.step}")
+        if request.param_hash is not None and request.step == self.step:
+            # A peer that was training before a coordinator restart: its state is usable.
+            record.reported = True
+            self.hashes.setdefault(request.step, {})[request.peer_id] = request.param_hash
+        log.info(
+            "peer %s joined (step %d, shard %d, %d live)",
+            request.peer_id,
+            request.step,
+            record.data_shard,
+            len(self.live_peers(now)),
+        )
+        return JoinResponse(
+            peer_id=request.peer_id,
+            instance=self.instance,
+            step=self.step,
+            max_steps=self.config.max_steps,
+            param_hash=self.reference_hash(self.step),
+            sync_from=self.sources(now, exclude=request.peer_id),
+            data_shard=record.data_shard,
+            store_host=self.store_host,
+            store_port=self.store_port,
+            heartbeat_interval_s=self.timing.heartbeat_interval_s,
+        )
+
+    def heartbeat(self, request: Heartbeat, now: float) -> HeartbeatResponse:
+        self._touch(request.peer_id, now)
+        return HeartbeatResponse(step=self.step, finished=self.finished)
+
+    def leave(self, request: LeaveRequest, now: float) -> bool:
+        if request.peer_id not in self.peers:
+            return False
+        log.info("peer %s left: %s", request.peer_id, request.reason)
+        self._remove(request.peer_id, now, reason=f"left: {request.reason}")
+        return True
+
+    def live_peers(self, now: float) -> list[str]:
+        return [p for p in self.peers if self.is_live(p, now)]
+
+    def drain(self, request: DrainRequest, now: float) -> DrainResponse:
+        known = [p for p in request.peers if p in self.peers]
+        unknown = [p for p in request.peers if p not in self.peers]
+        for peer_id in known:
+            self.peers[peer_id].draining = True
+            self.draining.add(peer_id)
+        if known:
+            log.info("draining %s: %s", ", ".join(known), request.reason)
+        self._choose_checkpoint_writer(now)
+        return DrainResponse(draining=sorted(self.draining), unknown=unknown)
+
+    def request_checkpoint(self, now: float) -> tuple[str | None, int]:
+        self._choose_checkpoint_writer(now)
+        if self.checkpoint_writer is not None:
+            self.checkpoint_due_step = self.step
+        return self.checkpoint_writer, self.step
+
+    def _touch(self, peer_id: str, now: float) -> PeerRecord:
+        record = self.peers.get(peer_id)
+        if record is None:
+            raise UnknownPeerError(peer_id)
+        record.last_seen = now
+        return record
+
+    def _remove(self, peer_id: str, now: float, *, reason: str) -> None:
+        self.peers.pop(peer_id, None)
+        self.draining.discard(peer_id)
+        if self.checkpoint_writer == peer_id:
+            self.checkpoint_writer = None
+        if self.round is not None and self.round.outcome is None and peer_id in self.round.members:
+            log.warning("round %d member %s is gone (%s)", self.round.round_id, peer_id, reason)
+            self._evaluate(now)
+
+    def _adopt(self, step: int, why: str) -> None:
+        if step == self.step:
+            return
+        if step < self.step:
+            log.error(
+                "no live peer holds step %d; training goes on from step %d: %s",
+                self.step,
+                step,
+                why,
+            )
+            # Hashes of the abandoned steps describe parameters nobody holds any more.
+            self.hashes = {s: h for s, h in self.hashes.items() if s <= step}
+        else:
+            log.warning("adopting step %d (was %d): %s", step, self.step, why)
+        self.step = step
+        if self.round is not None and self.round.outcome is None:
+            self._decide(self.round, "abort", f"step adopted: {why}", now=None)
+
+    # --- progress and rounds ---------------------------------------------------------
+
+    def report(self, report: ProgressReport, now: float) -> Instruction:
+        record = self._touch(report.peer_id, now)
+        record.step = report.step
+        record.param_hash = report.param_hash
+        record.samples = report.samples
+        record.samples_per_second = report.samples_per_second
+        record.loss = report.loss
+        record.reported = True
+        if report.draining and not record.draining:
+            record.draining = True
+            self.draining.add(report.peer_id)
+            self._choose_checkpoint_writer(now)
+        if report.checkpoint is not None:
+            self._record_checkpoint(report.peer_id, report.checkpoint, now)
+        if report.step > self.step:
+            self._adopt(report.step, f"peer {report.peer_id} reports step {report.step}")
+        self._record_hash(report.peer_id, report.step, report.param_hash)
+        if self.in_sync(record):
+            record.syncing_since = None
+        elif (
+            self.round is not None
+            and self.round.outcome is None
+            and record.peer_id in self.round.members
+        ):
+            # It must re-sync first, so it cannot take part: re-form without waiting for it.
+            self._decide(self.round, "abort", f"member {record.peer_id} must re-sync", now)
+        self.tick(now)
+        return self._instruct(record, now)
+
+    def _instruct(self, record: PeerRecord, now: float) -> Instruction:
+        def instruction(action: Action, **fields: Any) -> Instruction:
+            return Instruction(
+                action=action,
+                step=self.step,
+                finished=self.finished,
+                draining=record.draining,
+                **fields,
+            )
+
+        needed = self.config.target_batch_size - sum(r.samples for r in self.eligible(now))
+        if self.finished:
+            return instruction("stop", reason="max_steps reached")
+        if not self.in_sync(record):
+            sources = self.sources(now, exclude=record.peer_id)
+            if not sources:
+                return instruction("wait", reason="no peer holds the agreed state")
+            if record.syncing_since is None:
+                record.syncing_since = now
+            reason = (
+                f"behind: step {record.step} < {self.step}"
+                if record.step < self.step
+                else "parameter hash differs from the other peers"
+            )
+            return instruction("resync", sync_from=sources, reason=reason)
+        current = self.round
+        if current is not None and current.outcome is None:
+            if record.peer_id in current.members:
+                return instruction("round", round=self._assignment(current, record))
+            return instruction("wait", reason="a round is in flight")
+        checkpoint_step = None
+        if self.checkpoint_due_step == self.step and self.checkpoint_writer == record.peer_id:
+            checkpoint_step = self.step
+        if record.draining:
+            return instruction("wait", reason="draining", checkpoint_step=checkpoint_step)
+        if needed <= 0:
+            # The target is reached but no round may form yet (just restarted, or waiting
+            # for members to show they are alive after an abort): do not pile up samples.
+            return instruction(
+                "wait", reason="target batch reached", checkpoint_step=checkpoint_step
+            )
+        # Each member trains its share before reporting again, so rounds do not overshoot.
+        share = -(-needed // max(1, len(self.eligible(now))))
+        return instruction("train", checkpoint_step=checkpoint_step, samples_needed=share)
+
+    def _assignment(self, current: Round, record: PeerRecord) -> RoundAssignment:
+        return RoundAssignment(
+            round_id=current.round_id,
+            step=current.step,
+            epoch=current.epoch,
+            members=list(current.members),
+            rank=current.members.index(record.peer_id),
+            world_size=len(current.members),
+            store_prefix=current.store_prefix,
+            deadline_seconds=current.deadline_at - current.created_at,
+        )
+
+    def _record_hash(self, peer_id: str, step: int, param_hash: str) -> None:
+        if step == 0:
+            return  # step 0 is the seed; resync handles a peer built differently
+        per_step = self.hashes.setdefault(step, {})
+        per_step[peer_id] = param_hash
+        if len(set(per_step.values())) > 1 and self.param_hashes_agree:
+            self.param_hashes_agree = False
+            log.error("peers disagree on the parameters at step %d: %s", step, per_step)
+        for old in [s for s in self.hashes if s < step - _HASH_HISTORY]:
+            del self.hashes[old]
+
+    def tick(self, now: float) -> None:
+        """Expire silent peers, time out the round in flight, form a new round when due."""
+        for peer_id in [
+            p for p, r in self.peers.items() if now - r.last_seen > self.timing.peer_expiry_s
+        ]:
+            log.warning(
+                "peer %s expired (silent for %.1fs)", peer_id, now - self.peers[peer_id].last_seen
+            )
+            self.peers_lost += 1
+            self._remove(peer_id, now, reason="expired")
+        if self.round is not None and self.round.outcome is None:
+            self._evaluate(now)
+        self._adopt_if_orphaned(now)
+        self._choose_checkpoint_writer(now)
+        self._maybe_form_round(now)
+
+    def _adopt_if_orphaned(self, now: float) -> None:
+        """When no live peer holds the current step (all died), go on from what is left."""
+        if self.finished or (self.round is not None and self.round.outcome is None):
+            return  # a finished run keeps its result, whoever joins later
+        live = [self.peers[p] for p in self.live_peers(now) if self.peers[p].reported]
+        if not live or any(r.step == self.step for r in live):
+            return
+        best = max(r.step for r in live)
+        self._adopt(best, "no live peer holds the current step")
+
+    def _maybe_form_round(self, now: float) -> Round | None:
+        if self.finished or now < self.rounds_not_before:
+            return None
+        if self.round is not None and self.round.outcome is None:
+            return None
+        members = self.eligible(now)
+        if not members or len(members) < self.config.min_peers:
+            return None
+        if any(r.last_seen <= self.last_abort_at for r in members):
+            return None  # after an abort, wait until every member proves it is alive
+        if any(
+            r.syncing_since is not None
+            and now - r.syncing_since < self.timing.state_sync_grace_s
+            and self.is_live(r.peer_id, now)
+            for r in self.peers.values()
+        ):
+            return None  # a peer is fetching this step's state: let it catch up first
+        total = sum(r.samples for r in members)
+        if total < self.config.target_batch_size:
+            return None
+        member_ids = tuple(r.peer_id for r in members)
+        if member_ids != self.epoch_members or not self.epoch_usable:
+            self.epoch += 1
+            self.epoch_members = member_ids
+            self.epoch_usable = True
+        deadline = self.deadline.seconds
+        self.round = Round(
+            round_id=self.next_round_id,
+            step=self.step,
+            epoch=self.epoch,
+            store_prefix=f"collabtrain/{self.instance}/epoch{self.epoch}/",
+            members=member_ids,
+            created_at=now,
+            deadline_at=now + deadline,
+        )
+        self.next_round_id += 1
+        log.info(
+            "round %d formed for step %d: %d members, %d samples, epoch %d, deadline %.1fs",
+            self.round.round_id,
+            self.step,
+            len(member_ids),
+            total,
+            self.epoch,
+            deadline,
+        )
+        return self.round
+
+    def ready(self, request: RoundReady, now: float) -> RoundDecision:
+        self._touch(request.peer_id, now)
+        current = self._round_for(request.round_id)
+        if current is None:
+            return self._past_decision(request.round_id)
+        if request.peer_id not in current.members:
+            return RoundDecision(
+                round_id=request.round_id, outcome="abort", step=self.step, reason="not a member"
+            )
+        current.ready.add(request.peer_id)
+        self._evaluate(now)
+        if current.outcome is not None:
+            return self._past_decision(request.round_id)
+        return RoundDecision(
+            round_id=current.round_id, outcome="go" if current.formed else "wait", step=self.step
+        )
+
+    def vote(self, vote: RoundVote, now: float) -> RoundDecision:
+        self._touch(vote.peer_id, now)
+        current = self._round_for(vote.round_id)
+        if current is None:
+            return self._past_decision(vote.round_id)
+        if vote.peer_id in current.members:
+            current.votes.setdefault(vote.peer_id, vote)
+            self._evaluate(now)
+        return self.poll_vote(vote.round_id, now)
+
+    def poll_vote(self, round_id: int, now: float) -> RoundDecision:
+        current = self._round_for(round_id)
+        if current is None:
+            return self._past_decision(round_id)
+        self._evaluate(now)
+        if current.outcome is not None:
+            return self._past_decision(round_id)
+        return RoundDecision(round_id=round_id, outcome="wait", step=self.step)
+
+    def poll_ready(self, round_id: int, now: float) -> RoundDecision:
+        current = self._round_for(round_id)
+        if current is None:
+            return self._past_decision(round_id)
+        self._evaluate(now)
+        if current.outcome is not None:
+            return self._past_decision(round_id)
+        return RoundDecision(
+            round_id=round_id, outcome="go" if current.formed else "wait", step=self.step
+        )
+
+    def _round_for(self, round_id: int) -> Round | None:
+        if (
+            self.round is not None
+            and self.round.round_id == round_id
+            and self.round.outcome is None
+        ):
+            return self.round
+        return None
+
+    def _past_decision(self, round_id: int) -> RoundDecision:
+        decision = self.decisions.get(round_id)
+        if decision is None:
+            return RoundDecision(
+                round_id=round_id, outcome="abort", step=self.step, reason="unknown round"
+            )
+        return RoundDecision(
+            round_id=round_id, outcome=decision.outcome, step=decision.step, reason=decision.reason
+        )
+
+    def _evaluate(self, now: float) -> None:
+        current = self.round
+        if current is None or current.outcome is not None:
+            return
+        failed = [v for v in current.votes.values() if not v.ok]
+        if failed:
+            reasons = "; ".join(f"{v.peer_id}: {v.reason}" for v in failed)
+            self._decide(current, "abort", f"exchange failed on {reasons}", now)
+            return
+        gone = [m for m in current.members if not self.is_live(m, now)]
+        if not current.formed and gone:
+            self._decide(current, "abort", f"lost before the exchange: {', '.join(gone)}", now)
+            return
+        if current.formed:
+            alive = [m for m in current.members if m not in gone]
+            if not alive:
+                self._decide(current, "abort", "every member is gone", now)
+                return
+            if all(m in current.votes for m in alive):
+                self._decide(current, "commit", "", now)
+                return
+        if now >= current.deadline_at:
+            self.deadline.observe_timeout()
+            missing = [
+                m
+                for m in current.members
+                if m not in (current.votes if current.formed else current.ready)
+            ]
+            self._decide(
+                current,
+                "abort",
+                f"deadline of {current.deadline_at - current.created_at:.1f}s passed waiting for "
+                f"{', '.join(missing)}",
+                now,
+            )
+
+    def _decide(
+        self, current: Round, outcome: Literal["commit", "abort"], reason: str, now: float | None
+    ) -> None:
+        current.outcome = outcome
+        current.reason = reason
+        if outcome == "commit":
+            assert now is not None
+            self._commit(current, now)
+        else:
+            self.rounds_aborted += 1
+            self.epoch_usable = False  # a failed collective leaves the group unusable
+            self.last_abort_at = now if now is not None else self.last_abort_at
+            log.warning("round %d aborted: %s", current.round_id, reason)
+        self.decisions[current.round_id] = Decision(outcome=outcome, step=self.step, reason=reason)
+        for old in sorted(self.decisions)[:-_DECISION_HISTORY]:
+            del self.decisions[old]
+
+    def _commit(self, current: Round, now: float) -> None:
+        votes = list(current.votes.values())
+        duration = now - current.created_at
+        self.deadline.observe_commit(duration)
+        self.round_durations.append(duration)
+        self.step = current.step + 1
+        total_weight = max((v.total_weight for v in votes), default=0.0)
+        self.samples_committed += round(total_weight)
+        weighted = [(v.weight, v.loss) for v in votes if v.loss is not None and v.weight > 0]
+        if weighted:
+            self.loss = sum(w * loss for w, loss in weighted) / sum(w for w, _ in weighted)
+            if self.initial_loss is None:
+                self.initial_loss = self.loss
+        # Every member sent the same number of bytes per rank-pair; sum what each reported.
+        self.bytes_sent += sum(v.bytes_sent for v in votes)
+        self.bytes_fp32_equivalent += sum(v.bytes_fp32_equivalent for v in votes)
+        for vote in votes:
+            for rank in vote.excluded_ranks:
+                excluded = current.members[rank] if rank < len(current.members) else f"rank {rank}"
+                log.warning(
+                    "round %d: %s excluded: it sent a non-finite gradient (NaN or Inf)",
+                    current.round_id,
+                    excluded,
+                )
+            break  # every member reports the same exclusions
+        for member in current.members:
+            record = self.peers.get(member)
+            if record is not None:
+                record.samples = 0
+                record.step = self.step
+                record.param_hash = None  # until it reports the hash after its step
+        every = self.config.checkpoint.every_steps if self.config.checkpoint else None
+        if every and self.step % every == 0:
+            self.checkpoint_due_step = self.step
+        log.info(
+            "step %d committed by round %d: %d samples from %d members in %.2fs, loss %s",
+            self.step,
+            current.round_id,
+            round(total_weight),
+            len(votes),
+            duration,
+            f"{self.loss:.4f}" if self.loss is not None else "n/a",
+        )
+
+    # --- checkpoints -----------------------------------------------------------------
+
+    def _choose_checkpoint_writer(self, now: float) -> None:
+        current = self.checkpoint_writer
+        if current is not None and self.is_live(current, now) and current not in self.draining:
+            return
+        candidates = [r for r in self.eligible(now) if not r.draining]
+        self.checkpoint_writer = candidates[0].peer_id if candidates else None
+
+    def _record_checkpoint(self, peer_id: str, result: CheckpointResult, now: float) -> None:
+        if self.checkpoint_due_step == result.step:
+            self.checkpoint_due_step = None
+        if result.error:
+            self.checkpoint_error = result.error
+            log.error("checkpoint of step %d by %s failed: %s", result.step, peer_id, result.error)
+        elif result.uri:
+            self.checkpoint_error = None
+            self.last_checkpoint = LastCheckpoint(
+                step=result.step, uri=result.uri, time=datetime.now(UTC)
+            )
+
+    # --- status ----------------------------------------------------------------------
+
+    def status(self, now: float) -> CoordinatorStatus:
+        live = self.live_peers(now)
+        current = self.round if self.round is not None and self.round.outcome is None else None
+        every = self.config.checkpoint.every_steps if self.config.checkpoint else None
+        stale = bool(
+            every
+            and self.step - (self.last_checkpoint.step if self.last_checkpoint else 0) > 2 * every
+        )
+        return CoordinatorStatus(
+            job=self.config.job,
+            step=self.step,
+            max_steps=self.config.max_steps,
+            finished=self.finished,
+            samples_committed=self.samples_committed,
+            samples_in_round=sum(r.samples for r in self.eligible(now)),
+            target_batch_size=self.config.target_batch_size,
+            loss=self.loss,
+            samples_per_second=sum(self.peers[p].samples_per_second for p in live),
+            peers=sorted(live),
+            draining=sorted(self.draining),
+            checkpoint_writer=self.checkpoint_writer,
+            last_checkpoint=self.last_checkpoint,
+            checkpoint_stale=stale,
+            checkpoint_error=self.checkpoint_error,
+            bytes_sent=self.bytes_sent,
+            bytes_fp32_equivalent=self.bytes_fp32_equivalent,
+            instance=self.instance,
+            membership_epoch=self.epoch,
+            round_id=current.round_id if current else None,
+            round_deadline_seconds=self.deadline.seconds,
+            rounds_aborted=self.rounds_aborted,
+            initial_loss=self.initial_loss,
+            param_hashes_agree=self.param_hashes_agree,
+            peers_joined=self.peers_joined,
+            peers_lost=self.peers_lost,
+        )

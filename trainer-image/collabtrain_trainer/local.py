@@ -1,0 +1,306 @@
+"""A coordinator and peers as separate processes on this machine, on loopback.
+
+Used by `collabtrain-trainer local` (like `torchrun --standalone`) and by the integration
+tests, which also kill, throttle and restart its processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from collabtrain_trainer.config import TrainerConfig
+from collabtrain_trainer.protocol import TOKEN_HEADER, CoordinatorStatus
+
+# The fork server imports these once; every process forked from it starts in a fraction of
+# a second instead of importing torch (and torch.optim's lazy import of dynamo) again.
+_PRELOAD = [
+    "torch",
+    "torch._dynamo",
+    "sklearn.datasets",
+    "collabtrain_trainer.cli",
+    "collabtrain_trainer.peer.runtime",
+    "collabtrain_trainer.coordinator.server",
+]
+_context = multiprocessing.get_context("forkserver")
+_context.set_forkserver_preload(_PRELOAD)
+
+
+def _nothing() -> None:
+    pass
+
+
+def warm_up() -> None:
+    """Start the fork server now (it imports torch once), so the first peer starts fast."""
+    process = _context.Process(target=_nothing)
+    process.start()
+    process.join()
+
+
+def _child_main(args: list[str], env: dict[str, str], log_path: str) -> None:
+    """Runs in the forked child: its own session, its own log, the given environment."""
+    os.setsid()
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    os.close(log_fd)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
+    sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+    os.environ.clear()
+    os.environ.update(env)
+    from collabtrain_trainer.cli import main
+
+    sys.exit(main(args))
+
+
+class ChildProcess:
+    """A `cli` command in a process forked from the preloaded fork server."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log_path: Path) -> None:
+        self._process = _context.Process(
+            target=_child_main, args=(args, env, str(log_path)), daemon=False
+        )
+        self._process.start()
+        assert self._process.pid is not None
+        self.pid: int = self._process.pid
+
+    def poll(self) -> int | None:
+        return self._process.exitcode
+
+    @property
+    def returncode(self) -> int | None:
+        return self._process.exitcode
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        self._process.join(timeout)
+        if self._process.exitcode is None and timeout is not None:
+            raise subprocess.TimeoutExpired("collabtrain child", timeout)
+        return self._process.exitcode
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class PeerProcess:
+    peer_id: str
+    process: ChildProcess
+    log_path: Path
+    faults: dict[str, Any] = field(default_factory=dict)
+    counted: bool = False  # its exit has been accounted for
+
+
+@dataclass
+class RunTotals:
+    """What survives coordinator restarts: summed or and-ed over every instance seen."""
+
+    instances: dict[str, CoordinatorStatus] = field(default_factory=dict)
+    initial_loss: float | None = None
+    param_hashes_agree: bool = True
+
+    def observe(self, status: CoordinatorStatus) -> None:
+        self.instances[status.instance] = status
+        if self.initial_loss is None and status.initial_loss is not None:
+            self.initial_loss = status.initial_loss
+        self.param_hashes_agree = self.param_hashes_agree and status.param_hashes_agree
+
+    @property
+    def bytes_sent(self) -> int:
+        return sum(s.bytes_sent for s in self.instances.values())
+
+    @property
+    def bytes_fp32_equivalent(self) -> int:
+        return sum(s.bytes_fp32_equivalent for s in self.instances.values())
+
+    @property
+    def rounds_aborted(self) -> int:
+        return sum(s.rounds_aborted for s in self.instances.values())
+
+
+class LocalCluster:
+    def __init__(
+        self, config: TrainerConfig, workdir: Path, *, env: dict[str, str] | None = None
+    ) -> None:
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.store_port = free_port()
+        self.token = secrets.token_urlsafe(24)
+        self.config = config.model_copy(update={"coordinator_url": f"http://127.0.0.1:{self.port}"})
+        self.config_path = workdir / "trainer.json"
+        self.config_path.write_text(self.config.model_dump_json(indent=2))
+        self.env = {
+            **os.environ,
+            self.config.token_env: self.token,
+            "OMP_NUM_THREADS": "1",
+            "COLLABTRAIN_TORCH_THREADS": "1",
+            **(env or {}),
+        }
+        self.coordinator: ChildProcess | None = None
+        self.coordinator_starts = 0
+        self.peers: dict[str, PeerProcess] = {}
+        self.peers_started = 0
+        self.peers_lost = 0
+        self.totals = RunTotals()
+        self._session = requests.Session()
+        self._session.headers[TOKEN_HEADER] = f"Bearer {self.token}"
+
+    # --- processes -------------------------------------------------------------------
+
+    def _spawn(self, args: list[str], log_path: Path, env: dict[str, str]) -> ChildProcess:
+        return ChildProcess(args, env, log_path)
+
+    def start_coordinator(self) -> None:
+        self.coordinator_starts += 1
+        self.coordinator = self._spawn(
+            [
+                "coordinator",
+                "--config",
+                str(self.config_path),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--store-port",
+                str(self.store_port),
+            ],
+            self.workdir / "coordinator.log",
+            self.env,
+        )
+
+    def wait_coordinator(self, timeout: float = 30.0) -> None:
+        until = time.monotonic() + timeout
+        while time.monotonic() < until:
+            if self.coordinator is not None and self.coordinator.poll() is not None:
+                raise RuntimeError(
+                    f"the coordinator exited with {self.coordinator.returncode}; "
+                    f"see {self.workdir / 'coordinator.log'}"
+                )
+            with contextlib.suppress(requests.RequestException):
+                if self._session.get(f"{self.config.coordinator_url}/healthz", timeout=1).ok:
+                    return
+            time.sleep(0.1)
+        raise TimeoutError(f"the coordinator did not answer within {timeout}s")
+
+    def kill_coordinator(self) -> None:
+        if self.coordinator is not None:
+            _kill_group(self.coordinator, signal.SIGKILL)
+            self.coordinator.wait()
+
+    def start_peer(
+        self, faults: dict[str, Any] | None = None, env: dict[str, str] | None = None
+    ) -> str:
+        self.peers_started += 1
+        peer_id = f"peer-{self.peers_started}"
+        peer_env = dict(self.env)
+        if faults:
+            import json
+
+            peer_env["COLLABTRAIN_FAULTS"] = json.dumps(faults)
+        peer_env.update(env or {})
+        log_path = self.workdir / f"{peer_id}.log"
+        process = self._spawn(
+            [
+                "peer",
+                "--config",
+                str(self.config_path),
+                "--peer-id",
+                peer_id,
+                "--advertise-host",
+                "127.0.0.1",
+                "--bind-host",
+                "127.0.0.1",
+            ],
+            log_path,
+            peer_env,
+        )
+        self.peers[peer_id] = PeerProcess(peer_id, process, log_path, faults or {})
+        return peer_id
+
+    def kill_peer(self, peer_id: str, signum: int = signal.SIGKILL) -> None:
+        _kill_group(self.peers[peer_id].process, signum)
+
+    def reap(self) -> list[PeerProcess]:
+        """Peers that exited since the last call; a non-zero exit counts as lost."""
+        exited = []
+        for peer in self.peers.values():
+            if not peer.counted and peer.process.poll() is not None:
+                peer.counted = True
+                if peer.process.returncode != 0:
+                    self.peers_lost += 1
+                exited.append(peer)
+        return exited
+
+    def running_peers(self) -> list[str]:
+        return [p.peer_id for p in self.peers.values() if p.process.poll() is None]
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Ask every process to stop, then kill what is left; always reaps."""
+        processes = [p.process for p in self.peers.values()]
+        if self.coordinator is not None:
+            processes.append(self.coordinator)
+        for process in processes:
+            if process.poll() is None:
+                _kill_group(process, signal.SIGTERM)
+        until = time.monotonic() + grace
+        for process in processes:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=max(0.0, until - time.monotonic()))
+        for process in processes:
+            if process.poll() is None:
+                _kill_group(process, signal.SIGKILL)
+                process.wait()
+        self._session.close()
+
+    # --- observing -------------------------------------------------------------------
+
+    def status(self) -> CoordinatorStatus | None:
+        try:
+            response = self._session.get(f"{self.config.coordinator_url}/status", timeout=2)
+        except requests.RequestException:
+            return None
+        if not response.ok:
+            return None
+        status = CoordinatorStatus.model_validate_json(response.content)
+        self.totals.observe(status)
+        return status
+
+    def wait_for(
+        self, predicate: Any, timeout: float, what: str, interval: float = 0.1
+    ) -> CoordinatorStatus:
+        until = time.monotonic() + timeout
+        last: CoordinatorStatus | None = None
+        while time.monotonic() < until:
+            status = self.status()
+            if status is not None:
+                last = status
+                if predicate(status):
+                    return status
+            self.reap()
+            time.sleep(interval)
+        raise TimeoutError(f"waited {timeout}s for {what}; last status: {last}")
+
+    def log_text(self, name: str) -> str:
+        path = self.workdir / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+
+def _kill_group(process: ChildProcess, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signum)

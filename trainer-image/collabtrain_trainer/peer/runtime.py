@@ -1,0 +1,636 @@
+"""The peer's main loop: train and accumulate, report, and take part in rounds.
+
+Every round is decided by the coordinator (see `coordinator.state`): the peer applies the
+optimizer step only after the coordinator committed the round, and keeps its accumulated
+gradient untouched until then, so an abandoned round loses nothing and a step is never
+applied twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+from types import FrameType
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from collabtrain_trainer.averaging.exchange import ExchangeResult, ExchangeState, average
+from collabtrain_trainer.averaging.groups import EpochGroups, default_backend
+from collabtrain_trainer.config import TrainerConfig
+from collabtrain_trainer.observability import log_context, setup_telemetry
+from collabtrain_trainer.peer.client import (
+    CoordinatorClient,
+    CoordinatorUnavailable,
+    RejoinRequired,
+)
+from collabtrain_trainer.peer.model_state import (
+    assign_flat_gradient,
+    flat_mean_gradient,
+    load_state,
+    make_optimizer,
+    param_hash,
+    serialize_state,
+)
+from collabtrain_trainer.peer.state_server import (
+    StateServer,
+    StateSnapshot,
+    StateTransferError,
+    fetch_state,
+    make_snapshot,
+)
+from collabtrain_trainer.protocol import (
+    CheckpointResult,
+    Instruction,
+    JoinRequest,
+    JoinResponse,
+    ProgressReport,
+    RoundAssignment,
+    RoundDecision,
+    RoundReady,
+    RoundVote,
+    StateSource,
+)
+from collabtrain_trainer.tasks import Batch, DataShard, load_task
+
+log = logging.getLogger("collabtrain.peer")
+
+# A peer reports at least this often while training, so rounds form without overshoot.
+_REPORT_INTERVAL_S = 0.05
+# How long past the round deadline a peer waits for the coordinator's decision.
+_DECISION_SLACK_S = 10.0
+
+# Called by the chosen checkpoint writer with the state to save and its step; returns the
+# checkpoint's URI. The checkpoint package provides the storage-backed implementation.
+CheckpointHook = Callable[[dict[str, Any], int], str]
+# Called by a newcomer when no live peer holds the state: returns serialized state
+# (as `serialize_state` writes it) from the latest checkpoint, or None.
+RestoreHook = Callable[[], bytes | None]
+
+
+@dataclass
+class Faults:
+    """Fault injection for tests, from the environment variable COLLABTRAIN_FAULTS (JSON).
+
+    pause_phase: "formation" (assignment received, not ready yet), "exchange" (process group
+    built, before averaging), "apply" (commit received, before the optimizer step); the peer
+    writes `marker` when it pauses there at round step >= `pause_step`, then sleeps.
+    nan_step: the contribution of the first round at or after that step is NaN, once.
+    slowdown: train this many times slower.
+    """
+
+    pause_phase: str | None = None
+    pause_step: int = 0
+    marker: str | None = None
+    nan_step: int | None = None
+    slowdown: float = 1.0
+
+    @classmethod
+    def from_env(cls) -> Faults:
+        raw = os.environ.get("COLLABTRAIN_FAULTS")
+        return cls(**json.loads(raw)) if raw else cls()
+
+    def maybe_pause(self, phase: str, step: int) -> None:
+        if self.pause_phase != phase or step < self.pause_step:
+            return
+        log.warning("fault injection: pausing in phase %s", phase)
+        if self.marker:
+            with open(self.marker, "w") as marker:
+                marker.write(f"{phase} {step}\n")
+        time.sleep(3600)
+
+
+@dataclass
+class Accumulator:
+    samples: int = 0
+    loss_sum: float = 0.0
+    started: float = field(default_factory=time.monotonic)
+    recent_rate: float = 0.0
+
+    @property
+    def mean_loss(self) -> float | None:
+        return self.loss_sum / self.samples if self.samples else None
+
+
+class _Terminated(Exception):
+    """SIGTERM arrived while the coordinator could not be reached: leave now."""
+
+
+class Peer:
+    def __init__(
+        self,
+        config: TrainerConfig,
+        peer_id: str,
+        token: str,
+        *,
+        advertise_host: str = "127.0.0.1",
+        bind_host: str = "0.0.0.0",
+        state_port: int = 0,
+        checkpoint_hook: CheckpointHook | None = None,
+        restore_hook: RestoreHook | None = None,
+        faults: Faults | None = None,
+    ) -> None:
+        self.config = config
+        self.peer_id = peer_id
+        self.token = token
+        self.checkpoint_hook = checkpoint_hook
+        self.restore_hook = restore_hook
+        self.faults = faults or Faults()
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.task = load_task(config.task, config.task_args, config.seed)
+        self.model = self.task.model.to(self.device)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(self.params, config.optimizer)
+        self.step = 0
+        self.hash = param_hash(self.model)
+        self.has_state = False
+        self.accumulator = Accumulator()
+        self.exchange_state = ExchangeState(config.compression, powersgd_seed=config.seed)
+        self.groups: EpochGroups | None = None
+        self.batches: Iterator[Batch] | None = None
+        self.data_shard: int | None = None
+        # Held while parameters change, so the state server never serves a half-step.
+        self.state_lock = threading.Lock()
+        self._snapshot: StateSnapshot | None = None
+        self.client = CoordinatorClient(config.coordinator_url, token)
+        self.server = StateServer(bind_host, state_port, token, self._current_snapshot)
+        self.state_url = f"http://{advertise_host}:{self.server.port}"
+        self.rejoin = threading.Event()
+        self.finished = threading.Event()
+        self.stop_heartbeat = threading.Event()
+        self.term_at: float | None = None
+        self.drain_until: float | None = None
+        self.pending_checkpoint: CheckpointResult | None = None
+        self.rounds_committed = 0
+        self._last_contribution: Tensor | None = None  # kept only for COLLABTRAIN_DUMP_DIR
+        meter, self.tracer = setup_telemetry("collabtrain-peer", config.job, peer_id)
+        self._samples_counter = meter.create_counter(
+            "collabtrain_peer_samples", description="trained"
+        )
+        self._rounds_counter = meter.create_counter(
+            "collabtrain_peer_rounds", description="by outcome"
+        )
+        self._bytes_counter = meter.create_counter("collabtrain_peer_bytes_sent", unit="By")
+        self._phase_seconds = meter.create_histogram(
+            "collabtrain_peer_round_phase_seconds", unit="s"
+        )
+        log_context.step = self.step
+
+    # --- state serving ---------------------------------------------------------------
+
+    def _current_snapshot(self) -> StateSnapshot:
+        with self.state_lock:
+            cached = self._snapshot
+            if cached is None or cached.step != self.step or cached.param_hash != self.hash:
+                data = serialize_state(self.model, self.optimizer, self.step)
+                cached = make_snapshot(data, self.step, self.hash)
+                self._snapshot = cached
+            return cached
+
+    def _load(
+        self, data: bytes, expected_step: int | None, expected_hash: str | None, origin: str
+    ) -> None:
+        with self.state_lock:
+            step = load_state(data, self.model, self.optimizer)
+            loaded_hash = param_hash(self.model)
+            if expected_hash is not None and loaded_hash != expected_hash:
+                raise StateTransferError(
+                    f"state from {origin} has parameter hash {loaded_hash}, "
+                    f"expected {expected_hash}"
+                )
+            if expected_step is not None and step != expected_step:
+                raise StateTransferError(
+                    f"state from {origin} is at step {step}, expected {expected_step}"
+                )
+            self.step = step
+            self.hash = loaded_hash
+            self._reset_accumulation()
+            # A fresh state starts with zero residual: what others owe is not ours to send.
+            self.exchange_state = ExchangeState(
+                self.config.compression, powersgd_seed=self.config.seed
+            )
+        log_context.step = self.step
+        log.info("state loaded from %s: step %d, hash %s", origin, step, loaded_hash)
+
+    def _sync_from(self, sources: list[StateSource]) -> bool:
+        for source in sources:
+            try:
+                snapshot = fetch_state(source.state_url, self.token)
+                self._load(snapshot.data, snapshot.step, snapshot.param_hash, source.peer_id)
+                self.has_state = True
+                return True
+            except StateTransferError as error:
+                log.warning("state from %s unusable: %s", source.peer_id, error)
+        return False
+
+    # --- membership ------------------------------------------------------------------
+
+    def _join(self) -> JoinResponse:
+        while True:
+            try:
+                response = self.client.join(
+                    JoinRequest(
+                        peer_id=self.peer_id,
+                        state_url=self.state_url,
+                        step=self.step if self.has_state else 0,
+                        param_hash=self.hash if self.has_state else None,
+                        samples=self.accumulator.samples if self.has_state else 0,
+                    )
+                )
+                break
+            except CoordinatorUnavailable as error:
+                if self.term_at is not None:
+                    raise _Terminated from error
+                log.info("coordinator not reachable (%s); retrying", error)
+                time.sleep(0.5)
+        self.rejoin.clear()
+        if self.groups is None:
+            self.groups = EpochGroups(
+                response.store_host, response.store_port, default_backend(self.device)
+            )
+        else:
+            self.groups.retarget(response.store_host, response.store_port)
+        if response.data_shard != self.data_shard:
+            self.data_shard = response.data_shard
+            self.batches = self.task.batches(
+                DataShard(
+                    index=response.data_shard,
+                    count=self.config.data_shards,
+                    micro_batch_size=self.config.micro_batch_size,
+                    seed=self.config.seed,
+                )
+            )
+        if not self.has_state:
+            self._initial_state(response)
+        log.info(
+            "joined coordinator %s at step %d (own step %d)",
+            response.instance,
+            response.step,
+            self.step,
+        )
+        return response
+
+    def _initial_state(self, response: JoinResponse) -> None:
+        if response.sync_from and self._sync_from(response.sync_from):
+            return
+        if response.step > 0 and self.restore_hook is not None:
+            data = self.restore_hook()
+            if data is not None:
+                self._load(data, None, None, "the latest checkpoint")
+                self.has_state = True
+                return
+        if response.step > 0:
+            log.warning(
+                "no live peer or checkpoint holds step %d; starting from the seed", response.step
+            )
+        self.has_state = True  # the seeded model is step 0's state
+
+    def _heartbeat_loop(self) -> None:
+        interval = self.config.timing.heartbeat_interval_s
+        while not self.stop_heartbeat.wait(interval):
+            try:
+                reply = self.client.heartbeat(self.peer_id)
+                if reply.finished:
+                    self.finished.set()
+            except RejoinRequired:
+                self.rejoin.set()
+            except CoordinatorUnavailable:
+                pass
+            except Exception as error:  # the heartbeat must outlive any single failure
+                log.warning("heartbeat failed: %s", error)
+
+    def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
+        if self.term_at is None:
+            self.term_at = time.monotonic()
+
+    # --- training --------------------------------------------------------------------
+
+    def _reset_accumulation(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.accumulator = Accumulator()
+
+    def _train_micro_batch(self) -> None:
+        assert self.batches is not None
+        started = time.perf_counter()
+        inputs, targets = next(self.batches)
+        inputs, targets = inputs.to(self.device), targets.to(self.device)
+        self.model.train()
+        loss = self.task.loss(self.model(inputs), targets)
+        count = len(inputs)
+        # Sum over samples, so the accumulated gradient divides by the sample count later.
+        (loss * count).backward()  # type: ignore[no-untyped-call]
+        self.accumulator.samples += count
+        self.accumulator.loss_sum += float(loss.detach()) * count
+        elapsed = time.perf_counter() - started
+        if self.faults.slowdown > 1:
+            time.sleep(elapsed * (self.faults.slowdown - 1))
+            elapsed *= self.faults.slowdown
+        rate = count / max(elapsed, 1e-6)
+        self.accumulator.recent_rate = (
+            rate
+            if not self.accumulator.recent_rate
+            else 0.8 * self.accumulator.recent_rate + 0.2 * rate
+        )
+        self._samples_counter.add(count)
+
+    def _report(self) -> Instruction:
+        checkpoint, self.pending_checkpoint = self.pending_checkpoint, None
+        return self.client.report(
+            ProgressReport(
+                peer_id=self.peer_id,
+                step=self.step,
+                param_hash=self.hash,
+                samples=self.accumulator.samples,
+                samples_per_second=self.accumulator.recent_rate,
+                loss=self.accumulator.mean_loss,
+                draining=self.drain_until is not None,
+                checkpoint=checkpoint,
+            )
+        )
+
+    # --- rounds ----------------------------------------------------------------------
+
+    def _run_round(self, assignment: RoundAssignment) -> None:
+        log_context.round = assignment.round_id
+        started = time.monotonic()
+        deadline = started + assignment.deadline_seconds
+        try:
+            with self.tracer.start_as_current_span(
+                "round",
+                attributes={
+                    "round": assignment.round_id,
+                    "step": assignment.step,
+                    "epoch": assignment.epoch,
+                    "world_size": assignment.world_size,
+                },
+            ):
+                self._round_phases(assignment, deadline)
+        finally:
+            log_context.round = None
+
+    def _round_phases(self, assignment: RoundAssignment, deadline: float) -> None:
+        assert self.groups is not None
+        self.faults.maybe_pause("formation", assignment.step)
+        with self.tracer.start_as_current_span("formation"):
+            phase_start = time.monotonic()
+            try:
+                ready = self.client.await_ready(
+                    RoundReady(peer_id=self.peer_id, round_id=assignment.round_id), until=deadline
+                )
+            except (RejoinRequired, CoordinatorUnavailable) as error:
+                ready = RoundDecision(
+                    round_id=assignment.round_id,
+                    outcome="abort",
+                    step=self.step,
+                    reason=f"coordinator lost: {error}",
+                )
+                self.rejoin.set()
+            self._phase_seconds.record(time.monotonic() - phase_start, {"phase": "formation"})
+        if ready.outcome != "go":
+            log.info(
+                "round %d abandoned before the exchange: %s", assignment.round_id, ready.reason
+            )
+            self._rounds_counter.add(1, {"outcome": "abort"})
+            return
+
+        saved_exchange = _save_exchange_state(self.exchange_state)
+        result: ExchangeResult | None = None
+        reason = ""
+        with self.tracer.start_as_current_span("exchange"):
+            phase_start = time.monotonic()
+            try:
+                epoch_changed = (
+                    self.groups.epoch_key is None
+                    or self.groups.epoch_key[0] != assignment.store_prefix
+                )
+                timeout = timedelta(seconds=max(1.0, deadline - time.monotonic()))
+                group = self.groups.get(
+                    assignment.store_prefix, assignment.rank, assignment.world_size, timeout
+                )
+                if epoch_changed:
+                    self.exchange_state.reset()  # part boundaries and members changed
+                self.faults.maybe_pause("exchange", assignment.step)
+                contribution = flat_mean_gradient(self.params, self.accumulator.samples)
+                if os.environ.get("COLLABTRAIN_DUMP_DIR"):
+                    self._last_contribution = contribution.cpu().clone()
+                if self.faults.nan_step is not None and assignment.step >= self.faults.nan_step:
+                    self.faults.nan_step = None
+                    log.warning("fault injection: sending a NaN gradient")
+                    contribution = torch.full_like(contribution, float("nan"))
+                result = average(
+                    contribution, float(self.accumulator.samples), group, self.exchange_state
+                )
+            except Exception as error:
+                reason = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+                log.warning("exchange failed in round %d: %s", assignment.round_id, reason)
+                self.groups.close()
+            exchange_seconds = time.monotonic() - phase_start
+            self._phase_seconds.record(exchange_seconds, {"phase": "exchange"})
+
+        vote = RoundVote(
+            peer_id=self.peer_id,
+            round_id=assignment.round_id,
+            ok=result is not None,
+            reason=reason,
+            weight=float(self.accumulator.samples),
+            total_weight=result.total_weight if result else 0.0,
+            loss=self.accumulator.mean_loss,
+            excluded_ranks=result.excluded_ranks if result else [],
+            bytes_sent=result.bytes_sent if result else 0,
+            bytes_fp32_equivalent=result.bytes_fp32_equivalent if result else 0,
+            exchange_seconds=exchange_seconds,
+        )
+        try:
+            decision = self.client.await_decision(vote, until=deadline + _DECISION_SLACK_S)
+        except (RejoinRequired, CoordinatorUnavailable) as error:
+            # Nobody here knows whether the round committed; a restarted coordinator adopts
+            # the highest step peers report and re-syncs the others, so abandon it.
+            decision = RoundDecision(
+                round_id=assignment.round_id,
+                outcome="abort",
+                step=self.step,
+                reason=f"coordinator lost: {error}",
+            )
+            self.rejoin.set()
+        if decision.outcome != "commit" or result is None:
+            # Accumulated gradients are untouched: the next round sends them again.
+            _restore_exchange_state(self.exchange_state, saved_exchange)
+            if result is not None:
+                self.groups.close()
+            log.info("round %d aborted: %s", assignment.round_id, decision.reason)
+            self._rounds_counter.add(1, {"outcome": "abort"})
+            return
+        for rank in result.excluded_ranks:
+            log.warning(
+                "round %d: %s excluded from the average (non-finite gradient)",
+                assignment.round_id,
+                assignment.members[rank],
+            )
+        self.faults.maybe_pause("apply", assignment.step)
+        with self.tracer.start_as_current_span("apply"):
+            self._apply(result.average, assignment.step + 1)
+        self._rounds_counter.add(1, {"outcome": "commit"})
+        self._bytes_counter.add(result.bytes_sent)
+        self.rounds_committed += 1
+        log.info(
+            "step %d applied: %d of %.0f samples, hash %s",
+            self.step,
+            vote.weight,
+            result.total_weight,
+            self.hash,
+        )
+        self._maybe_dump(assignment, vote, result)
+
+    def _apply(self, averaged: Tensor, new_step: int) -> None:
+        with self.state_lock:
+            assign_flat_gradient(self.params, averaged)
+            self.optimizer.step()
+            self._reset_accumulation()
+            self.step = new_step
+            self.hash = param_hash(self.model)
+        log_context.step = self.step
+
+    def _maybe_dump(
+        self, assignment: RoundAssignment, vote: RoundVote, result: ExchangeResult
+    ) -> None:
+        """Tests compare committed steps with torch.distributed: COLLABTRAIN_DUMP_DIR."""
+        directory = os.environ.get("COLLABTRAIN_DUMP_DIR")
+        if not directory:
+            return
+        torch.save(
+            {
+                "step": assignment.step,
+                "members": assignment.members,
+                "rank": assignment.rank,
+                "weight": vote.weight,
+                "contribution": self._last_contribution,
+                "average": result.average.cpu(),
+                "params_after": {k: v.cpu().clone() for k, v in self.model.state_dict().items()},
+            },
+            os.path.join(directory, f"{self.peer_id}-step{assignment.step}.pt"),
+        )
+
+    # --- checkpoints -----------------------------------------------------------------
+
+    def _write_checkpoint(self, step: int) -> None:
+        if step != self.step:
+            return
+        if self.checkpoint_hook is None:
+            self.pending_checkpoint = CheckpointResult(
+                step=step, error="no checkpoint storage configured"
+            )
+            return
+        with self.state_lock:
+            state = {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "step": self.step,
+            }
+            try:
+                uri = self.checkpoint_hook(state, step)
+                self.pending_checkpoint = CheckpointResult(step=step, uri=uri)
+            except Exception as error:
+                self.pending_checkpoint = CheckpointResult(
+                    step=step, error=f"{type(error).__name__}: {error}"
+                )
+
+    # --- main loop -------------------------------------------------------------------
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        self.server.start()
+        log_context.peer = self.peer_id
+        log.info("serving state and /metrics on %s", self.state_url)
+        heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+        reason = "finished"
+        try:
+            self._join()
+            heartbeat.start()
+            reason = self._loop()
+        except _Terminated:
+            reason = "terminated while the coordinator was unreachable"
+        finally:
+            self.stop_heartbeat.set()
+            try:
+                self.client.leave(self.peer_id, reason)
+            except Exception as error:
+                log.info("could not say goodbye to the coordinator: %s", error)
+            if self.groups is not None:
+                self.groups.close()
+            self.server.stop()
+        log.info(
+            "peer leaving: %s (step %d, %d rounds committed)",
+            reason,
+            self.step,
+            self.rounds_committed,
+        )
+        return 0
+
+    def _loop(self) -> str:
+        while True:
+            if self.rejoin.is_set():
+                self._join()
+            if self.term_at is not None and self.drain_until is None:
+                self.drain_until = self.term_at + self.config.timing.leave_grace_s
+                log.info("SIGTERM: contributing %d samples, then leaving", self.accumulator.samples)
+            if self.drain_until is not None and (
+                self.accumulator.samples == 0 or time.monotonic() > self.drain_until
+            ):
+                return "drained"
+            try:
+                instruction = self._report()
+            except RejoinRequired:
+                self.rejoin.set()
+                continue
+            except CoordinatorUnavailable:
+                time.sleep(0.2)
+                continue
+            if instruction.draining and self.drain_until is None:
+                self.drain_until = time.monotonic() + self.config.timing.leave_grace_s
+                log.info("the coordinator asked this peer to drain")
+            if instruction.checkpoint_step is not None:
+                self._write_checkpoint(instruction.checkpoint_step)
+            action = instruction.action
+            if action == "stop":
+                return "max_steps reached"
+            if action == "round" and instruction.round is not None:
+                self._run_round(instruction.round)
+            elif action == "resync":
+                log.info("re-syncing: %s", instruction.reason)
+                if not self._sync_from(instruction.sync_from):
+                    time.sleep(0.2)
+            elif action == "train" and self.drain_until is None:
+                until = time.monotonic() + _REPORT_INTERVAL_S
+                start_samples = self.accumulator.samples
+                while (
+                    time.monotonic() < until and self.term_at is None and not self.rejoin.is_set()
+                ):
+                    self._train_micro_batch()
+                    if self.accumulator.samples - start_samples >= instruction.samples_needed:
+                        break
+            else:
+                time.sleep(0.02)
+
+
+def _save_exchange_state(state: ExchangeState) -> tuple[Tensor | None, Tensor | None, object]:
+    return (
+        None if state.residual is None else state.residual.clone(),
+        None if state.owned_residual is None else state.owned_residual.clone(),
+        state._layout,
+    )
+
+
+def _restore_exchange_state(
+    state: ExchangeState, saved: tuple[Tensor | None, Tensor | None, object]
+) -> None:
+    """An aborted round delivered nothing: put back the residuals it consumed."""
+    state.residual, state.owned_residual, layout = saved
+    state._layout = layout  # type: ignore[assignment]

@@ -1,0 +1,138 @@
+"""Each peer serves its state to newcomers over HTTP; newcomers stream and verify it.
+
+`GET /state` (Bearer token) answers the serialized model and optimizer with headers naming
+the step, the parameter hash and the sha256 of the body; the reader checks the sha256 while
+streaming and the parameter hash after loading. `/metrics` and `/healthz` are open.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import requests
+
+from collabtrain_trainer.observability import CONTENT_TYPE_LATEST, metrics_text
+from collabtrain_trainer.protocol import TOKEN_HEADER
+
+log = logging.getLogger("collabtrain.peer")
+
+STEP_HEADER = "X-Collabtrain-Step"
+HASH_HEADER = "X-Collabtrain-Param-Hash"
+SHA256_HEADER = "X-Content-Sha256"
+_CHUNK = 1 << 16
+
+
+@dataclass(frozen=True)
+class StateSnapshot:
+    data: bytes
+    step: int
+    param_hash: str
+    sha256: str
+
+
+class StateTransferError(Exception):
+    """The state could not be fetched or did not verify."""
+
+
+class StateServer:
+    def __init__(
+        self, host: str, port: int, token: str, snapshot: Callable[[], StateSnapshot]
+    ) -> None:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: object) -> None:
+                pass  # one line per request would drown the structured log
+
+            def do_GET(self) -> None:
+                if self.path == "/healthz":
+                    self._send(200, b"ok", "text/plain")
+                elif self.path == "/metrics":
+                    self._send(200, metrics_text(), CONTENT_TYPE_LATEST)
+                elif self.path == "/state":
+                    server._serve_state(self)
+                else:
+                    self._send(404, b"not found", "text/plain")
+
+            def _send(self, status: int, body: bytes, content_type: str) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self._token = token
+        self._snapshot = snapshot
+        self._httpd = ThreadingHTTPServer((host, port), Handler)
+        self._httpd.daemon_threads = True
+        self.port = self._httpd.server_address[1]
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, name="state-server", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+    def _serve_state(self, handler: BaseHTTPRequestHandler) -> None:
+        header = handler.headers.get(TOKEN_HEADER, "")
+        expected = f"Bearer {self._token}".encode()
+        if not hmac.compare_digest(header.encode(), expected):
+            log.warning("refused a state request from %s: wrong token", handler.client_address[0])
+            handler.send_response(401)
+            handler.send_header("Content-Length", "0")
+            handler.end_headers()
+            return
+        snapshot = self._snapshot()
+        handler.send_response(200)
+        handler.send_header("Content-Type", "application/octet-stream")
+        handler.send_header("Content-Length", str(len(snapshot.data)))
+        handler.send_header(STEP_HEADER, str(snapshot.step))
+        handler.send_header(HASH_HEADER, snapshot.param_hash)
+        handler.send_header(SHA256_HEADER, snapshot.sha256)
+        handler.end_headers()
+        view = memoryview(snapshot.data)
+        for start in range(0, len(view), _CHUNK):
+            handler.wfile.write(view[start : start + _CHUNK])
+
+
+def make_snapshot(data: bytes, step: int, param_hash: str) -> StateSnapshot:
+    return StateSnapshot(
+        data=data, step=step, param_hash=param_hash, sha256=hashlib.sha256(data).hexdigest()
+    )
+
+
+def fetch_state(state_url: str, token: str, timeout_s: float = 30.0) -> StateSnapshot:
+    """Stream a peer's state, checking the body's sha256 as it arrives."""
+    try:
+        with requests.get(
+            state_url.rstrip("/") + "/state",
+            headers={TOKEN_HEADER: f"Bearer {token}"},
+            stream=True,
+            timeout=timeout_s,
+        ) as response:
+            if response.status_code != 200:
+                raise StateTransferError(f"{state_url} answered HTTP {response.status_code}")
+            expected_sha = response.headers[SHA256_HEADER]
+            step = int(response.headers[STEP_HEADER])
+            claimed_hash = response.headers[HASH_HEADER]
+            digest = hashlib.sha256()
+            chunks = []
+            for chunk in response.iter_content(_CHUNK):
+                digest.update(chunk)
+                chunks.append(chunk)
+    except (requests.RequestException, KeyError, ValueError) as error:
+        raise StateTransferError(f"fetching state from {state_url} failed: {error}") from error
+    if digest.hexdigest() != expected_sha:
+        raise StateTransferError(f"state from {state_url} is corrupt: sha256 mismatch")
+    data = b"".join(chunks)
+    return StateSnapshot(data=data, step=step, param_hash=claimed_hash, sha256=expected_sha)
