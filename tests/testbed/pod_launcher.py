@@ -57,25 +57,45 @@ def _mount(source: str | None, target: str, flags: int) -> None:
     )
 
 
-def _prepare_target(source: Path, target: Path) -> None:
+def _prepare_target(source_is_dir: bool, target: Path) -> None:
     """Create the mount point on the host when missing: a file for a file, else a folder."""
-    if source.is_dir():
+    if source_is_dir:
         target.mkdir(parents=True, exist_ok=True)
     elif not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         target.touch()
 
 
+STAGING = Path("/run/collabtrain-pod-launcher")
+
+
 def _enter_namespaces(spec: dict[str, Any]) -> None:
     _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWUTS), "unshare(CLONE_NEWNS | CLONE_NEWUTS)")
     # Without this, our bind mounts would propagate back to the host's shared mounts.
     _mount(None, "/", MS_REC | MS_PRIVATE)
-    for mount in spec["mounts"]:
-        source, target = Path(mount["source"]), Path(mount["target"])
+    # Stage every source first, on a tmpfs only this namespace sees: a volume mounted over a
+    # folder that holds other sources (an emptyDir at /tmp while the pod folders live under
+    # /tmp) would otherwise hide them from the mounts that follow.
+    STAGING.mkdir(parents=True, exist_ok=True)
+    _check(
+        _libc.mount(b"tmpfs", str(STAGING).encode(), b"tmpfs", ctypes.c_ulong(0), None),
+        f"mount tmpfs on {STAGING}",
+    )
+    staged: list[Path] = []
+    for index, mount in enumerate(spec["mounts"]):
+        source = Path(mount["source"])
         if not source.exists():
-            raise LaunchError(f"volume source {source} for mount path {target} does not exist")
-        _prepare_target(source, target)
-        _mount(str(source), str(target), MS_BIND | MS_REC)
+            raise LaunchError(
+                f"volume source {source} for mount path {mount['target']} does not exist"
+            )
+        stage = STAGING / str(index)
+        _prepare_target(source.is_dir(), stage)
+        _mount(str(source), str(stage), MS_BIND | MS_REC)
+        staged.append(stage)
+    for mount, stage in zip(spec["mounts"], staged, strict=True):
+        target = Path(mount["target"])
+        _prepare_target(stage.is_dir(), target)
+        _mount(str(stage), str(target), MS_BIND | MS_REC)
         if mount.get("read_only"):
             _mount(None, str(target), MS_BIND | MS_REMOUNT | MS_RDONLY)
     hostname = spec["hostname"].encode()[:64]
@@ -86,7 +106,20 @@ def _kill_group(_signum: int, _frame: object) -> None:
     os.killpg(0, signal.SIGKILL)
 
 
-def _exec_command(spec: dict[str, Any], error_path: Path) -> None:
+class ErrorReport:
+    """Where a launch error is written: the pod folder, opened before any mount can hide it."""
+
+    def __init__(self, path: Path) -> None:
+        self.name = path.name
+        self.folder = os.open(path.parent, os.O_PATH | os.O_DIRECTORY)
+
+    def write(self, text: str) -> None:
+        fd = os.open(self.name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644, dir_fd=self.folder)
+        with os.fdopen(fd, "w") as file:
+            file.write(text)
+
+
+def _exec_command(spec: dict[str, Any], errors: ErrorReport) -> None:
     """In the forked child: restore default signal handling and become the command."""
     try:
         for signum in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM):
@@ -94,7 +127,7 @@ def _exec_command(spec: dict[str, Any], error_path: Path) -> None:
         os.chdir(spec["working_dir"])
         os.execve(spec["argv"][0], spec["argv"], spec["env"])
     except BaseException as error:  # anything here must end this child, not run on as Python
-        error_path.write_text(f"exec {spec['argv'][0]}: {error}")
+        errors.write(f"exec {spec['argv'][0]}: {error}")
     os._exit(START_ERROR_EXIT_CODE)
 
 
@@ -106,7 +139,7 @@ def _exit_code(status: int) -> int:
 
 def main(spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
-    error_path = Path(spec["launch_error_path"])
+    errors = ErrorReport(Path(spec["launch_error_path"]))
     signal.signal(signal.SIGUSR1, _kill_group)
     _libc.prctl(PR_SET_PDEATHSIG, signal.SIGUSR1)
     if os.getppid() != spec["agent_pid"]:  # the agent died before prctl took effect
@@ -117,12 +150,12 @@ def main(spec_path: str) -> int:
         # After the mounts: a working dir inside a volume is created in the volume.
         Path(spec["working_dir"]).mkdir(parents=True, exist_ok=True)
     except (LaunchError, OSError) as error:
-        error_path.write_text(str(error))
+        errors.write(str(error))
         print(f"[pod-launcher] {error}", file=sys.stderr, flush=True)
         return START_ERROR_EXIT_CODE
     child = os.fork()
     if child == 0:
-        _exec_command(spec, error_path)
+        _exec_command(spec, errors)
     _pid, status = os.waitpid(child, 0)
     return _exit_code(status)
 

@@ -1,0 +1,135 @@
+"""The whole system on the local cluster: operator, coordinator and peers as real
+processes on node-agent nodes, MinIO, and a spot node preempted the way a cloud does it."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from testbed.demo import QUICKSTART, LocalCluster, follow
+from testbed.processes import wait_until
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(900)]
+
+MAX_STEPS = 16
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LocalCluster]:
+    # Not pytest's tmp_path: pytest prunes old basetemp folders, also under a running test
+    # when other pytest sessions start, and the pods' volumes live in here.
+    pods = Path(tempfile.mkdtemp(prefix="collabtrain-e2e-pods-"))
+    try:
+        with LocalCluster(spot_nodes=3, pods_dir=pods) as local:
+            yield local
+    finally:
+        shutil.rmtree(pods, ignore_errors=True)
+
+
+def quickstart(name: str) -> dict[str, Any]:
+    manifest = yaml.safe_load(QUICKSTART.read_text())
+    manifest["metadata"]["name"] = name
+    manifest["spec"]["training"]["maxSteps"] = MAX_STEPS
+    manifest["spec"]["checkpoint"]["credentialsSecretRef"]["name"] = f"{name}-s3"
+    manifest["spec"]["checkpoint"]["everySteps"] = 4
+    return copy.deepcopy(manifest)
+
+
+def run_to_completion(
+    cluster: LocalCluster, namespace: str, name: str, preempt_at: int | None
+) -> tuple[dict[str, Any], list[tuple[int, float]], list[dict[str, Any]]]:
+    final: dict[str, Any] = {}
+    losses: list[tuple[int, float]] = []
+    coordinator_views: list[dict[str, Any]] = []
+    for job, seen in follow(cluster, namespace, name, preempt_at, timeout=600):
+        final, losses = job, seen.losses
+        view = cluster.coordinator_status(namespace, name)
+        if view:
+            coordinator_views.append(view)
+    return final, losses, coordinator_views
+
+
+def test_job_succeeds_through_a_spot_preemption(cluster: LocalCluster) -> None:
+    namespace = "e2e-preempt"
+    cluster.create_namespace(namespace)
+    name = cluster.submit(namespace, quickstart("quick"))
+    job, losses, views = run_to_completion(cluster, namespace, name, preempt_at=MAX_STEPS // 3)
+    status = job["status"]
+    assert status["phase"] == "Succeeded", json.dumps(status, indent=1)
+    assert status["progress"]["step"] == MAX_STEPS
+    # Preemption is not failure: counted once, replaced, the failure budget untouched.
+    assert status["preemptions"] >= 1
+    assert status["replacements"] >= 1
+    assert status.get("failures", 0) == 0
+    # Training made progress: the loss at the end is well below the start.
+    first, last = losses[0][1], losses[-1][1]
+    assert last < first - 0.5, losses
+    # The compressed exchange really compressed.
+    last_view = views[-1]
+    assert last_view["bytes_sent"] * 10 < last_view["bytes_fp32_equivalent"]
+
+    # Deleting the job removes its children, and with them every peer process.
+    cluster.kubectl("delete", "ctj", name, "-n", namespace, "--wait=true", "--timeout=120s")
+    wait_until(
+        lambda: (
+            not json.loads(cluster.kubectl("get", "pods", "-n", namespace, "-o", "json"))["items"]
+        ),
+        "the job's pods to be gone after deleting it",
+        timeout=120,
+    )
+    assert cluster.agent is not None
+    wait_until(
+        lambda: not [run for run in cluster.agent.running_pods() if run[0] == namespace],
+        "the job's processes to exit",
+        timeout=60,
+    )
+
+
+def test_coordinator_pod_deleted_mid_training_is_recreated_and_training_continues(
+    cluster: LocalCluster,
+) -> None:
+    namespace = "e2e-coordinator"
+    cluster.create_namespace(namespace)
+    name = cluster.submit(namespace, quickstart("resilient"))
+    deleted_at_step: int | None = None
+    final: dict[str, Any] = {}
+    for job, _ in follow(cluster, namespace, name, None, timeout=600):
+        final = job
+        step = job.get("status", {}).get("progress", {}).get("step", 0)
+        if deleted_at_step is None and step >= MAX_STEPS // 3:
+            pods = json.loads(
+                cluster.kubectl(
+                    "get",
+                    "pods",
+                    "-n",
+                    namespace,
+                    "-l",
+                    f"app.kubernetes.io/component=coordinator,collabtrain.io/job={name}",
+                    "-o",
+                    "json",
+                )
+            )["items"]
+            assert len(pods) == 1
+            cluster.kubectl("delete", "pod", pods[0]["metadata"]["name"], "-n", namespace)
+            deleted_at_step = step
+            time.sleep(1)
+    assert deleted_at_step is not None
+    status = final["status"]
+    assert status["phase"] == "Succeeded", json.dumps(status, indent=1)
+    assert status["progress"]["step"] == MAX_STEPS  # continued from the peers' step
+    assert status.get("failures", 0) == 0
+
+
+def test_pods_dir_holds_logs_of_every_pod(cluster: LocalCluster) -> None:
+    assert cluster.pods_dir is not None
+    logs = list(Path(cluster.pods_dir).rglob("*.log"))
+    assert logs, "the node agent wrote no pod logs"
