@@ -34,7 +34,7 @@ from collabtrain_trainer.protocol import (
     DrainResponse,
 )
 from testbed.cluster import Kwok, kwok_node
-from testbed.processes import free_port
+from testbed.processes import free_port, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -44,17 +44,6 @@ CHART = ROOT / "charts" / "collabtrain"
 GROUP, VERSION, PLURAL = "collabtrain.io", "v1alpha1", "collaborativetrainingjobs"
 SPOT = {"karpenter.sh/capacity-type": "spot"}
 ON_DEMAND = {"karpenter.sh/capacity-type": "on-demand"}
-
-
-def wait_for(predicate: Callable[[], Any], what: str, timeout: float = 60) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(0.3)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; last: {last!r}")
 
 
 def wait_until_equal(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import subprocess
 import textwrap
-import time
 from pathlib import Path
 from typing import Any
 
@@ -13,20 +12,9 @@ import pytest
 
 from testbed import tools
 from testbed.cluster import ControlPlane, Kwok, MinioServer, kwok_node
-from testbed.processes import PortInUseError, free_port
+from testbed.processes import PortInUseError, free_port, wait_for
 
 pytestmark = pytest.mark.integration
-
-
-def wait_for(predicate: Any, what: str, timeout: float = 60) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}; last seen: {last!r}")
 
 
 def test_deployment_pods_are_created_scheduled_onto_kwok_node_and_run(
