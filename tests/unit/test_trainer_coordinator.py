@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import UTC, datetime
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
@@ -22,10 +23,12 @@ from collabtrain_trainer.protocol import (
     Heartbeat,
     Instruction,
     JoinRequest,
+    LastCheckpoint,
     LeaveRequest,
     ProgressReport,
     RoundReady,
     RoundVote,
+    WriterReport,
 )
 
 EXPIRY = 3.0
@@ -76,6 +79,19 @@ class Harness:
                 param_hash=param_hash,
                 samples=samples,
                 loss=2.0,
+            ),
+            self.now,
+        )
+
+    def report_status(
+        self, peer_id: str, checkpoint_status: WriterReport, param_hash: str = "h0"
+    ) -> Instruction:
+        return self.state.report(
+            ProgressReport(
+                peer_id=peer_id,
+                step=self.state.step,
+                param_hash=param_hash,
+                checkpoint_status=checkpoint_status,
             ),
             self.now,
         )
@@ -432,6 +448,76 @@ def test_checkpoint_duty_goes_to_the_writer_after_the_due_step() -> None:
     status = h.state.status(h.now)
     assert status.last_checkpoint is not None and status.last_checkpoint.step == 1
     assert h.report("a", 0, param_hash="h1").checkpoint_step is None
+
+
+def test_writer_lost_hands_the_duty_over_with_the_last_snapshot_step() -> None:
+    h = Harness(checkpoint={"endpoint": "minio:9000", "bucket": "b", "every_steps": 2})
+    h.join("a")
+    h.join("b")
+    assert h.report("a", 0).checkpoint_writer
+    assert not h.report("b", 0).checkpoint_writer
+    # The writer took a snapshot of step 0 (uploading in the background).
+    h.state.report(
+        ProgressReport(peer_id="a", step=0, param_hash="h0", checkpoint=CheckpointResult(step=0)),
+        h.now,
+    )
+    assert h.state.checkpoint_taken_step == 0
+    # "a" goes silent: "b" becomes the writer and counts its interval from step 0.
+    h.advance(EXPIRY + 0.5, keep_alive=("b",))
+    instruction = h.report("b", 0)
+    assert h.state.checkpoint_writer == "b"
+    assert instruction.checkpoint_writer and instruction.checkpoint_last_step == 0
+
+
+def test_writer_reports_fill_status_and_only_the_writer_sets_stale() -> None:
+    h = Harness(checkpoint={"endpoint": "minio:9000", "bucket": "b", "every_steps": 5})
+    h.join("a")
+    h.join("b")
+    h.report("a", 0)
+    h.report("b", 0)
+    assert h.state.checkpoint_writer == "a"
+    done = LastCheckpoint(step=0, uri="s3://b/unit/step-0", time=datetime.now(UTC))
+    h.state.heartbeat(
+        Heartbeat(peer_id="b", checkpoint_status=WriterReport(stale=True, error="old")), h.now
+    )
+    status = h.state.status(h.now)
+    assert not status.checkpoint_stale and status.checkpoint_error is None
+    h.state.heartbeat(
+        Heartbeat(
+            peer_id="a",
+            checkpoint_status=WriterReport(
+                last_checkpoint=done, stale=True, error="store unreachable"
+            ),
+        ),
+        h.now,
+    )
+    status = h.state.status(h.now)
+    assert status.last_checkpoint == done
+    assert status.checkpoint_stale and status.checkpoint_error == "store unreachable"
+    h.state.heartbeat(Heartbeat(peer_id="a", checkpoint_status=WriterReport()), h.now)
+    status = h.state.status(h.now)
+    assert status.last_checkpoint == done  # a report without one never forgets it
+    assert not status.checkpoint_stale and status.checkpoint_error is None
+
+
+def test_a_restored_checkpoint_counts_against_staleness() -> None:
+    h = Harness(checkpoint={"endpoint": "minio:9000", "bucket": "b", "every_steps": 2})
+    h.join("a", step=40, param_hash="h40")
+    assert h.state.step == 40
+    assert not h.state.status(h.now).checkpoint_stale  # counts from the adopted step
+    restored = LastCheckpoint(step=40, uri="s3://b/unit/step-40", time=datetime.now(UTC))
+    h.report_status("a", WriterReport(last_checkpoint=restored), param_hash="h40")
+    status = h.state.status(h.now)
+    assert status.last_checkpoint == restored and not status.checkpoint_stale
+    assert h.report("a", 0, param_hash="h40").checkpoint_last_step == 40
+
+
+def test_no_writer_without_checkpoint_storage() -> None:
+    h = Harness()
+    h.join("a")
+    h.report("a", 0)
+    assert h.state.checkpoint_writer is None
+    assert h.state.request_checkpoint(h.now) == (None, 0)
 
 
 def test_when_every_holder_is_gone_training_goes_on_from_what_is_left() -> None:

@@ -3,7 +3,9 @@
     collabtrain-trainer coordinator --config trainer.json [--port 7000] [--store-port 7001]
     collabtrain-trainer peer --config trainer.json [--peer-id NAME]
     collabtrain-trainer local --peers 3 --task tinylm --max-steps 20 --codec none \\
-        [--respawn] [--summary summary.json]
+        [--respawn] [--summary summary.json] \\
+        [--checkpoint-endpoint http://127.0.0.1:9000 --checkpoint-bucket B \\
+         --checkpoint-every-steps 10]   # credentials: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY
 """
 
 from __future__ import annotations
@@ -95,6 +97,28 @@ def _peer(args: argparse.Namespace) -> int:
         return 3
 
 
+def _checkpoint_config(args: argparse.Namespace) -> dict[str, Any] | None:
+    """`--checkpoint-endpoint` takes host:port (TLS) or an http:// or https:// URL."""
+    if not args.checkpoint_endpoint:
+        if args.checkpoint_bucket or args.checkpoint_every_steps:
+            raise SystemExit(
+                "--checkpoint-bucket/--checkpoint-every-steps need --checkpoint-endpoint"
+            )
+        return None
+    if not args.checkpoint_bucket:
+        raise SystemExit("--checkpoint-endpoint needs --checkpoint-bucket")
+    parsed = urlparse(args.checkpoint_endpoint)
+    secure = parsed.scheme != "http"
+    endpoint = parsed.netloc if parsed.scheme in ("http", "https") else args.checkpoint_endpoint
+    return {
+        "endpoint": endpoint,
+        "bucket": args.checkpoint_bucket,
+        "prefix": args.checkpoint_prefix,
+        "secure": secure,
+        "every_steps": args.checkpoint_every_steps or 10,
+    }
+
+
 def _local_config(args: argparse.Namespace) -> TrainerConfig:
     task_defaults = {"tinylm": (3e-3, 256), "digits": (1e-2, 256)}
     lr, target = task_defaults.get(args.task, (1e-3, 256))
@@ -108,6 +132,7 @@ def _local_config(args: argparse.Namespace) -> TrainerConfig:
             "seed": args.seed,
             "optimizer": {"name": args.optimizer, "lr": args.lr or lr},
             "compression": {"codec": args.codec},
+            "checkpoint": _checkpoint_config(args),
             # Loopback is fast: notice lost peers within two seconds.
             "timing": {
                 "heartbeat_interval_s": 0.3,
@@ -192,6 +217,7 @@ def _local(args: argparse.Namespace) -> int:
             while cluster.running_peers() and time.monotonic() < until:
                 time.sleep(0.1)
             cluster.reap()
+            status = cluster.status() or status  # the writer reports the final checkpoint
     finally:
         cluster.stop()
     elapsed = time.monotonic() - started
@@ -229,6 +255,11 @@ def _summary(
         "wall_seconds": round(elapsed, 2),
         "steps_per_second": round(steps / elapsed, 3) if elapsed > 0 else 0.0,
         "coordinator_starts": cluster.coordinator_starts,
+        "last_checkpoint": (
+            status.last_checkpoint.model_dump(mode="json")
+            if status is not None and status.last_checkpoint is not None
+            else None
+        ),
         "workdir": str(cluster.workdir),
     }
 
@@ -277,6 +308,17 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("--workdir", default=None, help="logs and config (default: a temp dir)")
     local.add_argument(
         "--timeout", type=float, default=600.0, help="give up after this many seconds"
+    )
+    local.add_argument(
+        "--checkpoint-endpoint",
+        default=None,
+        help="S3-compatible store for checkpoints: host:port (TLS) or http(s)://host:port; "
+        "credentials from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
+    )
+    local.add_argument("--checkpoint-bucket", default=None)
+    local.add_argument("--checkpoint-prefix", default="")
+    local.add_argument(
+        "--checkpoint-every-steps", type=int, default=None, help="default 10 with an endpoint"
     )
     local.set_defaults(run=_local)
     return parser

@@ -131,8 +131,19 @@ class JoinResponse(Model):
     heartbeat_interval_s: float
 
 
+class WriterReport(Model):
+    """What a peer's checkpoint writer says about storage (from `WriterStatus`): the last
+    complete checkpoint it knows of (one it wrote, or the one it restored from), whether
+    uploads are falling behind, the newest error. Never holds credentials."""
+
+    last_checkpoint: LastCheckpoint | None = None
+    stale: bool = False
+    error: str | None = None
+
+
 class Heartbeat(Model):
     peer_id: str
+    checkpoint_status: WriterReport | None = None
 
 
 class HeartbeatResponse(Model):
@@ -141,6 +152,9 @@ class HeartbeatResponse(Model):
 
 
 class CheckpointResult(Model):
+    """The writer took (uri None: uploading in the background), wrote, or failed a
+    checkpoint of `step`."""
+
     step: int
     uri: str | None = None
     error: str | None = None  # never holds credentials
@@ -155,6 +169,7 @@ class ProgressReport(Model):
     loss: float | None = None  # mean over the accumulated samples
     draining: bool = False  # leaving soon (SIGTERM or drain): flush, then leave
     checkpoint: CheckpointResult | None = None
+    checkpoint_status: WriterReport | None = None
 
 
 class RoundAssignment(Model):
@@ -180,6 +195,10 @@ class Instruction(Model):
     reason: str = ""
     draining: bool = False  # the operator asked this peer to drain
     checkpoint_step: int | None = None  # this peer is the writer: snapshot this step now
+    # This peer is the checkpoint writer: snapshot committed steps when they fall due,
+    # counting from `checkpoint_last_step`, the newest snapshot any writer took.
+    checkpoint_writer: bool = False
+    checkpoint_last_step: int | None = None
     samples_needed: int = 0  # what the live peers still lack toward the target batch
 
 

@@ -44,6 +44,7 @@ from collabtrain_trainer.protocol import (
     RoundReady,
     RoundVote,
     StateSource,
+    WriterReport,
 )
 
 log = logging.getLogger("collabtrain.coordinator")
@@ -149,6 +150,12 @@ class CoordinatorState:
         self.checkpoint_due_step: int | None = None
         self.last_checkpoint: LastCheckpoint | None = None
         self.checkpoint_error: str | None = None
+        # The newest step any writer snapshotted: a new writer counts its interval from it.
+        self.checkpoint_taken_step: int | None = None
+        self.checkpoint_writer_stale = False  # as the current writer reports it
+        # Staleness counts from here until a checkpoint is known (the step this instance
+        # started from, so a restarted coordinator does not call a fresh run stale).
+        self.checkpoint_base_step = 0
         self.round_durations: list[float] = []
 
     # --- queries ---------------------------------------------------------------------
@@ -246,6 +253,8 @@ class CoordinatorState:
 
     def heartbeat(self, request: Heartbeat, now: float) -> HeartbeatResponse:
         self._touch(request.peer_id, now)
+        if request.checkpoint_status is not None:
+            self._record_writer_report(request.peer_id, request.checkpoint_status)
         return HeartbeatResponse(step=self.step, finished=self.finished)
 
     def leave(self, request: LeaveRequest, now: float) -> bool:
@@ -306,6 +315,8 @@ class CoordinatorState:
         else:
             log.warning("adopting step %d (was %d): %s", step, self.step, why)
         self.step = step
+        if self.last_checkpoint is None:
+            self.checkpoint_base_step = step
         if self.round is not None and self.round.outcome is None:
             self._decide(self.round, "abort", f"step adopted: {why}", now=None)
 
@@ -325,6 +336,8 @@ class CoordinatorState:
             self._choose_checkpoint_writer(now)
         if report.checkpoint is not None:
             self._record_checkpoint(report.peer_id, report.checkpoint, now)
+        if report.checkpoint_status is not None:
+            self._record_writer_report(report.peer_id, report.checkpoint_status)
         if report.step > self.step:
             self._adopt(report.step, f"peer {report.peer_id} reports step {report.step}")
         self._record_hash(report.peer_id, report.step, report.param_hash)
@@ -342,11 +355,14 @@ class CoordinatorState:
 
     def _instruct(self, record: PeerRecord, now: float) -> Instruction:
         def instruction(action: Action, **fields: Any) -> Instruction:
+            writer = self.checkpoint_writer == record.peer_id
             return Instruction(
                 action=action,
                 step=self.step,
                 finished=self.finished,
                 draining=record.draining,
+                checkpoint_writer=writer,
+                checkpoint_last_step=self.checkpoint_taken_step if writer else None,
                 **fields,
             )
 
@@ -647,23 +663,56 @@ class CoordinatorState:
     # --- checkpoints -----------------------------------------------------------------
 
     def _choose_checkpoint_writer(self, now: float) -> None:
+        if self.config.checkpoint is None:
+            return
         current = self.checkpoint_writer
         if current is not None and self.is_live(current, now) and current not in self.draining:
             return
         candidates = [r for r in self.eligible(now) if not r.draining]
-        self.checkpoint_writer = candidates[0].peer_id if candidates else None
+        chosen = candidates[0].peer_id if candidates else None
+        if chosen != current:
+            log.info("checkpoint writer: %s (was %s)", chosen or "none", current or "none")
+            # The old writer's view of storage no longer describes what gets written.
+            self.checkpoint_writer_stale = False
+        self.checkpoint_writer = chosen
 
     def _record_checkpoint(self, peer_id: str, result: CheckpointResult, now: float) -> None:
         if self.checkpoint_due_step == result.step:
             self.checkpoint_due_step = None
+        if not result.error:
+            self.checkpoint_taken_step = max(self.checkpoint_taken_step or 0, result.step)
         if result.error:
             self.checkpoint_error = result.error
             log.error("checkpoint of step %d by %s failed: %s", result.step, peer_id, result.error)
         elif result.uri:
             self.checkpoint_error = None
-            self.last_checkpoint = LastCheckpoint(
-                step=result.step, uri=result.uri, time=datetime.now(UTC)
+            self._note_checkpoint(
+                LastCheckpoint(step=result.step, uri=result.uri, time=datetime.now(UTC))
             )
+
+    def _note_checkpoint(self, checkpoint: LastCheckpoint) -> None:
+        """Keep the newest complete checkpoint any peer reported (never move back)."""
+        if self.last_checkpoint is None or checkpoint.step > self.last_checkpoint.step:
+            self.last_checkpoint = checkpoint
+        self.checkpoint_taken_step = max(self.checkpoint_taken_step or 0, checkpoint.step)
+
+    def _record_writer_report(self, peer_id: str, report: WriterReport) -> None:
+        if report.last_checkpoint is not None:
+            self._note_checkpoint(report.last_checkpoint)
+        # Only the current writer's troubles describe the checkpoints being written now.
+        if peer_id == self.checkpoint_writer:
+            if report.stale != self.checkpoint_writer_stale or (
+                report.error and report.error != self.checkpoint_error
+            ):
+                log.log(
+                    logging.WARNING if report.stale or report.error else logging.INFO,
+                    "checkpoint writer %s: stale %s, error %s",
+                    peer_id,
+                    report.stale,
+                    report.error,
+                )
+            self.checkpoint_writer_stale = report.stale
+            self.checkpoint_error = report.error
 
     # --- status ----------------------------------------------------------------------
 
@@ -671,9 +720,10 @@ class CoordinatorState:
         live = self.live_peers(now)
         current = self.round if self.round is not None and self.round.outcome is None else None
         every = self.config.checkpoint.every_steps if self.config.checkpoint else None
-        stale = bool(
-            every
-            and self.step - (self.last_checkpoint.step if self.last_checkpoint else 0) > 2 * every
+        base = self.last_checkpoint.step if self.last_checkpoint else self.checkpoint_base_step
+        # Stale: the writer says uploads fall behind, or two intervals passed without one.
+        stale = self.config.checkpoint is not None and (
+            self.checkpoint_writer_stale or bool(every and self.step - base > 2 * every)
         )
         return CoordinatorStatus(
             job=self.config.job,

@@ -22,6 +22,7 @@ from collabtrain_trainer.protocol import (
     RoundDecision,
     RoundReady,
     RoundVote,
+    WriterReport,
 )
 
 M = TypeVar("M", bound=BaseModel)
@@ -74,9 +75,14 @@ class CoordinatorClient:
     def join(self, request: JoinRequest) -> JoinResponse:
         return self._post("/peers/join", request, JoinResponse)
 
-    def heartbeat(self, peer_id: str) -> HeartbeatResponse:
+    def heartbeat(
+        self, peer_id: str, checkpoint_status: WriterReport | None = None
+    ) -> HeartbeatResponse:
         return self._post(
-            "/peers/heartbeat", Heartbeat(peer_id=peer_id), HeartbeatResponse, timeout=5.0
+            "/peers/heartbeat",
+            Heartbeat(peer_id=peer_id, checkpoint_status=checkpoint_status),
+            HeartbeatResponse,
+            timeout=5.0,
         )
 
     def report(self, report: ProgressReport) -> Instruction:

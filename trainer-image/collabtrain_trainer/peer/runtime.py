@@ -8,25 +8,28 @@ applied twice.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import logging
 import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from types import FrameType
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from collabtrain_trainer.averaging.exchange import ExchangeResult, ExchangeState, average
 from collabtrain_trainer.averaging.groups import EpochGroups, default_backend
+from collabtrain_trainer.checkpoint import CheckpointStorageError
 from collabtrain_trainer.config import TrainerConfig
 from collabtrain_trainer.observability import log_context, setup_telemetry
+from collabtrain_trainer.peer.checkpointing import PeerCheckpoints
 from collabtrain_trainer.peer.client import (
     CoordinatorClient,
     CoordinatorUnavailable,
@@ -68,12 +71,8 @@ _REPORT_INTERVAL_S = 0.05
 # How long past the round deadline a peer waits for the coordinator's decision.
 _DECISION_SLACK_S = 10.0
 
-# Called by the chosen checkpoint writer with the state to save and its step; returns the
-# checkpoint's URI. The checkpoint package provides the storage-backed implementation.
-CheckpointHook = Callable[[dict[str, Any], int], str]
-# Called by a newcomer when no live peer holds the state: returns serialized state
-# (as `serialize_state` writes it) from the latest checkpoint, or None.
-RestoreHook = Callable[[], bytes | None]
+# A writer that finished the job waits this long for its last upload before leaving.
+_FINAL_FLUSH_S = 120.0
 
 
 @dataclass
@@ -134,15 +133,14 @@ class Peer:
         advertise_host: str = "127.0.0.1",
         bind_host: str = "0.0.0.0",
         state_port: int = 0,
-        checkpoint_hook: CheckpointHook | None = None,
-        restore_hook: RestoreHook | None = None,
         faults: Faults | None = None,
     ) -> None:
         self.config = config
         self.peer_id = peer_id
         self.token = token
-        self.checkpoint_hook = checkpoint_hook
-        self.restore_hook = restore_hook
+        self.checkpoints = (
+            PeerCheckpoints(config.checkpoint, config.job, peer_id) if config.checkpoint else None
+        )
         self.faults = faults or Faults()
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.task = load_task(config.task, config.task_args, config.seed)
@@ -157,6 +155,11 @@ class Peer:
         self.groups: EpochGroups | None = None
         self.batches: Iterator[Batch] | None = None
         self.data_shard: int | None = None
+        # Data position: micro-batches read from this shard, and how many of them went into
+        # committed steps (what a checkpoint records, so a restart does not skip data).
+        self.micro_batches = 0
+        self.committed_micro_batches = 0
+        self.samples_seen = 0  # committed samples, over all peers
         # Held while parameters change, so the state server never serves a half-step.
         self.state_lock = threading.Lock()
         self._snapshot: StateSnapshot | None = None
@@ -260,6 +263,7 @@ class Peer:
             self.groups.retarget(response.store_host, response.store_port)
         if response.data_shard != self.data_shard:
             self.data_shard = response.data_shard
+            self.micro_batches = self.committed_micro_batches = 0
             self.batches = self.task.batches(
                 DataShard(
                     index=response.data_shard,
@@ -281,23 +285,92 @@ class Peer:
     def _initial_state(self, response: JoinResponse) -> None:
         if response.sync_from and self._sync_from(response.sync_from):
             return
-        if response.step > 0 and self.restore_hook is not None:
-            data = self.restore_hook()
-            if data is not None:
-                self._load(data, None, None, "the latest checkpoint")
-                self.has_state = True
-                return
+        # No live peer holds the state: this peer bootstraps the job (a full restart when a
+        # checkpoint exists; the coordinator adopts its step from its first report).
+        if self.checkpoints is not None and self._restore_checkpoint():
+            return
         if response.step > 0:
             log.warning(
                 "no live peer or checkpoint holds step %d; starting from the seed", response.step
             )
         self.has_state = True  # the seeded model is step 0's state
 
+    def _restore_checkpoint(self) -> bool:
+        """Load the latest checkpoint; False when the job has none. Even one behind the
+        coordinator's step beats the seed (nobody live holds that step). Storage errors
+        are retried until SIGTERM: starting from the seed would throw training away."""
+        assert self.checkpoints is not None
+        attempt = 0
+        while True:
+            with self.state_lock:
+                try:
+                    restored = self.checkpoints.restore(self.model, self.optimizer)
+                    break
+                except CheckpointStorageError as error:
+                    # CheckpointCorruptError (none verifies) is a subclass: retrying
+                    # covers a store that is still coming up; an operator fixes the rest.
+                    attempt += 1
+                    log.error(
+                        "cannot restore the latest checkpoint (attempt %d): %s", attempt, error
+                    )
+            if self.term_at is not None:
+                raise _Terminated
+            time.sleep(min(10.0, 0.5 * 2**attempt))
+        if restored is None:
+            log.info("no checkpoint yet under this job: starting from the seed")
+            return False
+        progress = restored.progress
+        with self.state_lock:
+            self.step = progress.step
+            self.hash = param_hash(self.model)
+            self.samples_seen = progress.samples_seen
+            self._reset_accumulation()
+            self.exchange_state = ExchangeState(
+                self.config.compression, powersgd_seed=self.config.seed
+            )
+        self._skip_to(progress.data_position)
+        self.has_state = True
+        log_context.step = self.step
+        log.info(
+            "state loaded from checkpoint %s: step %d, hash %s, %d samples seen, "
+            "data position %s (%.2fs)",
+            restored.checkpoint.uri,
+            self.step,
+            self.hash,
+            self.samples_seen,
+            progress.data_position,
+            restored.seconds,
+        )
+        return True
+
+    def _data_position(self) -> dict[str, int]:
+        return {
+            "data_shard": self.data_shard if self.data_shard is not None else -1,
+            "data_shards": self.config.data_shards,
+            "micro_batches": self.committed_micro_batches,
+        }
+
+    def _skip_to(self, position: object) -> None:
+        """Resume the data stream where the checkpoint's writer was, when this peer reads
+        the same shard (otherwise its own shard starts afresh, like any newcomer's)."""
+        if not isinstance(position, dict) or self.batches is None:
+            return
+        if (
+            position.get("data_shard") != self.data_shard
+            or position.get("data_shards") != self.config.data_shards
+        ):
+            return
+        count = int(position.get("micro_batches", 0))
+        next(itertools.islice(self.batches, count, count), None)  # consume `count` batches
+        self.micro_batches = self.committed_micro_batches = count
+
     def _heartbeat_loop(self) -> None:
         interval = self.config.timing.heartbeat_interval_s
         while not self.stop_heartbeat.wait(interval):
             try:
-                reply = self.client.heartbeat(self.peer_id)
+                reply = self.client.heartbeat(
+                    self.peer_id, self.checkpoints.report() if self.checkpoints else None
+                )
                 if reply.finished:
                     self.finished.set()
             except RejoinRequired:
@@ -321,6 +394,7 @@ class Peer:
         assert self.batches is not None
         started = time.perf_counter()
         inputs, targets = next(self.batches)
+        self.micro_batches += 1
         inputs, targets = inputs.to(self.device), targets.to(self.device)
         self.model.train()
         loss = self.task.loss(self.model(inputs), targets)
@@ -353,6 +427,7 @@ class Peer:
                 loss=self.accumulator.mean_loss,
                 draining=self.drain_until is not None,
                 checkpoint=checkpoint,
+                checkpoint_status=self.checkpoints.report() if self.checkpoints else None,
             )
         )
 
@@ -477,6 +552,7 @@ class Peer:
         self.faults.maybe_pause("apply", assignment.step)
         with self.tracer.start_as_current_span("apply"):
             self._apply(result.average, assignment.step + 1)
+        self.samples_seen += round(result.total_weight)
         self._rounds_counter.add(1, {"outcome": "commit"})
         self._bytes_counter.add(result.bytes_sent)
         self.rounds_committed += 1
@@ -494,6 +570,7 @@ class Peer:
             assign_flat_gradient(self.params, averaged)
             self.optimizer.step()
             self._reset_accumulation()
+            self.committed_micro_batches = self.micro_batches
             self.step = new_step
             self.hash = param_hash(self.model)
         log_context.step = self.step
@@ -520,27 +597,61 @@ class Peer:
 
     # --- checkpoints -----------------------------------------------------------------
 
-    def _write_checkpoint(self, step: int) -> None:
-        if step != self.step:
-            return
-        if self.checkpoint_hook is None:
-            self.pending_checkpoint = CheckpointResult(
-                step=step, error="no checkpoint storage configured"
-            )
-            return
-        with self.state_lock:
-            state = {
-                "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "step": self.step,
-            }
-            try:
-                uri = self.checkpoint_hook(state, step)
-                self.pending_checkpoint = CheckpointResult(step=step, uri=uri)
-            except Exception as error:
+    def _maybe_checkpoint(self, instruction: Instruction) -> None:
+        """As the writer: snapshot the committed step when due or requested; the upload
+        runs in the background, so training waits only for the CPU copy."""
+        requested = instruction.checkpoint_step
+        if requested is not None and requested != self.step:
+            requested = None  # asked for a step this peer no longer (or not yet) holds
+        checkpoints = self.checkpoints
+        if checkpoints is None:
+            if requested is not None:
                 self.pending_checkpoint = CheckpointResult(
-                    step=step, error=f"{type(error).__name__}: {error}"
+                    step=requested, error="no checkpoint storage configured"
                 )
+            return
+        if instruction.step != self.step or instruction.action == "resync":
+            return
+        due = instruction.checkpoint_writer and checkpoints.due(
+            self.step, instruction.checkpoint_last_step
+        )
+        if requested is None and not due:
+            return
+        if checkpoints.taken(self.step):
+            self.pending_checkpoint = CheckpointResult(step=self.step)
+            return
+        try:
+            with self.state_lock:
+                checkpoints.take(
+                    self.step,
+                    self.model,
+                    self.optimizer,
+                    self.samples_seen,
+                    self._data_position(),
+                )
+            self.pending_checkpoint = CheckpointResult(step=self.step)
+        except (CheckpointStorageError, ValueError, RuntimeError) as error:
+            log.error("checkpoint of step %d not taken: %s", self.step, error)
+            self.pending_checkpoint = CheckpointResult(
+                step=self.step, error=f"{type(error).__name__}: {error}"
+            )
+
+    def _final_checkpoint(self) -> None:
+        """The job finished: the writer saves the last step and waits for the upload, then
+        tells the coordinator (the operator shows it as the job's last checkpoint)."""
+        if self.checkpoints is None:
+            return
+        try:
+            instruction = self._report()
+        except (RejoinRequired, CoordinatorUnavailable):
+            return
+        if instruction.checkpoint_writer and not self.checkpoints.taken(self.step):
+            self._maybe_checkpoint(
+                instruction.model_copy(update={"checkpoint_step": self.step, "action": "stop"})
+            )
+        self.checkpoints.close(timeout=_FINAL_FLUSH_S)
+        with contextlib.suppress(RejoinRequired, CoordinatorUnavailable):
+            self._report()
 
     # --- main loop -------------------------------------------------------------------
 
@@ -555,6 +666,8 @@ class Peer:
             self._join()
             heartbeat.start()
             reason = self._loop()
+            if reason == "max_steps reached":
+                self._final_checkpoint()  # still a member: no round forms once finished
         except _Terminated:
             reason = "terminated while the coordinator was unreachable"
         finally:
@@ -565,6 +678,10 @@ class Peer:
                 log.info("could not say goodbye to the coordinator: %s", error)
             if self.groups is not None:
                 self.groups.close()
+            if self.checkpoints is not None:
+                # Left first, so no round waits for it; the coordinator has handed the duty
+                # on. Finish the upload in flight within the leave grace.
+                self.checkpoints.close(timeout=max(1.0, self.config.timing.leave_grace_s))
             self.server.stop()
         log.info(
             "peer leaving: %s (step %d, %d rounds committed)",
@@ -596,8 +713,7 @@ class Peer:
             if instruction.draining and self.drain_until is None:
                 self.drain_until = time.monotonic() + self.config.timing.leave_grace_s
                 log.info("the coordinator asked this peer to drain")
-            if instruction.checkpoint_step is not None:
-                self._write_checkpoint(instruction.checkpoint_step)
+            self._maybe_checkpoint(instruction)
             action = instruction.action
             if action == "stop":
                 return "max_steps reached"
