@@ -58,6 +58,38 @@ def run_to_completion(
     return final, losses, coordinator_views
 
 
+def loss_of_final_checkpoint(cluster: LocalCluster, job: str) -> float:
+    import torch
+
+    from collabtrain_trainer.checkpoint import CheckpointReader, restore_state
+    from collabtrain_trainer.config import CheckpointConfig
+    from collabtrain_trainer.tasks import DataShard, load_task
+
+    assert cluster.minio is not None
+    manifest = quickstart(job)["spec"]
+    config = CheckpointConfig.model_validate(
+        {
+            "endpoint": cluster.minio.endpoint,
+            "bucket": manifest["checkpoint"]["bucket"],
+            "prefix": manifest["checkpoint"]["prefix"],
+            "secure": False,
+        }
+    )
+    env = {
+        "AWS_ACCESS_KEY_ID": cluster.minio.access_key,
+        "AWS_SECRET_ACCESS_KEY": cluster.minio.secret_key,
+    }
+    loaded = CheckpointReader(config, job, env=env).load_latest()
+    assert loaded is not None and loaded.step == MAX_STEPS
+    task = load_task(manifest["trainer"]["task"], {}, seed=0)
+    restore_state(loaded.objects, task.model, None, restore_global_rng=False)
+    task.model.eval()
+    batches = task.batches(DataShard(index=63, count=64, micro_batch_size=16, seed=1))
+    with torch.no_grad():
+        losses = [float(task.loss(task.model(x), y)) for x, y in (next(batches) for _ in range(8))]
+    return sum(losses) / len(losses)
+
+
 def test_job_succeeds_through_a_spot_preemption(cluster: LocalCluster) -> None:
     namespace = "e2e-preempt"
     cluster.create_namespace(namespace)
@@ -76,6 +108,12 @@ def test_job_succeeds_through_a_spot_preemption(cluster: LocalCluster) -> None:
     # The compressed exchange really compressed.
     last_view = views[-1]
     assert last_view["bytes_sent"] * 10 < last_view["bytes_fp32_equivalent"]
+    # The final checkpoint is in MinIO, loads into a fresh model and gives the loss the job
+    # reported (a training loss over the last micro-batches, so within noise).
+    assert status["lastCheckpoint"]["step"] == MAX_STEPS
+    assert status["lastCheckpoint"]["uri"].startswith("s3://collabtrain/")
+    evaluated = loss_of_final_checkpoint(cluster, name)
+    assert abs(evaluated - last) < 0.35, (evaluated, last)
 
     # Deleting the job removes its children, and with them every peer process.
     cluster.kubectl("delete", "ctj", name, "-n", namespace, "--wait=true", "--timeout=120s")

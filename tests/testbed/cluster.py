@@ -240,8 +240,9 @@ class ControlPlane:
                 ],
             )
             for process, port in ((controller_manager, cm_port), (scheduler, scheduler_port)):
+                healthz = f"https://127.0.0.1:{port}/healthz"
                 wait_until(
-                    lambda port=port: _get(f"https://127.0.0.1:{port}/healthz") == b"ok",
+                    lambda url=healthz: _get(url) == b"ok",  # type: ignore[misc]
                     f"{process.name} /healthz",
                     process=process,
                 )

@@ -1059,7 +1059,9 @@ class NodeAgent:
         return sorted(
             (record.namespace, record.name)
             for record in records
-            if any(run.process is not None and run.process.poll() is None for run in record.running)
+            if any(
+                run.process is not None and run.process.poll() is None for run in record.running()
+            )
         )
 
     def _find(self, namespace: str, name: str) -> PodRuntime | None:
