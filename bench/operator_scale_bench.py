@@ -1,0 +1,686 @@
+"""The operator at scale on KWOK: many spot nodes, one big job, spot nodes dying.
+
+A real control plane (etcd, kube-apiserver, controller-manager, scheduler) and KWOK; the
+operator runs as its own process (`collabtrain-operator`). After the job's peers are
+Running, a share of the spot nodes is preempted every minute the way a spot node dies
+(interruption taint, the pod's DisruptionTarget condition, pod deleted, node deleted) and
+a fresh spot node is added as Karpenter would. Measured over the churn window:
+
+- replacement latency: our delete of the lost pod -> the replacement pod's (same slot,
+  next attempt) creationTimestamp. That is whole seconds, truncated (up to 1 s early);
+  the time our own pod watch first saw the pod is reported beside it, but on a loaded
+  machine that watch lags by seconds, so it is not the headline;
+- operator CPU seconds: utime + stime of the operator process (/proc/<pid>/stat);
+- API requests per minute issued by the operator: the API server's audit log, where the
+  operator is the only client authenticating as its own user (kopf's watches, patches
+  and events plus the operator's own client); the operator's own
+  `collabtrain_operator_api_requests` counter (its own client only) is reported beside.
+
+    PYTHONPATH=tests python -m bench.operator_scale_bench [--quick] [--peers N]
+        [--nodes N] [--minutes M]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import secrets
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from bench.common import print_table, write_result  # noqa: E402
+from testbed import tools  # noqa: E402
+from testbed.cluster import ControlPlane, Kwok, kwok_node  # noqa: E402
+from testbed.processes import ManagedProcess, free_port, wait_until  # noqa: E402
+
+CRD = ROOT / "crds" / "collaborativetrainingjobs.collabtrain.io.yaml"
+OPERATOR = ROOT / ".venv" / "bin" / "collabtrain-operator"
+GROUP, VERSION, PLURAL = "collabtrain.io", "v1alpha1", "collaborativetrainingjobs"
+NAMESPACE = "bench"
+JOB = "scale"
+CAPACITY_LABEL = "karpenter.sh/capacity-type"
+INTERRUPTION_TAINT = {"key": "karpenter.sh/disrupted", "effect": "NoSchedule"}
+OPERATOR_USER = "collabtrain-bench-operator"
+PEER_SELECTOR = "app.kubernetes.io/component=peer"
+SLOT_LABEL = "collabtrain.io/slot"
+ATTEMPT_LABEL = "collabtrain.io/attempt"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+# ------------------------------------------------------------------- the control plane
+
+
+class AuditedControlPlane(ControlPlane):
+    """The test bed's control plane with a second user for the operator and an audit log
+    of that user's requests only: apiserver_request_total has no client label, so this
+    is how the operator's own requests are told apart from KWOK's and the scheduler's."""
+
+    operator_token: str = secrets.token_hex(16)
+
+    @property
+    def audit_log(self) -> Path:
+        return self.workdir / "audit.log"
+
+    def _spawn(self, name: str, argv: list[str]) -> ManagedProcess:
+        if name == "kube-apiserver":
+            tokens = self.workdir / "tokens.csv"
+            with tokens.open("a") as handle:
+                handle.write(f'{self.operator_token},{OPERATOR_USER},op-uid,"system:masters"\n')
+            policy = self.workdir / "audit-policy.yaml"
+            policy.write_text(
+                yaml.safe_dump(
+                    {
+                        "apiVersion": "audit.k8s.io/v1",
+                        "kind": "Policy",
+                        # One line per request, when it completes.
+                        "omitStages": ["RequestReceived", "ResponseStarted"],
+                        "rules": [
+                            {"level": "Metadata", "users": [OPERATOR_USER]},
+                            {"level": "None"},
+                        ],
+                    }
+                )
+            )
+            argv = [
+                *argv,
+                f"--audit-policy-file={policy}",
+                f"--audit-log-path={self.audit_log}",
+                "--audit-log-format=json",
+                "--audit-log-mode=batch",  # off the request path
+            ]
+        return super()._spawn(name, argv)
+
+    def operator_kubeconfig(self) -> Path:
+        config = yaml.safe_load(self.kubeconfig.read_text())
+        config["users"][0]["user"]["token"] = self.operator_token
+        path = self.workdir / "operator-kubeconfig"
+        path.write_text(yaml.safe_dump(config))
+        path.chmod(0o600)
+        return path
+
+    def apiserver_pid(self) -> int | None:
+        return next((p.pid for p in self.processes if p.name == "kube-apiserver"), None)
+
+
+def audit_requests(path: Path, start: float, end: float) -> dict[str, int]:
+    """The operator's requests received within [start, end), by "VERB resource"."""
+    counts: dict[str, int] = {}
+    if not path.exists():
+        return counts
+    with path.open() as handle:
+        for line in handle:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            received = _parse_time(event.get("requestReceivedTimestamp"))
+            if received is None or not start <= received < end:
+                continue
+            ref = event.get("objectRef") or {}
+            resource = ref.get("resource", "?") + (
+                "/" + ref["subresource"] if ref.get("subresource") else ""
+            )
+            key = f"{event.get('verb', '?')} {resource}"
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def _parse_time(text: str | None) -> float | None:
+    if not text:
+        return None
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, in seconds."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()  # after "(comm)", which may hold spaces
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def scrape(port: int) -> dict[str, float]:
+    """The operator's Prometheus metrics, summed over labels, by metric name."""
+    sums: dict[str, float] = {}
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+            text = response.read().decode()
+    except OSError:
+        return sums
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name, _, value = line.rpartition(" ")
+        metric = name.split("{", 1)[0]
+        with contextlib.suppress(ValueError):
+            sums[metric] = sums.get(metric, 0.0) + float(value)
+    return sums
+
+
+# ------------------------------------------------------------------------ pod watching
+
+
+@dataclass
+class PodRecord:
+    name: str
+    slot: int
+    attempt: int
+    created: float  # creationTimestamp (whole seconds)
+    seen: float  # our watch's first sight (wall clock)
+    node: str | None = None
+    running_at: float | None = None
+    gone: bool = False
+
+
+@dataclass
+class PodTracker:
+    """All peer pods of the job ever seen, from one watch (relisted if it expires)."""
+
+    core: Any
+    pods: dict[str, PodRecord] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    stopping: threading.Event = field(default_factory=threading.Event)
+    errors: int = 0
+
+    def run(self) -> None:
+        from kubernetes import watch
+
+        while not self.stopping.is_set():
+            try:
+                listed = self.core.list_namespaced_pod(NAMESPACE, label_selector=PEER_SELECTOR)
+                for pod in listed.items:
+                    self._record(self.core.api_client.sanitize_for_serialization(pod), "ADDED")
+                stream = watch.Watch().stream(  # type: ignore[no-untyped-call]
+                    self.core.list_namespaced_pod,
+                    NAMESPACE,
+                    label_selector=PEER_SELECTOR,
+                    resource_version=listed.metadata.resource_version,
+                    timeout_seconds=30,
+                    _request_timeout=60,
+                )
+                for event in stream:
+                    if self.stopping.is_set():
+                        break
+                    body = self.core.api_client.sanitize_for_serialization(event["object"])
+                    self._record(body, event["type"])
+            except Exception:  # an expired watch or an API hiccup: relist
+                self.errors += 1
+                time.sleep(0.5)
+
+    def _record(self, pod: dict[str, Any], kind: str) -> None:
+        now = time.time()
+        metadata = pod.get("metadata") or {}
+        name = metadata.get("name", "")
+        labels = metadata.get("labels") or {}
+        with self.lock:
+            record = self.pods.get(name)
+            if record is None:
+                if kind == "DELETED":
+                    return
+                record = PodRecord(
+                    name=name,
+                    slot=int(labels.get(SLOT_LABEL, -1)),
+                    attempt=int(labels.get(ATTEMPT_LABEL, -1)),
+                    created=_parse_time(metadata.get("creationTimestamp")) or now,
+                    seen=now,
+                )
+                self.pods[name] = record
+            record.node = (pod.get("spec") or {}).get("nodeName") or record.node
+            running = (pod.get("status") or {}).get("phase") == "Running"
+            if running and record.running_at is None:
+                record.running_at = now
+            if kind == "DELETED" or metadata.get("deletionTimestamp"):
+                record.gone = True
+
+    def running_on_nodes(self) -> dict[str, PodRecord]:
+        """Live Running peers by node."""
+        with self.lock:
+            return {
+                r.node: r
+                for r in self.pods.values()
+                if r.node and r.running_at is not None and not r.gone
+            }
+
+    def running(self) -> int:
+        return len(self.running_on_nodes())
+
+    def replacement(self, slot: int, attempt: int) -> PodRecord | None:
+        with self.lock:
+            later = [r for r in self.pods.values() if r.slot == slot and r.attempt > attempt]
+        return min(later, key=lambda r: r.attempt) if later else None
+
+
+# ---------------------------------------------------------------------- the benchmark
+
+
+@dataclass
+class Loss:
+    node: str
+    pod: str
+    slot: int
+    attempt: int
+    deleted_at: float
+    steps_s: float  # time our preemption calls took
+
+
+def spot_node(name: str) -> dict[str, Any]:
+    return kwok_node(name, labels={CAPACITY_LABEL: "spot"}, gpus=1)
+
+
+def job_manifest(peers: int) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "CollaborativeTrainingJob",
+        "metadata": {"name": JOB, "namespace": NAMESPACE},
+        "spec": {
+            "replicas": peers,
+            "minReplicas": 1,
+            "maxReplicas": peers,
+            "trainer": {
+                "image": "ghcr.io/collabtrain/trainer:0.1.0",
+                "task": "tinylm",
+                # One GPU per peer: a replacement needs a fresh node, as on a real cluster.
+                "resources": {"limits": {"nvidia.com/gpu": 1}},
+            },
+            "training": {
+                "targetBatchSize": 96,
+                "microBatchSize": 16,
+                "maxSteps": 1_000_000,
+                "optimizer": {"name": "adamw", "lr": 0.003},
+                "compression": {"codec": "powersgd", "rank": 2},
+            },
+            # Far beyond the run: on a loaded 2-core test bed the scheduler may take over
+            # the quickstart's 2m to place 1,000 pods, and the fallback would then move
+            # slots to the (GPU-less) on-demand node instead of measuring spot churn.
+            "capacity": {"spot": "Preferred", "onDemandFallbackAfter": "30m"},
+            "failurePolicy": {"maxFailures": 5},
+        },
+    }
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    if len(values) == 1:
+        return values[0]
+    return float(statistics.quantiles(values, n=100, method="inclusive")[round(q) - 1])
+
+
+def timed(what: str, action: Callable[[], Any]) -> Any:
+    started = time.monotonic()
+    result = action()
+    print(f"[bench] {what}: {time.monotonic() - started:.1f} s", flush=True)
+    return result
+
+
+def preempt(core: Any, record: PodRecord, replacement_node: str) -> Loss:
+    """One spot node dies: notice, pod condition, pod deleted, node deleted, new node."""
+    from kubernetes.client.exceptions import ApiException
+
+    started = time.time()
+    node = record.node or ""
+    taints = core.read_node(node).spec.taints or []
+    core.patch_node(
+        node,
+        {"spec": {"taints": [*(t.to_dict() for t in taints), INTERRUPTION_TAINT]}},
+    )
+    condition = {
+        "type": "DisruptionTarget",
+        "status": "True",
+        "reason": "TerminationByKubelet",
+        "message": "spot instance interrupted",
+        "lastTransitionTime": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+    with contextlib.suppress(ApiException):
+        core.patch_namespaced_pod_status(
+            record.name, NAMESPACE, {"status": {"conditions": [condition]}}
+        )
+    with contextlib.suppress(ApiException):
+        core.delete_namespaced_pod(record.name, NAMESPACE)
+    deleted_at = time.time()
+    with contextlib.suppress(ApiException):
+        core.delete_node(node)
+    core.create_node(spot_node(replacement_node))
+    return Loss(node, record.name, record.slot, record.attempt, deleted_at, time.time() - started)
+
+
+def wait_for(predicate: Callable[[], bool], what: str, timeout: float, every: float = 1.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(every)
+
+
+@contextlib.contextmanager
+def operator_process(kubeconfig: Path, metrics_port: int, log: Path) -> Iterator[ManagedProcess]:
+    process = ManagedProcess(
+        "collabtrain-operator",
+        [
+            str(OPERATOR),
+            "--standalone",
+            "--all-namespaces",
+            f"--metrics-port={metrics_port}",
+            "--liveness=",
+        ],
+        log,
+        env={"KUBECONFIG": str(kubeconfig)},
+    )
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+def run(peers: int, nodes: int, minutes: float, rate: float) -> dict[str, Any]:
+    from kubernetes import client, config
+
+    plane = AuditedControlPlane()
+    kwok: Kwok | None = None
+    tracker: PodTracker | None = None
+    api: Any = None
+    try:
+        timed("control plane", plane.start)
+        kwok = timed("kwok", Kwok(plane.kubeconfig).start)
+        api = config.new_client_from_config(config_file=str(plane.kubeconfig))  # type: ignore[no-untyped-call]
+        api.configuration.connection_pool_maxsize = 32
+        core: Any = client.CoreV1Api(api)  # it takes plain dicts too
+        kubectl = str(tools.find("kubectl"))
+        subprocess.run(
+            [kubectl, f"--kubeconfig={plane.kubeconfig}", "apply", "--server-side", "-f", str(CRD)],
+            check=True,
+            capture_output=True,
+        )
+        subprocess.run(
+            [
+                kubectl,
+                f"--kubeconfig={plane.kubeconfig}",
+                "wait",
+                "--for=condition=Established",
+                "--timeout=60s",
+                f"crd/{PLURAL}.{GROUP}",
+            ],
+            check=True,
+            capture_output=True,
+        )
+        core.create_namespace({"metadata": {"name": NAMESPACE}})
+        wait_until(
+            lambda: bool(core.list_namespaced_service_account(NAMESPACE).items),
+            "the default ServiceAccount",
+            timeout=60,
+        )
+
+        def create_nodes() -> None:
+            names = [f"spot-{i:05d}" for i in range(nodes)]
+            with ThreadPoolExecutor(16) as pool:
+                list(pool.map(lambda n: core.create_node(spot_node(n)), names))
+            core.create_node(kwok_node("on-demand-0", labels={CAPACITY_LABEL: "on-demand"}))
+
+        timed(f"create {nodes} spot nodes + 1 on-demand", create_nodes)
+
+        def nodes_ready() -> bool:
+            listed = core.list_node().items
+            ready = sum(
+                1
+                for n in listed
+                if any(c.type == "Ready" and c.status == "True" for c in n.status.conditions or [])
+            )
+            return ready >= nodes + 1
+
+        timed("nodes Ready", lambda: wait_for(nodes_ready, "nodes Ready", 300, every=2))
+
+        tracker = PodTracker(core)
+        threading.Thread(target=tracker.run, daemon=True).start()
+        metrics_port = free_port()
+        with operator_process(
+            plane.operator_kubeconfig(), metrics_port, plane.workdir / "operator.log"
+        ) as operator:
+            client.CustomObjectsApi(api).create_namespaced_custom_object(
+                GROUP, VERSION, NAMESPACE, PLURAL, job_manifest(peers)
+            )
+            setup_started = time.time()
+            setup_cpu = cpu_seconds(operator.pid)
+
+            progress = {"at": time.monotonic()}
+
+            def all_running() -> bool:
+                if not operator.alive():
+                    raise RuntimeError(f"the operator exited:\n{operator.log_tail()}")
+                running = tracker.running()
+                if time.monotonic() - progress["at"] > 30:
+                    progress["at"] = time.monotonic()
+                    print(
+                        f"[bench]   {running} Running of {len(tracker.pods)} peer pods seen",
+                        flush=True,
+                    )
+                return running >= peers
+
+            timed(
+                f"{peers} peers Running",
+                lambda: wait_for(all_running, "peers Running", 120 + peers * 0.6),
+            )
+            startup = {
+                "seconds": time.time() - setup_started,
+                "operator_cpu_s": cpu_seconds(operator.pid) - setup_cpu,
+            }
+
+            # --- churn
+            per_minute = max(1, round(nodes * rate))
+            total = round(per_minute * minutes)
+            spacing = 60.0 / per_minute
+            losses: list[Loss] = []
+            failures: list[str] = []
+            before = scrape(metrics_port)
+            cpu_start = cpu_seconds(operator.pid)
+            apiserver_pid = plane.apiserver_pid()
+            apiserver_cpu_start = cpu_seconds(apiserver_pid) if apiserver_pid else 0.0
+            churn_start = time.time()
+            print(
+                f"[bench] churn: {per_minute} nodes/min for {minutes:g} min "
+                f"(one every {spacing:.2f} s)",
+                flush=True,
+            )
+            victims_taken: set[str] = set()
+            with ThreadPoolExecutor(8) as pool:
+                futures = []
+                for index in range(total):
+                    due = churn_start + index * spacing
+                    time.sleep(max(0.0, due - time.time()))
+                    candidates = [
+                        record
+                        for node, record in tracker.running_on_nodes().items()
+                        if node.startswith("spot-") and node not in victims_taken
+                    ]
+                    if not candidates:
+                        failures.append(f"no Running peer to preempt at {index}")
+                        continue
+                    victim = candidates[secrets.randbelow(len(candidates))]
+                    victims_taken.add(victim.node or "")
+                    futures.append(pool.submit(preempt, core, victim, f"spot-r{index:05d}"))
+                    if index % per_minute == per_minute - 1:
+                        print(
+                            f"[bench] minute {index // per_minute + 1}: "
+                            f"{tracker.running()} Running, "
+                            f"operator CPU {cpu_seconds(operator.pid) - cpu_start:.1f} s",
+                            flush=True,
+                        )
+                time.sleep(max(0.0, churn_start + minutes * 60 - time.time()))
+                churn_end = time.time()
+                cpu_end = cpu_seconds(operator.pid)
+                apiserver_cpu_end = cpu_seconds(apiserver_pid) if apiserver_pid else 0.0
+                after = scrape(metrics_port)
+                for future in futures:
+                    try:
+                        losses.append(future.result())
+                    except Exception as error:
+                        failures.append(f"preemption failed: {error!r}")
+
+            # Replacements of the last losses come after the window: wait for them.
+            def replaced() -> bool:
+                return all(tracker.replacement(x.slot, x.attempt) for x in losses)
+
+            with contextlib.suppress(TimeoutError):
+                wait_for(replaced, "replacements", 120)
+            settled = time.time()
+            cpu_settled = cpu_seconds(operator.pid)
+            final_running = tracker.running()
+            operator_alive = operator.alive()
+            rss = rss_mib(operator.pid) if operator_alive else 0.0
+            operator_log_tail = operator.log_tail(4000)
+
+        audit = audit_requests(plane.audit_log, churn_start, churn_end)
+        window_minutes = (churn_end - churn_start) / 60
+        seen_latency: list[float] = []
+        created_latency: list[float] = []
+        running_latency: list[float] = []
+        missing: list[str] = []
+        for loss in losses:
+            new = tracker.replacement(loss.slot, loss.attempt)
+            if new is None:
+                missing.append(loss.pod)
+                continue
+            seen_latency.append(new.seen - loss.deleted_at)
+            created_latency.append(new.created - loss.deleted_at)
+            if new.running_at is not None:
+                running_latency.append(new.running_at - loss.deleted_at)
+        audit_total = sum(audit.values())
+        own_requests = after.get("collabtrain_operator_api_requests_total", 0.0) - before.get(
+            "collabtrain_operator_api_requests_total", 0.0
+        )
+        return {
+            "replacement_p50_s": percentile(created_latency, 50),
+            "replacement_p99_s": percentile(created_latency, 99),
+            "operator_cpu_s": cpu_end - cpu_start,
+            "api_requests_per_min": audit_total / window_minutes,
+            "peers": peers,
+            "nodes": nodes,
+            "details": {
+                "minutes": minutes,
+                "preemptions_per_minute": per_minute,
+                "preemptions": len(losses),
+                "replacements_missing": missing,
+                "preemption_failures": failures,
+                "replacement_clock": "creationTimestamp (truncated to the second)",
+                "replacement_max_s": max(created_latency, default=float("nan")),
+                "replacement_seen_p50_s": percentile(seen_latency, 50),
+                "replacement_seen_p99_s": percentile(seen_latency, 99),
+                "replacement_seen_clock": "the bench's own pod watch (lags under load)",
+                "replacement_running_p50_s": percentile(running_latency, 50),
+                "replacement_running_p99_s": percentile(running_latency, 99),
+                "preempt_calls_p50_s": percentile([x.steps_s for x in losses], 50),
+                "api_requests_source": (
+                    "kube-apiserver audit log, requests by the operator's own user "
+                    "(kopf watches/patches/events + the operator's REST client)"
+                ),
+                "api_requests_by_verb_resource": dict(sorted(audit.items())),
+                "operator_own_client_requests_per_min": own_requests / window_minutes,
+                "operator_replacement_latency_metric": {
+                    "count": after.get("collabtrain_operator_replacement_latency_seconds_count", 0)
+                    - before.get("collabtrain_operator_replacement_latency_seconds_count", 0),
+                    "sum_s": after.get("collabtrain_operator_replacement_latency_seconds_sum", 0)
+                    - before.get("collabtrain_operator_replacement_latency_seconds_sum", 0),
+                },
+                "operator_cpu_s_incl_settle": cpu_settled - cpu_start,
+                "settle_s": settled - churn_end,
+                "operator_cpu_per_min": (cpu_end - cpu_start) / window_minutes,
+                "operator_rss_mib": rss,
+                "operator_alive": operator_alive,
+                "apiserver_cpu_s": apiserver_cpu_end - apiserver_cpu_start,
+                "running_at_end": final_running,
+                "startup": startup,
+                "watch_errors": tracker.errors,
+                "window_s": churn_end - churn_start,
+                "operator_log_tail": operator_log_tail[-1500:],
+            },
+        }
+    finally:
+        if tracker is not None:
+            tracker.stopping.set()
+        if api is not None:
+            api.close()
+        if kwok is not None:
+            kwok.stop()
+        plane.stop()
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def argv_sizes(args: argparse.Namespace) -> bool:
+    return any(v is not None for v in (args.peers, args.nodes, args.minutes))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else "")
+    parser.add_argument("--quick", action="store_true", help="100 nodes, 100 peers, 1 minute")
+    parser.add_argument("--peers", type=int, default=None, help="default 1000")
+    parser.add_argument("--nodes", type=int, default=None, help="spot nodes; default 1000")
+    parser.add_argument("--minutes", type=float, default=None, help="churn minutes; default 5")
+    parser.add_argument("--rate", type=float, default=0.1, help="share of nodes lost per minute")
+    args = parser.parse_args(argv)
+    peers = args.peers or (100 if args.quick else 1000)
+    nodes = args.nodes or (100 if args.quick else 1000)
+    minutes = args.minutes or (1.0 if args.quick else 5.0)
+    os.environ.pop("KUBECONFIG", None)  # never a real cluster
+    # SIGTERM (and SIGINT, ignored in background jobs) must still tear the bed down.
+    signal.signal(signal.SIGTERM, _interrupt)
+
+    started = time.monotonic()
+    result = run(peers, nodes, minutes, args.rate)
+    result["details"]["run_s"] = time.monotonic() - started
+    details = result["details"]
+    row = {
+        "peers": peers,
+        "nodes": nodes,
+        "preempted": details["preemptions"],
+        "repl_p50_s": result["replacement_p50_s"],
+        "repl_p99_s": result["replacement_p99_s"],
+        "watch_seen_p50_s": details["replacement_seen_p50_s"],
+        "watch_seen_p99_s": details["replacement_seen_p99_s"],
+        "running_p99_s": details["replacement_running_p99_s"],
+        "operator_cpu_s": result["operator_cpu_s"],
+        "api_req_per_min": result["api_requests_per_min"],
+        "own_client_req_per_min": details["operator_own_client_requests_per_min"],
+        "missing": len(details["replacements_missing"]),
+    }
+    print()
+    print_table([row], list(row))
+    print()
+    print("operator requests in the window (audit log):")
+    for key, count in sorted(
+        details["api_requests_by_verb_resource"].items(), key=lambda item: -item[1]
+    ):
+        print(f"  {count:7d}  {key}")
+    result["mode"] = "quick" if args.quick else "custom" if argv_sizes(args) else "full"
+    path = write_result("operator_scale", result, [row])
+    print(f"\n[bench] {path} in {details['run_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
