@@ -42,7 +42,9 @@ def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
     print("  ".join("-" * w for w in widths))
     for row in rows:
-        print("  ".join(cell(row.get(c, "")).ljust(w) for c, w in zip(columns, widths, strict=True)))
+        print(
+            "  ".join(cell(row.get(c, "")).ljust(w) for c, w in zip(columns, widths, strict=True))
+        )
 
 
 def median(values: Sequence[float]) -> float:
