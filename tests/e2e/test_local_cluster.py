@@ -44,6 +44,16 @@ def quickstart(name: str) -> dict[str, Any]:
     return copy.deepcopy(manifest)
 
 
+def pod_logs(cluster: LocalCluster, lines: int = 15) -> str:
+    """The end of every pod's log and the operator's, for a failure message."""
+    assert cluster.pods_dir is not None
+    parts = []
+    for log in sorted(Path(cluster.pods_dir).rglob("*.log")):
+        tail = log.read_text(errors="replace").splitlines()[-lines:]
+        parts.append(f"==> {log.parent.name}/{log.name}\n" + "\n".join(tail))
+    return "\n".join(parts)
+
+
 def run_to_completion(
     cluster: LocalCluster, namespace: str, name: str, preempt_at: int | None
 ) -> tuple[dict[str, Any], list[tuple[int, float]], list[dict[str, Any]]]:
@@ -96,7 +106,7 @@ def test_job_succeeds_through_a_spot_preemption(cluster: LocalCluster) -> None:
     name = cluster.submit(namespace, quickstart("quick"))
     job, losses, views = run_to_completion(cluster, namespace, name, preempt_at=MAX_STEPS // 3)
     status = job["status"]
-    assert status["phase"] == "Succeeded", json.dumps(status, indent=1)
+    assert status["phase"] == "Succeeded", json.dumps(status, indent=1) + pod_logs(cluster)
     assert status["progress"]["step"] == MAX_STEPS
     # Preemption is not failure: counted once, replaced, the failure budget untouched.
     assert status["preemptions"] >= 1
@@ -162,7 +172,7 @@ def test_coordinator_pod_deleted_mid_training_is_recreated_and_training_continue
             time.sleep(1)
     assert deleted_at_step is not None
     status = final["status"]
-    assert status["phase"] == "Succeeded", json.dumps(status, indent=1)
+    assert status["phase"] == "Succeeded", json.dumps(status, indent=1) + pod_logs(cluster)
     assert status["progress"]["step"] == MAX_STEPS  # continued from the peers' step
     assert status.get("failures", 0) == 0
 

@@ -452,6 +452,15 @@ def test_nodes_stay_ready_through_heartbeats(
     from kubernetes import client
 
     leases: Any = client.CoordinationV1Api(api_client)
+
+    def lifecycle_taints(name: str) -> list[str]:
+        taints = core.read_node(name).spec.taints or []
+        return [t.key for t in taints if "node.kubernetes.io" in t.key]
+
+    # A new node carries node.kubernetes.io/not-ready until the node lifecycle controller
+    # has seen it Ready; from then on heartbeats must keep it so.
+    for name in agent.node_names:
+        wait_for(lambda name=name: not lifecycle_taints(name), f"{name} to lose not-ready")
     renewals = set()
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -459,7 +468,7 @@ def test_nodes_stay_ready_through_heartbeats(
             node = core.read_node(name)
             ready = next(c for c in node.status.conditions if c.type == "Ready")
             assert ready.status == "True", f"node {name} went {ready.status}: {ready.message}"
-            assert not [t.key for t in node.spec.taints or [] if "node.kubernetes.io" in t.key]
+            assert not lifecycle_taints(name)
         renewals.add(
             leases.read_namespaced_lease(f"spot-{namespace}", "kube-node-lease").spec.renew_time
         )

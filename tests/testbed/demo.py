@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -343,6 +344,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-preempt", action="store_true")
     parser.add_argument("--timeout", type=float, default=600)
     args = parser.parse_args(argv)
+
+    def interrupt(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    # Ctrl-C and SIGTERM both stop cleanly (a background job inherits SIGINT ignored).
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
     try:
         return run_demo(args)
     except KeyboardInterrupt:

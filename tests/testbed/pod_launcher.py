@@ -69,6 +69,26 @@ def _prepare_target(source_is_dir: bool, target: Path) -> None:
 STAGING = Path("/run/collabtrain-pod-launcher")
 
 
+def _would_hide_the_program(mount: dict[str, Any], spec: dict[str, Any]) -> bool:
+    """Pods here share this machine's root file system, so a volume mounted over a folder
+    that holds the program itself (an emptyDir at /tmp while the checkout and its virtual
+    environment live under /tmp) would hide it. Such a volume is not mounted; when it is
+    a temp folder, TMPDIR points at it instead."""
+    target = Path(mount["target"])
+    program = [Path(spec["argv"][0]), Path(__file__), Path(sys.executable)]
+    needed = {*program, *(path.resolve() for path in program)}
+    if not any(path == target or path.is_relative_to(target) for path in needed):
+        return False
+    spec["env"].setdefault("TMPDIR", mount["source"])
+    print(
+        f"[pod-launcher] not mounting the volume at {target}: it would hide "
+        f"{spec['argv'][0]} on this machine; TMPDIR={spec['env']['TMPDIR']}",
+        file=sys.stderr,
+        flush=True,
+    )
+    return True
+
+
 def _enter_namespaces(spec: dict[str, Any]) -> None:
     _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWUTS), "unshare(CLONE_NEWNS | CLONE_NEWUTS)")
     # Without this, our bind mounts would propagate back to the host's shared mounts.
@@ -82,7 +102,9 @@ def _enter_namespaces(spec: dict[str, Any]) -> None:
         f"mount tmpfs on {STAGING}",
     )
     staged: list[Path] = []
-    for index, mount in enumerate(spec["mounts"]):
+    mounts = [mount for mount in spec["mounts"] if not _would_hide_the_program(mount, spec)]
+    spec["mounts"] = mounts
+    for index, mount in enumerate(mounts):
         source = Path(mount["source"])
         if not source.exists():
             raise LaunchError(
