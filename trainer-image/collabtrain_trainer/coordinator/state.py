@@ -52,6 +52,9 @@ log = logging.getLogger("collabtrain.coordinator")
 # Hashes of this many recent steps are kept to check agreement.
 _HASH_HISTORY = 8
 _DECISION_HISTORY = 32
+# How long /status waits, after max_steps, for the final checkpoint before calling the
+# run finished anyway (the writer died, storage is down): the operator must not wait forever.
+FINAL_CHECKPOINT_GRACE_S = 120.0
 
 
 class UnknownPeerError(KeyError):
@@ -153,6 +156,7 @@ class CoordinatorState:
         # The newest step any writer snapshotted: a new writer counts its interval from it.
         self.checkpoint_taken_step: int | None = None
         self.checkpoint_writer_stale = False  # as the current writer reports it
+        self.finished_since: float | None = None  # when max_steps was first seen committed
         # Staleness counts from here until a checkpoint is known (the step this instance
         # started from, so a restarted coordinator does not call a fresh run stale).
         self.checkpoint_base_step = 0
@@ -163,6 +167,22 @@ class CoordinatorState:
     @property
     def finished(self) -> bool:
         return self.step >= self.config.max_steps
+
+    def run_complete(self, now: float) -> bool:
+        """What `/status` calls finished: max_steps committed and, with checkpoints
+        configured, the final checkpoint durable, so the operator removing the peers loses
+        nothing. Gives up waiting for it when no peer is left to write it or after
+        FINAL_CHECKPOINT_GRACE_S."""
+        if not self.finished:
+            return False
+        if self.config.checkpoint is None:
+            return True
+        if self.last_checkpoint is not None and self.last_checkpoint.step >= self.step:
+            return True
+        if self.finished_since is None:
+            self.finished_since = now
+        waited = now - self.finished_since
+        return not self.live_peers(now) or waited > FINAL_CHECKPOINT_GRACE_S
 
     def is_live(self, peer_id: str, now: float) -> bool:
         record = self.peers.get(peer_id)
@@ -729,7 +749,7 @@ class CoordinatorState:
             job=self.config.job,
             step=self.step,
             max_steps=self.config.max_steps,
-            finished=self.finished,
+            finished=self.run_complete(now),
             samples_committed=self.samples_committed,
             samples_in_round=sum(r.samples for r in self.eligible(now)),
             target_batch_size=self.config.target_batch_size,
