@@ -54,7 +54,7 @@ def schedule(seed: int, window: float, mean: float) -> list[tuple[float, int]]:
 
 
 def run_collab(kills: list[tuple[float, int]], window: float, delay: float) -> dict[str, Any]:
-    from collabtrain_trainer.config import TrainerConfig
+    from collabtrain_trainer.config import LOOPBACK_TIMING, TrainerConfig
     from collabtrain_trainer.local import LocalCluster
 
     config = TrainerConfig.model_validate(
@@ -67,14 +67,7 @@ def run_collab(kills: list[tuple[float, int]], window: float, delay: float) -> d
             "seed": 0,
             "optimizer": {"name": "adamw", "lr": 3e-3},
             "compression": {"codec": "none"},
-            "timing": {  # as `collabtrain-trainer local` sets them
-                "heartbeat_interval_s": 0.3,
-                "peer_expiry_s": 2.0,
-                "initial_round_deadline_s": 20.0,
-                "min_round_deadline_s": 3.0,
-                "max_round_deadline_s": 60.0,
-                "leave_grace_s": 10.0,
-            },
+            "timing": LOOPBACK_TIMING.model_dump(),  # as `collabtrain-trainer local` uses
         }
     )
     workdir = Path(tempfile.mkdtemp(prefix="churn-collab-"))

@@ -63,7 +63,7 @@ def socket_copy_seconds(nbytes: int) -> float:
 
 
 def run_join(params_count: int) -> dict[str, Any]:
-    from collabtrain_trainer.config import TrainerConfig
+    from collabtrain_trainer.config import LOOPBACK_TIMING, TrainerConfig
     from collabtrain_trainer.local import LocalCluster
 
     config = TrainerConfig.model_validate(
@@ -77,13 +77,12 @@ def run_join(params_count: int) -> dict[str, Any]:
             "seed": 0,
             "optimizer": {"name": "adamw", "lr": 1e-3},
             "compression": {"codec": "none"},
+            # Slower than loopback's defaults: a 10M-parameter state takes a while to move.
             "timing": {
-                "heartbeat_interval_s": 0.3,
+                **LOOPBACK_TIMING.model_dump(),
                 "peer_expiry_s": 5.0,
                 "initial_round_deadline_s": 60.0,
                 "min_round_deadline_s": 10.0,
-                "max_round_deadline_s": 60.0,
-                "leave_grace_s": 10.0,
             },
         }
     )

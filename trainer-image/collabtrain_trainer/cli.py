@@ -24,6 +24,7 @@ from typing import Any, get_args
 from urllib.parse import urlparse
 
 from collabtrain_trainer.config import (
+    LOOPBACK_TIMING,
     CodecName,
     TrainerConfig,
 )
@@ -133,15 +134,7 @@ def _local_config(args: argparse.Namespace) -> TrainerConfig:
             "optimizer": {"name": args.optimizer, "lr": args.lr or lr},
             "compression": {"codec": args.codec},
             "checkpoint": _checkpoint_config(args),
-            # Loopback is fast: notice lost peers within two seconds.
-            "timing": {
-                "heartbeat_interval_s": 0.3,
-                "peer_expiry_s": 2.0,
-                "initial_round_deadline_s": 20.0,
-                "min_round_deadline_s": 3.0,
-                "max_round_deadline_s": 60.0,
-                "leave_grace_s": 10.0,
-            },
+            "timing": LOOPBACK_TIMING.model_dump(),
         }
     )
 

@@ -65,6 +65,18 @@ class TimingConfig(StrictModel):
     leave_grace_s: float = Field(default=20.0, ge=0)
 
 
+# Timing for peers on one machine (`collabtrain-trainer local`, benchmarks): loopback is
+# fast, so lost peers are noticed within two seconds.
+LOOPBACK_TIMING = TimingConfig(
+    heartbeat_interval_s=0.3,
+    peer_expiry_s=2.0,
+    initial_round_deadline_s=20.0,
+    min_round_deadline_s=3.0,
+    max_round_deadline_s=60.0,
+    leave_grace_s=10.0,
+)
+
+
 class TrainerConfig(StrictModel):
     job: str
     task: str = "tinylm"  # a built-in task name or `module:function`
