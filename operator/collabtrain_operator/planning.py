@@ -72,9 +72,6 @@ class PeerPod:
     # Deleted from the API server before the operator released it (its finalizer was
     # removed by hand or by a simulator); this is its last state.
     gone: bool = False
-    # When the peer was lost, as far as the pod says (DisruptionTarget set, container
-    # finished): replacement latency is measured from here, not from when we noticed.
-    lost_since: datetime | None = None
 
     @property
     def ended(self) -> bool:
@@ -104,23 +101,13 @@ def peer_pod_from_body(body: Mapping[str, Any]) -> PeerPod | None:
     scheduled = conditions.get("PodScheduled")
     ready = conditions.get("Ready")
     exit_code = exit_reason = None
-    finished_at: datetime | None = None
     for container in status.get("containerStatuses") or []:
         terminated = (container.get("state") or {}).get("terminated")
         if terminated is not None:
             exit_code = terminated.get("exitCode")
             exit_reason = terminated.get("reason")
-            finished_at = _parse_time(terminated.get("finishedAt"))
             if exit_code:
                 break
-    loss_times = [
-        moment
-        for moment in (
-            _parse_time(disruption.get("lastTransitionTime")) if disruption else None,
-            finished_at,
-        )
-        if moment is not None
-    ]
     raw_capacity = labels.get(rendering.LABEL_CAPACITY)
     slot_capacity: SlotCapacity = "on-demand" if raw_capacity == "on-demand" else "spot"
     return PeerPod(
@@ -132,7 +119,6 @@ def peer_pod_from_body(body: Mapping[str, Any]) -> PeerPod | None:
         node_name=(body.get("spec") or {}).get("nodeName") or None,
         created_at=_parse_time(metadata.get("creationTimestamp")),
         deleting=metadata.get("deletionTimestamp") is not None,
-        lost_since=min(loss_times) if loss_times else None,
         has_finalizer=rendering.PEER_FINALIZER in (metadata.get("finalizers") or []),
         unschedulable=scheduled is not None
         and scheduled.get("status") == "False"
@@ -479,7 +465,7 @@ def plan(name: str, spec: JobSpec, previous: JobStatus, observed: Observed) -> P
             event("Warning", "PeerFailed", f"{pod.name}: {reason}")
         else:
             event("Normal", "PeerLeft", f"{pod.name}: {reason}")
-        state.lost_at = min(pod.lost_since, now) if pod.lost_since else now
+        state.lost_at = now
 
     # --- the failure budget
     max_failures = spec.failure_policy.max_failures

@@ -175,41 +175,6 @@ def test_preempted_peer_is_replaced_at_once_and_never_counts_as_failure() -> Non
     assert "PeerPreempted" in reasons(result) and "PeerReplaced" in reasons(result)
 
 
-def test_replacement_latency_counts_from_when_the_pod_was_lost() -> None:
-    lost = running(
-        1,
-        deleting=True,
-        disruption_reason="TerminationByKubelet",
-        lost_since=NOW - timedelta(seconds=7),
-    )
-    result = run(make_spec(), [running(0), lost, running(2)])
-    assert result.create[0].replaces_loss_after == timedelta(seconds=7)
-
-
-def test_lost_since_is_read_from_the_disruption_condition_and_exit_time() -> None:
-    body = {
-        "metadata": {
-            "name": "demo-peer-1-0",
-            "labels": {"collabtrain.io/slot": "1", "collabtrain.io/attempt": "0"},
-        },
-        "status": {
-            "conditions": [
-                {
-                    "type": "DisruptionTarget",
-                    "status": "True",
-                    "lastTransitionTime": "2026-01-01T00:00:05Z",
-                }
-            ],
-            "containerStatuses": [
-                {"state": {"terminated": {"exitCode": 143, "finishedAt": "2026-01-01T00:00:09Z"}}}
-            ],
-        },
-    }
-    pod = planning.peer_pod_from_body(body)
-    assert pod is not None
-    assert pod.lost_since == datetime(2026, 1, 1, 0, 0, 5, tzinfo=UTC)
-
-
 def test_loss_on_a_node_with_an_interruption_taint_is_a_preemption() -> None:
     lost = running(0, phase="Failed", exit_code=143)
     result = run(
