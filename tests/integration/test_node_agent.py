@@ -12,11 +12,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
 from testbed.node_agent import DEFAULT_POD_CIDR, NodeAgent, NodeConfig, on_demand_node, spot_node
+from testbed.processes import wait_for
 
 pytestmark = [
     pytest.mark.integration,
@@ -24,22 +25,10 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="the node agent needs root for mount namespaces"),
 ]
 
-T = TypeVar("T")
 PYTHON = sys.executable
 # Mount paths the tests create on the host if missing (empty folders; pods see their own).
 SECRET_DIR = "/run/collabtrain-test/secret"
 SCRATCH_DIR = "/run/collabtrain-test/scratch"
-
-
-def wait_for(predicate: Callable[[], T], what: str, timeout: float = 60) -> T:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last  # type: ignore[no-any-return]
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; last seen: {last!r}")
 
 
 @pytest.fixture

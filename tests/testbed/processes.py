@@ -15,7 +15,9 @@ import subprocess
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
+
+T = TypeVar("T")
 
 PR_SET_PDEATHSIG = 1
 
@@ -111,15 +113,15 @@ class ManagedProcess:
         self.popen.wait(10)
 
 
-def wait_for(predicate: Callable[[], Any], what: str, timeout: float = 60) -> Any:
+def wait_for(predicate: Callable[[], T], what: str, timeout: float = 60) -> T:
     """Poll `predicate` until it returns something truthy, and return that (for tests)."""
     deadline = time.monotonic() + timeout
-    last: Any = None
+    last: T | None = None
     while time.monotonic() < deadline:
         last = predicate()
         if last:
             return last
-        time.sleep(0.3)
+        time.sleep(0.25)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; last: {last!r}")
 
 

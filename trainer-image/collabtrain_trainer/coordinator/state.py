@@ -545,24 +545,22 @@ class CoordinatorState:
         return self.poll_vote(vote.round_id, now)
 
     def poll_vote(self, round_id: int, now: float) -> RoundDecision:
-        current = self._round_for(round_id)
-        if current is None:
-            return self._past_decision(round_id)
-        self._evaluate(now)
-        if current.outcome is not None:
-            return self._past_decision(round_id)
-        return RoundDecision(round_id=round_id, outcome="wait", step=self.step)
+        return self._poll(round_id, now, ready_phase=False)
 
     def poll_ready(self, round_id: int, now: float) -> RoundDecision:
+        return self._poll(round_id, now, ready_phase=True)
+
+    def _poll(self, round_id: int, now: float, ready_phase: bool) -> RoundDecision:
+        """A decided round answers with its decision; an open one says `wait`, or `go` in
+        the ready phase once every member is present."""
         current = self._round_for(round_id)
         if current is None:
             return self._past_decision(round_id)
         self._evaluate(now)
         if current.outcome is not None:
             return self._past_decision(round_id)
-        return RoundDecision(
-            round_id=round_id, outcome="go" if current.formed else "wait", step=self.step
-        )
+        go = ready_phase and current.formed
+        return RoundDecision(round_id=round_id, outcome="go" if go else "wait", step=self.step)
 
     def _round_for(self, round_id: int) -> Round | None:
         if (
