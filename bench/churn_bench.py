@@ -23,10 +23,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
+import json
 import os
 import random
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -35,7 +39,7 @@ from typing import Any
 from bench.common import print_table, write_result
 
 PEERS = 4
-MICRO = 16  # collabtrain micro-batch per peer
+MICRO = 64  # collabtrain micro-batch per peer: the DDP per-worker batch
 TARGET = 256  # collabtrain target batch = the DDP global batch (4 x 64)
 
 
@@ -110,153 +114,160 @@ def run_collab(kills: list[tuple[float, int]], window: float, delay: float) -> d
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-# --- (b), (c) restart-all DDP -----------------------------------------------------------
+# --- (b), (c) torchrun ----------------------------------------------------------------
+
+TORCHRUN_WORKER = Path(__file__).with_name("torchrun_worker.py")
 
 
-def _ddp_worker(
-    rank: int, world: int, port: int, ckpt: str, every: int, gen: int, shared: Any
-) -> None:
-    import torch
-    import torch.distributed as dist
-    from torch import nn
-
-    from bench.harness import TaskData
-
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+def _start_agent(port: int, dir_: Path, index: int, elastic: bool, every: int) -> Any:
+    """One torchrun agent with one worker: a node. Its own session, so a kill takes both."""
+    nodes = f"1:{PEERS}" if elastic else f"{PEERS}:{PEERS}"
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nnodes={nodes}",
+        "--nproc-per-node=1",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{port}",
+        "--rdzv-id=churn",
+        # The store lives in the driver (a preempted node must not take it down); the
+        # last call is shortened from 30 s, as an elastic user on spot nodes would.
+        "--rdzv-conf=is_host=false,last_call_timeout=2",
+        "--max-restarts=1000",
+        "--monitor-interval=0.5",
+        str(TORCHRUN_WORKER),
+        f"--dir={dir_}",
+        f"--every={every}",
+        f"--per-worker={TARGET // PEERS}",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": _pythonpath()}
+    log = open(dir_ / f"agent-{index}.log", "wb")  # noqa: SIM115 - closed with the process
+    return subprocess.Popen(
+        command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
     )
-    data = TaskData("tinylm", 8)
-    model = data.model(0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    step, samples = 0, 0
-    if os.path.exists(ckpt):
-        state = torch.load(ckpt, weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        step, samples = state["step"], state["samples"]
-    ddp = nn.parallel.DistributedDataParallel(model)
-    generator = torch.Generator().manual_seed(gen * 1000 + rank)
-    per_worker = TARGET // PEERS  # fixed per worker: a 3-worker generation has batch 192
-    while True:
-        inputs, targets = data.train_batch(generator, per_worker)
-        optimizer.zero_grad(set_to_none=True)
-        data.loss(ddp(inputs), targets).backward()
-        optimizer.step()
-        step += 1
-        samples += per_worker * world
-        if rank == 0:
-            shared["model_samples"].value = samples
-            shared["raw_samples"].value += per_worker * world
-            if shared["first_step"].value == 0.0:
-                shared["first_step"].value = time.monotonic()
-            if step % every == 0:
-                tmp = ckpt + ".tmp"
-                torch.save(
-                    {
-                        "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "step": step,
-                        "samples": samples,
-                    },
-                    tmp,
-                )
-                os.replace(tmp, ckpt)
-                shared["ckpt_samples"].value = samples
 
 
-def run_restart_all(
+def _pythonpath() -> str:
+    root = str(Path(__file__).resolve().parent.parent)
+    return os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+
+
+def _process_tree(pid: int) -> list[int]:
+    """pid and all its descendants, read from /proc (torchrun puts workers in new sessions)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                # The field after the ")" that ends the command name is the state, then ppid.
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(entry.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(current := todo.pop())
+        todo += children.get(current, [])
+    return tree
+
+
+def _kill_node(agent: Any) -> None:
+    """A node is reclaimed: the agent and its workers die at once, nothing is told."""
+    for pid in _process_tree(agent.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    agent.wait()
+
+
+def _events(dir_: Path) -> list[dict[str, Any]]:
+    path = dir_ / "events.jsonl"
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()
+    return [json.loads(line) for line in lines if line.endswith("}")]
+
+
+def run_torchrun(
     kills: list[tuple[float, int]], window: float, delay: float, every: int, elastic: bool
 ) -> dict[str, Any]:
-    from collabtrain_trainer import local  # its fork server preloads torch, as for (a)
+    """torchrun agents as nodes; a kill takes a node, its replacement starts `delay` later.
+
+    elastic: `--nnodes 1:4`, so survivors restart at the smaller size and restart again
+    when the replacement joins. Not elastic (checkpoint-restart): `--nnodes 4:4`, so the
+    job waits for the replacement, then restarts at full size.
+    """
+    import torch.distributed as dist
+
     from collabtrain_trainer.local import free_port
 
-    ctx = local._context
-    shared = {
-        # Lock-free: a worker SIGKILLed while holding a Value's lock would deadlock the rest.
-        # Only rank 0 writes them (and the driver between generations).
-        "model_samples": ctx.Value("q", 0, lock=False),
-        "ckpt_samples": ctx.Value("q", 0, lock=False),
-        "raw_samples": ctx.Value("q", 0, lock=False),
-        "first_step": ctx.Value("d", 0.0, lock=False),
-    }
-    generations: list[tuple[float, int]] = []  # (launch time after the window starts, size)
-    workdir = Path(tempfile.mkdtemp(prefix="churn-ddp-"))
-    ckpt = str(workdir / "ckpt.pt")
-    workers: list[Any] = []
-    gen = 0
-    startups: list[float] = []
+    port = free_port()
+    store = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
+    dir_ = Path(tempfile.mkdtemp(prefix="churn-torchrun-"))
+    agents: dict[int, Any] = {}
+    count = 0
 
-    def launch(world: int) -> None:
-        nonlocal gen
-        gen += 1
-        port = free_port()
-        shared["first_step"].value = 0.0
-        for rank in range(world):
-            p = ctx.Process(target=_ddp_worker, args=(rank, world, port, ckpt, every, gen, shared))
-            p.start()
-            workers.append(p)
-
-    def stop_all() -> None:
-        for p in workers:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(p.pid, signal.SIGKILL)
-        for p in workers:
-            p.join()
-        workers.clear()
-        # Work after the last checkpoint is gone.
-        shared["model_samples"].value = shared["ckpt_samples"].value
+    def add_node() -> None:
+        nonlocal count
+        agents[count] = _start_agent(port, dir_, count, elastic, every)
+        count += 1
 
     try:
-        launched = time.monotonic()
-        launch(PEERS)
-        while shared["first_step"].value == 0.0:
-            if time.monotonic() - launched > 120:
-                raise TimeoutError("DDP workers did not start")
-            time.sleep(0.05)
-        startups.append(shared["first_step"].value - launched)
-        t0, s0, r0 = time.monotonic(), shared["model_samples"].value, shared["raw_samples"].value
-        available, pending, todo = PEERS, [], list(kills)
-        waiting_since: float | None = None
-        restarts = 0
-        while (now := time.monotonic() - t0) < window:
-            changed = False
+        launched = time.time()
+        for _ in range(PEERS):
+            add_node()
+        while not any(e["kind"] == "step" for e in _events(dir_)):
+            if time.time() - launched > 180:
+                raise TimeoutError(f"torchrun workers did not start; logs in {dir_}")
+            time.sleep(0.1)
+        t0 = time.time()
+        s0 = max(e["samples"] for e in _events(dir_) if e["kind"] == "step")
+        pending: list[float] = []
+        todo = list(kills)
+        while (now := time.time() - t0) < window:
             while todo and todo[0][0] <= now:
-                todo.pop(0)
-                available -= 1
-                pending.append(now + delay)
-                changed = True
+                _, draw = todo.pop(0)
+                alive = sorted(i for i, a in agents.items() if a.poll() is None)
+                if alive:
+                    _kill_node(agents.pop(alive[draw % len(alive)]))
+                    pending.append(now + delay)
             for due in [p for p in pending if p <= now]:
                 pending.remove(due)
-                available += 1
-                changed = elastic or changed  # elastic: a newcomer restarts everyone
-            if changed:
-                stop_all()
-                waiting_since = None
-            want = available if elastic else (PEERS if available == PEERS else 0)
-            if not workers and want > 0:
-                restarts += 1
-                generations.append((round(now, 2), want))
-                waiting_since = time.monotonic()
-                launch(want)
-            if waiting_since is not None and shared["first_step"].value > 0.0:
-                startups.append(shared["first_step"].value - waiting_since)
-                waiting_since = None
+                add_node()
             time.sleep(0.05)
-        samples = shared["model_samples"].value - s0
-        raw = shared["raw_samples"].value - r0
+        # What the job keeps: a live generation checkpoints and stops; a stalled one (a
+        # restart under way) keeps only its last checkpoint.
+        (dir_ / "stop").touch()
+        stop_asked = time.time()
+        while time.time() - stop_asked < 20 and not any(
+            e["kind"] == "stopped" and e["t"] >= stop_asked for e in _events(dir_)
+        ):
+            time.sleep(0.1)
+        kept = json.loads((dir_ / "ckpt.json").read_text())["samples"]
+        events = _events(dir_)
+        starts = [e for e in events if e["kind"] == "start" and t0 <= e["t"] < t0 + window]
+        steps = [e for e in events if e["kind"] == "step" and t0 <= e["t"] < t0 + window]
         return {
-            "samples": samples,
-            "raw_samples_computed": raw,
+            "samples": kept - s0,
+            "raw_samples_computed": sum(e["samples"] - p["samples"] for p, e in _pairs(steps)),
             "kills": len(kills),
-            "restarts": restarts,
-            "startup_seconds_median": round(sorted(startups)[len(startups) // 2], 2),
-            "startup_seconds": [round(s, 2) for s in startups],
-            "generations": generations,
+            "restarts": len(starts),
+            "generations": [(round(e["t"] - t0, 2), e["world"]) for e in starts],
+            "seconds_without_steps": round(_longest_gaps(steps, t0, window), 1),
         }
     finally:
-        stop_all()
-        shutil.rmtree(workdir, ignore_errors=True)
+        for agent in agents.values():
+            _kill_node(agent)
+        del store
+        shutil.rmtree(dir_, ignore_errors=True)
+
+
+def _pairs(steps: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """Consecutive steps of one generation (a restart resets the sample count)."""
+    return [(a, b) for a, b in itertools.pairwise(steps) if b["samples"] > a["samples"]]
+
+
+def _longest_gaps(steps: list[dict[str, Any]], t0: float, window: float) -> float:
+    """Seconds of the window spent with no step taken for more than 2 s at a time."""
+    times = [t0] + [e["t"] for e in steps] + [t0 + window]
+    return sum(b - a for a, b in itertools.pairwise(times) if b - a > 2)
 
 
 def main() -> None:
@@ -278,11 +289,11 @@ def main() -> None:
         ("collabtrain", lambda k: run_collab(k, args.window, args.replace_delay)),
         (
             "torchrun_elastic",
-            lambda k: run_restart_all(k, args.window, args.replace_delay, args.ckpt_every, True),
+            lambda k: run_torchrun(k, args.window, args.replace_delay, args.ckpt_every, True),
         ),
         (
             "checkpoint_restart",
-            lambda k: run_restart_all(k, args.window, args.replace_delay, args.ckpt_every, False),
+            lambda k: run_torchrun(k, args.window, args.replace_delay, args.ckpt_every, False),
         ),
     ]
     baseline: dict[str, float] = {}

@@ -92,7 +92,7 @@ def _worker(rank: int, port: int, task: str, todo: list[Variant], out: str) -> N
     )
     group = dist.group.WORLD
     assert group is not None
-    data = TaskData(task, todo[0].hyper.eval_examples)
+    data = TaskData(task, todo[0].hyper.eval_examples, dict(todo[0].hyper.task_args))
     rows = []
     for variant in todo:
         record = train(variant.label, variant.compression, variant.hyper, data, group)

@@ -43,6 +43,7 @@ class Hyper:
     """Everything a run shares with the runs it is compared against."""
 
     task: str = "tinylm"
+    task_args: tuple[tuple[str, str], ...] = ()  # model size, e.g. (("width", "256"),)
     steps: int = 400
     micro_batch: int = 16  # per peer; the global batch is peers x micro_batch
     optimizer: Literal["sgd", "adam", "adamw"] = "adamw"
@@ -79,13 +80,14 @@ class RunRecord:
 class TaskData:
     """A task's model factory, loss, training sampler and held-out set."""
 
-    def __init__(self, name: str, eval_examples: int) -> None:
+    def __init__(self, name: str, eval_examples: int, args: dict[str, str] | None = None) -> None:
         self.name = name
+        self.args = dict(args or {})  # the task's model arguments, e.g. {"width": "256"}
         self.loss: Callable[[Tensor, Tensor], Tensor]
         if name == "tinylm":
             from collabtrain_trainer.tasks.tinylm import corpus
 
-            self.context = 32
+            self.context = int(self.args.get("context", "32"))
             text = corpus()
             split = int(len(text) * 0.9)
             self._train = text[:split]
@@ -106,10 +108,10 @@ class TaskData:
             self.eval_set = (inputs[held], labels[held])
         else:
             raise ValueError(f"unknown benchmark task {name!r}: use tinylm or digits")
-        self.loss = load_task(name, {}, 0).loss
+        self.loss = load_task(name, self.args, 0).loss
 
     def model(self, seed: int) -> nn.Module:
-        model: nn.Module = load_task(self.name, {}, seed).model
+        model: nn.Module = load_task(self.name, self.args, seed).model
         return model
 
     def train_batch(self, generator: torch.Generator, size: int) -> Batch:
@@ -182,7 +184,12 @@ def train(
         ddp = nn.parallel.DistributedDataParallel(model, process_group=group)
     else:
         # The stochastic-rounding seed differs per rank, as in the runtime.
-        state = ExchangeState(compression, seed=hyper.seed * 1000 + rank, powersgd_seed=hyper.seed)
+        state = ExchangeState(
+            compression,
+            seed=hyper.seed * 1000 + rank,
+            powersgd_seed=hyper.seed,
+            shapes=[p.shape for p in params],
+        )
     generator = torch.Generator().manual_seed(hyper.seed * 7919 + rank)
     curve: list[tuple[int, float, float]] = []
     exchange_seconds: list[float] = []

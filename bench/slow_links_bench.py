@@ -205,7 +205,7 @@ def worker(spec_path: str, rank: int) -> None:
     group = dist.group.WORLD
     assert group is not None
     hyper = Hyper(**spec["hyper"])
-    data = TaskData(hyper.task, hyper.eval_examples)
+    data = TaskData(hyper.task, hyper.eval_examples, dict(hyper.task_args))
     link_mbit = measure_link(group)
     rows = []
     for repeat in range(spec["repeats"]):

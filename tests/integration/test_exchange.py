@@ -144,6 +144,29 @@ def every_codec(rank: int, world: int) -> Outcome:
     return outcomes
 
 
+# A model's parameters: two matrices worth factoring, two vectors and a matrix too thin to.
+LAYER_SHAPES = [(40, 50), (50,), (30, 20), (7,), (2, 60)]
+
+
+def layered_gradient(rank: int) -> torch.Tensor:
+    """Rank-1 matrices with a right factor shared by all ranks, dense everything else."""
+    g = torch.Generator().manual_seed(rank)
+    parts = []
+    for i, shape in enumerate(LAYER_SHAPES):
+        if len(shape) == 2 and shape[0] > 2:
+            right = torch.randn(shape[1], generator=torch.Generator().manual_seed(100 + i))
+            parts.append(torch.outer(torch.randn(shape[0], generator=g), right).reshape(-1))
+        else:
+            parts.append(torch.randn(math.prod(shape), generator=g))
+    return torch.cat(parts)
+
+
+def powersgd_per_layer(rank: int, world: int) -> Outcome:
+    config = CompressionConfig(codec="powersgd", rank=2)
+    state = ExchangeState(config, shapes=LAYER_SHAPES)
+    return {"result": average(layered_gradient(rank), 1.0 + rank, world_group(), state)}
+
+
 def many_rounds(rank: int, world: int) -> Outcome:
     outcomes: Outcome = {}
     for name in ("int4", "topk", "powersgd"):
@@ -310,8 +333,9 @@ def expected_bytes(name: str, numel: int, world: int) -> int:
     """This rank's wire bytes by the codecs' own size accounting."""
     config = CODECS[name]
     if name == "powersgd":
-        (rows, r), (cols, _) = PowerSGD.from_config(config).factor_shapes(numel)
-        ring = [2 * (world - 1) * 4 * rows * r // world, 2 * (world - 1) * 4 * cols * r // world]
+        (block,) = PowerSGD.from_config(config).blocks(numel)
+        p, q = block.rows * block.rank, block.cols * block.rank
+        ring = [2 * (world - 1) * 4 * p // world, 2 * (world - 1) * 4 * q // world]
         return (world - 1) * META_BYTES + sum(ring)
     wire = make_codec(config).wire_bytes(math.ceil(numel / world))
     return (world - 1) * META_BYTES + 2 * (world - 1) * wire
@@ -330,6 +354,18 @@ def test_every_codec_lands_near_the_mean_and_counts_its_bytes(tmp_path: Path) ->
             result = outcome[name]
             assert torch.equal(result.average, first), f"{name}: ranks disagree"
             assert result.bytes_sent == expected_bytes(name, 3001, world), name
+
+
+def test_powersgd_factors_each_layer_and_sends_vectors_as_they_are(tmp_path: Path) -> None:
+    world = 3
+    outcomes = run(tmp_path, world, powersgd_per_layer)
+    truth = weighted_mean([layered_gradient(r) for r in range(world)], [1.0, 2.0, 3.0])
+    for outcome in outcomes:
+        torch.testing.assert_close(outcome["result"].average, truth, rtol=1e-4, atol=1e-5)
+    # P of both factored matrices plus the 50 + 7 + 120 plain elements, then both Qs.
+    p, q = 40 * 2 + 30 * 2 + 50 + 7 + 120, 50 * 2 + 20 * 2
+    ring = [2 * (world - 1) * 4 * n // world for n in (p, q)]
+    assert outcomes[0]["result"].bytes_sent == (world - 1) * META_BYTES + sum(ring)
 
 
 def test_error_feedback_sum_of_averages_tracks_the_true_sum(tmp_path: Path) -> None:

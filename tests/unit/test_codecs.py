@@ -21,7 +21,7 @@ from collabtrain_trainer.codecs import (
     TopKCodec,
     make_codec,
 )
-from collabtrain_trainer.codecs.powersgd import matrix_shape
+from collabtrain_trainer.codecs.powersgd import matrix_shape, plan_blocks
 from collabtrain_trainer.config import CompressionConfig
 
 FAST = settings(max_examples=25, deadline=None)
@@ -286,6 +286,38 @@ def test_powersgd_is_a_projection_and_feeds_back_its_error(x: torch.Tensor, rank
     torch.testing.assert_close(
         decoded + psgd.residual, second + old, rtol=1e-4, atol=1e-4 * float(second.abs().max())
     )
+
+
+def test_powersgd_plans_one_block_per_matrix_and_merges_the_rest() -> None:
+    shapes = [(64, 32), (32,), (8,), (16, 3, 3, 3), (2, 100), (50,)]
+    blocks = plan_blocks(2048 + 32 + 8 + 432 + 200 + 50, 4, shapes)
+    assert [(b.start, b.numel, b.rows, b.cols, b.rank) for b in blocks] == [
+        (0, 2048, 64, 32, 4),
+        (2048, 40, 0, 0, 0),  # the two vectors, one plain block
+        (2088, 432, 16, 27, 4),  # a conv kernel: out channels x the rest
+        (2520, 250, 0, 0, 0),  # 2 x 100 gains nothing from rank 2 factors: plain
+    ]
+    with pytest.raises(ValueError, match="shapes holding 2048 elements for a gradient of 2049"):
+        plan_blocks(2049, 4, [(64, 32)])
+
+
+@FAST
+@given(seed=st.integers(0, 2**31 - 1), rank=st.integers(1, 3))
+def test_powersgd_per_layer_is_exact_on_low_rank_layers(seed: int, rank: int) -> None:
+    g = gen(seed)
+    shapes = [(30, 20), (20,), (12, 40)]
+    parts = [
+        (torch.randn(30, rank, generator=g) @ torch.randn(rank, 20, generator=g)).reshape(-1),
+        torch.randn(20, generator=g),
+        (torch.randn(12, rank, generator=g) @ torch.randn(rank, 40, generator=g)).reshape(-1),
+    ]
+    x = torch.cat(parts)
+    psgd = PowerSGD(rank=rank, error_feedback=True, shapes=shapes)
+    assert psgd.wire_elements(x.numel()) == (30 + 20) * rank + 20 + (12 + 40) * rank
+    decoded = psgd.compress_locally(x)
+    torch.testing.assert_close(decoded, x, rtol=1e-3, atol=1e-3 * float(x.abs().max()))
+    assert psgd.residual is not None
+    torch.testing.assert_close(decoded + psgd.residual, x, rtol=1e-4, atol=1e-5)
 
 
 def test_powersgd_cold_start_is_the_same_everywhere() -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -87,6 +88,8 @@ class ExchangeState:
     seed: int | None = None
     # PowerSGD's cold-start query must be equal on every member, hence its own seed.
     powersgd_seed: int = 0
+    # The parameters' shapes, in flat-gradient order: PowerSGD factors each matrix alone.
+    shapes: Sequence[Sequence[int]] | None = None
     codec: Codec | None = field(init=False)
     powersgd: PowerSGD | None = field(init=False)
     residual: Tensor | None = field(init=False, default=None)
@@ -97,7 +100,9 @@ class ExchangeState:
     def __post_init__(self) -> None:
         if self.config.codec == "powersgd":
             self.codec = None
-            self.powersgd = PowerSGD.from_config(self.config, seed=self.powersgd_seed)
+            self.powersgd = PowerSGD.from_config(
+                self.config, seed=self.powersgd_seed, shapes=self.shapes
+            )
         else:
             self.codec = make_codec(self.config)
             self.powersgd = None
@@ -312,12 +317,13 @@ def _part_round(
 def _powersgd_round(
     contribution: Tensor, psgd: PowerSGD, warm: bool, group: ProcessGroup, world: int
 ) -> tuple[Tensor, int]:
-    """Sum P over members, orthonormalize, sum Q, decompress; the factors add up."""
+    """Sum P (and the plain stretches) over members, orthonormalize, sum Q, decompress."""
     round_ = psgd.start(contribution, warm)
     p = round_.local_p()
     dist.all_reduce(p, group=group)
     q = round_.local_q_from(p).clone()
-    dist.all_reduce(q, group=group)
+    if q.numel():  # nothing to send when no parameter is a matrix worth factoring
+        dist.all_reduce(q, group=group)
     result = round_.decompress(q)
     psgd.commit(round_, q)
     sent = _ring_allreduce_bytes(4 * p.numel(), world) + _ring_allreduce_bytes(4 * q.numel(), world)

@@ -151,7 +151,7 @@ class Peer:
         self.hash = param_hash(self.model)
         self.has_state = False
         self.accumulator = Accumulator()
-        self.exchange_state = ExchangeState(config.compression, powersgd_seed=config.seed)
+        self.exchange_state = self._fresh_exchange_state()
         self.groups: EpochGroups | None = None
         self.batches: Iterator[Batch] | None = None
         self.data_shard: int | None = None
@@ -217,9 +217,7 @@ class Peer:
             self.hash = loaded_hash
             self._reset_accumulation()
             # A fresh state starts with zero residual: what others owe is not ours to send.
-            self.exchange_state = ExchangeState(
-                self.config.compression, powersgd_seed=self.config.seed
-            )
+            self.exchange_state = self._fresh_exchange_state()
         log_context.step = self.step
         log.info("state loaded from %s: step %d, hash %s", origin, step, loaded_hash)
 
@@ -325,9 +323,7 @@ class Peer:
             self.hash = param_hash(self.model)
             self.samples_seen = progress.samples_seen
             self._reset_accumulation()
-            self.exchange_state = ExchangeState(
-                self.config.compression, powersgd_seed=self.config.seed
-            )
+            self.exchange_state = self._fresh_exchange_state()
         self._skip_to(progress.data_position)
         self.has_state = True
         log_context.step = self.step
@@ -385,6 +381,14 @@ class Peer:
             self.term_at = time.monotonic()
 
     # --- training --------------------------------------------------------------------
+
+    def _fresh_exchange_state(self) -> ExchangeState:
+        """Zero residuals and no warm query: what a peer owes starts from nothing."""
+        return ExchangeState(
+            self.config.compression,
+            powersgd_seed=self.config.seed,
+            shapes=[p.shape for p in self.params],
+        )
 
     def _reset_accumulation(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -476,7 +480,7 @@ class Peer:
             self._rounds_counter.add(1, {"outcome": "abort"})
             return
 
-        saved_exchange = _save_exchange_state(self.exchange_state)
+        saved_exchange = self.exchange_state.snapshot()
         result: ExchangeResult | None = None
         reason = ""
         with self.tracer.start_as_current_span("exchange"):
@@ -537,7 +541,7 @@ class Peer:
             self.rejoin.set()
         if decision.outcome != "commit" or result is None:
             # Accumulated gradients are untouched: the next round sends them again.
-            _restore_exchange_state(self.exchange_state, saved_exchange)
+            self.exchange_state.restore(saved_exchange)
             if result is not None:
                 self.groups.close()
             log.info("round %d aborted: %s", assignment.round_id, decision.reason)
@@ -734,19 +738,3 @@ class Peer:
                         break
             else:
                 time.sleep(0.02)
-
-
-def _save_exchange_state(state: ExchangeState) -> tuple[Tensor | None, Tensor | None, object]:
-    return (
-        None if state.residual is None else state.residual.clone(),
-        None if state.owned_residual is None else state.owned_residual.clone(),
-        state._layout,
-    )
-
-
-def _restore_exchange_state(
-    state: ExchangeState, saved: tuple[Tensor | None, Tensor | None, object]
-) -> None:
-    """An aborted round delivered nothing: put back the residuals it consumed."""
-    state.residual, state.owned_residual, layout = saved
-    state._layout = layout  # type: ignore[assignment]
