@@ -1,16 +1,21 @@
 """A newcomer's time from process start to its first contributed round, vs the raw link.
 
-Two peers train a ~10.7M-parameter `tinylm` (width 512, 5 layers) with a real coordinator
-on loopback (`LocalCluster`). Once they have committed a few steps a third peer is
-started; the clock runs from `start_peer()` until that peer logs its first applied step
-("step N applied", i.e. a round its gradient took part in). Peers are forked from
-collabtrain's fork server with torch preloaded, so the torch import is not in the time.
+Two peers train `tinylm` with a real coordinator on loopback (`LocalCluster`), once at
+about 10M parameters (width 512, 5 layers) and once at about 100M (width 1024, 12
+layers). Once they have committed a few steps a third peer is started; the clock runs
+from `start_peer()` until that peer logs its first applied step ("step N applied", i.e.
+a round its gradient took part in). Peers are forked from collabtrain's fork server with
+torch preloaded, so the torch import is not in the time. The state-loaded time (the
+newcomer has fetched and verified parameters and optimizer state from a live peer) is
+recorded on the way; the rest is building the model, computing a micro-batch and waiting
+for the next round to form.
 
 The link figure is a plain socket copy over the same loopback of the bytes a newcomer
 must fetch: parameters plus AdamW's two moment buffers, fp32 (12 bytes per parameter).
 `fraction_of_link` = that copy's time / the join time, i.e. how much of the join is the
-unavoidable transfer. 100M parameters is not measured: three 100M AdamW peers need
-about 5 GB and a step takes many seconds on this 2-core shared machine.
+unavoidable transfer (the 100M row's, in the summary).
+
+    python -m bench.join_bench [--quick]   # --quick: the 10M model only
 """
 
 from __future__ import annotations
@@ -27,7 +32,12 @@ from typing import Any
 
 from bench.common import print_table, write_result
 
-TASK_ARGS = {"width": "512", "layers": "5", "heads": "8"}
+# name: (model arguments, target batch, micro-batch). The 100M model's step takes seconds
+# on a CPU core, so it trains on batches of 8: one micro-batch per peer per step.
+MODELS = {
+    "10m": ({"width": "512", "layers": "5", "heads": "8"}, 32, 8),
+    "100m": ({"width": "1024", "layers": "12", "heads": "16"}, 8, 4),
+}
 
 
 def socket_copy_seconds(nbytes: int) -> float:
@@ -62,27 +72,31 @@ def socket_copy_seconds(nbytes: int) -> float:
     return elapsed
 
 
-def run_join(params_count: int) -> dict[str, Any]:
+def run_join(model: str) -> dict[str, Any]:
     from collabtrain_trainer.config import LOOPBACK_TIMING, TrainerConfig
     from collabtrain_trainer.local import LocalCluster
+    from collabtrain_trainer.tasks import load_task
 
+    task_args, target, micro = MODELS[model]
+    params_count = sum(p.numel() for p in load_task("tinylm", task_args, 0).model.parameters())
     config = TrainerConfig.model_validate(
         {
             "job": "join",
             "task": "tinylm",
-            "task_args": TASK_ARGS,
-            "target_batch_size": 32,
-            "micro_batch_size": 8,
+            "task_args": task_args,
+            "target_batch_size": target,
+            "micro_batch_size": micro,
             "max_steps": 1_000_000,
             "seed": 0,
             "optimizer": {"name": "adamw", "lr": 1e-3},
             "compression": {"codec": "none"},
-            # Slower than loopback's defaults: a 10M-parameter state takes a while to move.
+            # Slower than loopback's defaults: big states take a while to move and steps
+            # take seconds, during which heartbeats compete for two cores.
             "timing": {
                 **LOOPBACK_TIMING.model_dump(),
-                "peer_expiry_s": 5.0,
-                "initial_round_deadline_s": 60.0,
-                "min_round_deadline_s": 10.0,
+                "peer_expiry_s": 15.0,
+                "initial_round_deadline_s": 120.0,
+                "min_round_deadline_s": 60.0,
             },
         }
     )
@@ -93,12 +107,12 @@ def run_join(params_count: int) -> dict[str, Any]:
         cluster.wait_coordinator()
         for _ in range(2):
             cluster.start_peer()
-        cluster.wait_for(lambda s: s.step >= 3, 180, "3 steps by the first two peers")
+        cluster.wait_for(lambda s: s.step >= 3, 600, "3 steps by the first two peers")
         started = time.monotonic()
         newcomer = cluster.start_peer()
         state_loaded = None
         applied = re.compile(r"step \d+ applied")
-        while time.monotonic() - started < 180:
+        while time.monotonic() - started < 600:
             text = cluster.log_text(newcomer)
             if state_loaded is None and "state loaded from" in text:
                 state_loaded = time.monotonic() - started
@@ -107,9 +121,10 @@ def run_join(params_count: int) -> dict[str, Any]:
                 break
             time.sleep(0.05)
         else:
-            raise TimeoutError("the newcomer contributed to no round within 180 s")
+            raise TimeoutError("the newcomer contributed to no round within 600 s")
         status = cluster.status()
         return {
+            "model": model,
             "params": params_count,
             "join_seconds": round(join, 2),
             "state_loaded_seconds": round(state_loaded, 2) if state_loaded else None,
@@ -122,33 +137,35 @@ def run_join(params_count: int) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true")
-    parser.parse_args()
-    from collabtrain_trainer.tasks import load_task
-
-    count = sum(p.numel() for p in load_task("tinylm", TASK_ARGS, 0).model.parameters())
+    parser.add_argument("--quick", action="store_true", help="the 10M model only")
+    args = parser.parse_args()
     began = time.monotonic()
-    result = run_join(count)
-    nbytes = 12 * count
-    copy = min(socket_copy_seconds(nbytes) for _ in range(3))
-    row = {
-        **result,
-        "state_bytes": nbytes,
-        "socket_copy_seconds": round(copy, 3),
-        "link_MB_per_s": round(nbytes / copy / 1e6, 1),
-        "fraction_of_link": round(copy / result["join_seconds"], 4),
-    }
+    rows = []
+    for model in ["10m"] if args.quick else list(MODELS):
+        result = run_join(model)
+        nbytes = 12 * result["params"]
+        copy = min(socket_copy_seconds(nbytes) for _ in range(3))
+        rows.append(
+            {
+                **result,
+                "state_bytes": nbytes,
+                "socket_copy_seconds": round(copy, 3),
+                "link_MB_per_s": round(nbytes / copy / 1e6, 1),
+                "fraction_of_link": round(copy / result["join_seconds"], 4),
+            }
+        )
+        print_table(rows[-1:], ["model", "params", "join_seconds", "state_loaded_seconds"])
+    by = {row["model"]: row for row in rows}
     summary = {
-        "join_seconds_100m": None,
-        "join_seconds_100m_note": "not measured: ~5 GB for three 100M AdamW peers and "
-        "multi-second steps on a 2-core shared machine; the 10M figure is join_seconds_10m",
-        "join_seconds_10m": result["join_seconds"],
-        "fraction_of_link": row["fraction_of_link"],
+        "join_seconds_100m": by["100m"]["join_seconds"] if "100m" in by else None,
+        "join_seconds_10m": by["10m"]["join_seconds"],
+        "fraction_of_link": rows[-1]["fraction_of_link"],
         "wall_seconds": round(time.monotonic() - began, 1),
     }
     print_table(
-        [row],
+        rows,
         [
+            "model",
             "params",
             "join_seconds",
             "state_loaded_seconds",
@@ -156,7 +173,7 @@ def main() -> None:
             "fraction_of_link",
         ],
     )
-    print(write_result("join", summary, [row]))
+    print(write_result("join_quick" if args.quick else "join", summary, rows))
 
 
 if __name__ == "__main__":
