@@ -502,8 +502,8 @@ class SlotState(ApiModel):
     lost_at: datetime | None = Field(default=None, description="When its last peer was lost.")
     started: bool = Field(
         default=False,
-        description="The current attempt's pod has been seen: if it disappears without "
-        "being released, it was lost.",
+        description="The current attempt's pod was created or has been seen: if it "
+        "disappears without being released, it was lost.",
     )
 
 

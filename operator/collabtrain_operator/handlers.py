@@ -99,6 +99,8 @@ class JobMemory:
     drain_requested: set[str] = field(default_factory=set)
     # Last states of peer pods that were deleted, by name, until a pass has seen them.
     vanished: dict[str, planning.PeerPod] = field(default_factory=dict)
+    # Peer pods created (slot, attempt by name) that the watch has not shown yet.
+    awaiting: dict[str, tuple[int, int]] = field(default_factory=dict)
     stale_resource_version: str | None = None
     stale_since: float = 0.0
     coordinator_status: CoordinatorStatus | None = None
@@ -420,6 +422,7 @@ class Reconciler:
             coordinator=coordinator_status,
             drain_requested=frozenset(self.memory.drain_requested),
             vanished=list(vanished),
+            awaiting=frozenset(self.memory.awaiting),
             invalid_spec=self.memory.invalid.get(generation),
         )
         plan = planning.plan(self.name, spec, previous, observed)
@@ -428,9 +431,10 @@ class Reconciler:
         patch = planning.merge_patch(
             planning.status_body(previous), planning.status_body(plan.status)
         )
+        written_version = resource_version
         if patch:
             try:
-                await self.runtime.kube.patch_job_status(
+                written_version = await self.runtime.kube.patch_job_status(
                     self.namespace, self.name, resource_version, patch
                 )
             except KubeError as error:
@@ -441,11 +445,13 @@ class Reconciler:
             self.memory.stale_since = time.monotonic()
         for pod in vanished:  # accounted in the status just written
             self.memory.vanished.pop(pod.name, None)
+        self._forget_awaited(observed, plan.status)
 
         # 2. Then the world.
         await self._ensure_children(spec, generation, plan)
         await self._release(plan.release)
-        await self._create(spec, generation, plan.create)
+        created = await self._create(spec, generation, plan.create)
+        await self._record_started(created, plan.status, written_version)
         await self._talk_to_coordinator(spec, plan, coordinator_url, token)
         self._record(plan)
 
@@ -574,10 +580,12 @@ class Reconciler:
 
     async def _create(
         self, spec: JobSpec, generation: int, peers: list[planning.PeerToCreate]
-    ) -> None:
+    ) -> list[planning.PeerToCreate]:
+        """Create the peers' pods; returns those the API server now has (created or
+        already there)."""
         telemetry = self.runtime.telemetry
 
-        async def create(peer: planning.PeerToCreate) -> None:
+        async def create(peer: planning.PeerToCreate) -> planning.PeerToCreate:
             pod = rendering.build_peer_pod(
                 self.name,
                 self.namespace,
@@ -593,13 +601,64 @@ class Reconciler:
                     telemetry.replacement_latency.record(
                         peer.replaces_loss_after.total_seconds(), {"capacity": peer.capacity}
                     )
+            return peer
 
+        created: list[planning.PeerToCreate] = []
+        refused = False
         for outcome in await _bounded(create(peer) for peer in peers):
-            if isinstance(outcome, KubeError) and outcome.invalid:
+            if isinstance(outcome, planning.PeerToCreate):
+                created.append(outcome)
+            elif refused:
+                continue
+            elif isinstance(outcome, KubeError) and outcome.invalid:
                 self._invalid(generation, f"a peer pod was refused: {outcome.message}")
-                return
-            if isinstance(outcome, Exception):
+                refused = True
+            elif isinstance(outcome, Exception):
                 self.logger.warning("creating a peer pod failed (will retry): %s", outcome)
+        return created
+
+    async def _record_started(
+        self, created: list[planning.PeerToCreate], status: JobStatus, resource_version: str
+    ) -> None:
+        """Mark the slots of pods just created as started, at once, instead of when a
+        later pass sees them: if the operator stops before that, and such a pod is then
+        deleted, finalizer and all, the next operator must still count the loss (the
+        status is all it has). Until the watch shows a pod, `awaiting` keeps a pass from
+        taking it for lost."""
+        names = rendering.ChildNames(self.name)
+        for peer in created:
+            self.memory.awaiting[names.peer_pod(peer.slot, peer.attempt)] = (
+                peer.slot,
+                peer.attempt,
+            )
+        slots = {
+            str(peer.slot): {"attempt": peer.attempt, "capacity": peer.capacity, "started": True}
+            for peer in created
+            if not (
+                (state := status.slots.get(str(peer.slot))) is not None
+                and state.started
+                and state.attempt == peer.attempt
+            )
+        }
+        if not slots:
+            return
+        # No precondition: only this job's daemon writes status.slots, one pass at a
+        # time, and these slots' attempts are the ones it has just written.
+        written = await self.runtime.kube.patch_job_status(
+            self.namespace, self.name, None, {"slots": slots}
+        )
+        if written != resource_version:
+            self.memory.stale_resource_version = resource_version
+            self.memory.stale_since = time.monotonic()
+
+    def _forget_awaited(self, observed: planning.Observed, status: JobStatus) -> None:
+        """Pods the watch has shown (or shown deleted), or of accounted attempts, are no
+        longer awaited."""
+        seen = {pod.name for pod in [*observed.pods, *observed.vanished]}
+        for pod_name, (slot, attempt) in list(self.memory.awaiting.items()):
+            state = status.slots.get(str(slot))
+            if pod_name in seen or attempt < (state.attempt if state is not None else 0):
+                del self.memory.awaiting[pod_name]
 
     def _invalid(self, generation: int, message: str) -> None:
         if self.memory.invalid.get(generation) != message:

@@ -199,16 +199,17 @@ class KubeClient:
                 raise
 
     async def patch_job_status(
-        self, namespace: str, name: str, resource_version: str, status_patch: KubeObject
+        self, namespace: str, name: str, resource_version: str | None, status_patch: KubeObject
     ) -> str:
         """Merge-patch the job's status, only if the job is still at `resource_version`
-        (raises KubeError 409 otherwise); returns the new resourceVersion."""
+        (raises KubeError 409 otherwise; None: unconditionally); returns the new
+        resourceVersion."""
         path = object_path(api.API_VERSION, api.KIND, namespace, name) + "/status"
+        body: KubeObject = {"status": status_patch}
+        if resource_version is not None:
+            body["metadata"] = {"resourceVersion": resource_version}
         result = await self.request(
-            "PATCH",
-            path,
-            body={"metadata": {"resourceVersion": resource_version}, "status": status_patch},
-            content_type="application/merge-patch+json",
+            "PATCH", path, body=body, content_type="application/merge-patch+json"
         )
         return str(result.get("metadata", {}).get("resourceVersion", ""))
 

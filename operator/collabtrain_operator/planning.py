@@ -153,6 +153,9 @@ class Observed:
     vanished: Sequence[PeerPod] = ()
     # Peers the coordinator has already been asked to drain.
     drain_requested: frozenset[str] = frozenset()
+    # Pods this operator created (the API server confirmed them) that its watch has not
+    # shown yet: their slots are `started` in the status, but not lost for being unlisted.
+    awaiting: frozenset[str] = frozenset()
     # A problem with the spec found by the operator (not the API server), e.g. a pod
     # the API server refused.
     invalid_spec: str | None = None
@@ -415,10 +418,11 @@ def plan(name: str, spec: JobSpec, previous: JobStatus, observed: Observed) -> P
         p.slot for p in [*observed.pods, *vanished] if p.attempt >= slot_state(p.slot).attempt
     }
     for slot, state in list(slots.items()):
-        if state.started and slot not in with_pod:
+        pod_name = rendering.ChildNames(name).peer_pod(slot, state.attempt)
+        if state.started and slot not in with_pod and pod_name not in observed.awaiting:
             vanished.append(
                 PeerPod(
-                    name=rendering.ChildNames(name).peer_pod(slot, state.attempt),
+                    name=pod_name,
                     slot=slot,
                     attempt=state.attempt,
                     capacity=state.capacity,

@@ -558,12 +558,6 @@ def test_suspend_and_resume(
     assert status.get("preemptions", 0) == 0 and status.get("failures", 0) == 0
 
 
-@pytest.mark.xfail(
-    reason="known bug, intermittent: after an operator restart, a preempted peer held by "
-    "its finalizer is sometimes not replaced within 90 s (about 1 run in 3 here); the "
-    "cause is not found yet",
-    strict=False,
-)
 def test_restarting_the_operator_creates_no_duplicates_and_loses_no_count(
     crd: None,
     operator_env: None,
@@ -573,7 +567,9 @@ def test_restarting_the_operator_creates_no_duplicates_and_loses_no_count(
     with running_operator(cluster.namespace):
         cluster.create_job("steady", replicas=3)
         pods = wait_for(peers_running(cluster, "steady", 3), "3 running peers", timeout=90)
-    # While no operator runs, a peer is preempted: it waits, held by its finalizer.
+    # While no operator runs, a peer is preempted. On a real node it would wait, held by
+    # its finalizer; KWOK's built-in pod-delete stage empties its finalizers and deletes
+    # it, so here it is gone before the operator is back, possibly before any pass saw it.
     victim = pods[1]
     cluster.preempt(victim.metadata.name, victim.spec.node_name)
     time.sleep(2)
