@@ -72,6 +72,8 @@ class PeerPod:
     # Deleted from the API server before the operator released it (its finalizer was
     # removed by hand or by a simulator); this is its last state.
     gone: bool = False
+    # When it began to end (disruption, deletion request or exit), if the pod says.
+    ended_at: datetime | None = None
 
     @property
     def ended(self) -> bool:
@@ -101,13 +103,24 @@ def peer_pod_from_body(body: Mapping[str, Any]) -> PeerPod | None:
     scheduled = conditions.get("PodScheduled")
     ready = conditions.get("Ready")
     exit_code = exit_reason = None
+    # Candidates for when the pod began to end; the earliest is the loss time.
+    ended: list[datetime | None] = []
     for container in status.get("containerStatuses") or []:
         terminated = (container.get("state") or {}).get("terminated")
         if terminated is not None:
             exit_code = terminated.get("exitCode")
             exit_reason = terminated.get("reason")
+            ended.append(_parse_time(terminated.get("finishedAt")))
             if exit_code:
                 break
+    disrupted = disruption is not None and disruption.get("status") == "True"
+    if disrupted:
+        ended.append(_parse_time(disruption.get("lastTransitionTime")))
+    deletion = _parse_time(metadata.get("deletionTimestamp"))
+    if deletion is not None:
+        # deletionTimestamp is the end of the grace period the deletion was given.
+        grace = metadata.get("deletionGracePeriodSeconds") or 0
+        ended.append(deletion - timedelta(seconds=grace))
     raw_capacity = labels.get(rendering.LABEL_CAPACITY)
     slot_capacity: SlotCapacity = "on-demand" if raw_capacity == "on-demand" else "spot"
     return PeerPod(
@@ -118,20 +131,17 @@ def peer_pod_from_body(body: Mapping[str, Any]) -> PeerPod | None:
         phase=status.get("phase") or "Pending",
         node_name=(body.get("spec") or {}).get("nodeName") or None,
         created_at=_parse_time(metadata.get("creationTimestamp")),
-        deleting=metadata.get("deletionTimestamp") is not None,
+        deleting=deletion is not None,
         has_finalizer=rendering.PEER_FINALIZER in (metadata.get("finalizers") or []),
         unschedulable=scheduled is not None
         and scheduled.get("status") == "False"
         and scheduled.get("reason") == "Unschedulable",
         ready=ready is not None and ready.get("status") == "True",
-        disruption_reason=(
-            disruption.get("reason") or "DisruptionTarget"
-            if disruption is not None and disruption.get("status") == "True"
-            else None
-        ),
+        disruption_reason=(disruption.get("reason") or "DisruptionTarget") if disrupted else None,
         status_reason=status.get("reason"),
         exit_code=exit_code,
         exit_reason=exit_reason,
+        ended_at=min((t for t in ended if t is not None), default=None),
     )
 
 
@@ -469,7 +479,9 @@ def plan(name: str, spec: JobSpec, previous: JobStatus, observed: Observed) -> P
             event("Warning", "PeerFailed", f"{pod.name}: {reason}")
         else:
             event("Normal", "PeerLeft", f"{pod.name}: {reason}")
-        state.lost_at = now
+        # From when the pod began to end, so the replacement-latency metric includes the
+        # time the loss took to reach this pass; never in the future (clock skew).
+        state.lost_at = min(pod.ended_at, now) if pod.ended_at is not None else now
 
     # --- the failure budget
     max_failures = spec.failure_policy.max_failures

@@ -528,6 +528,7 @@ def test_peer_pod_from_body() -> None:
             "name": "demo-peer-3-2",
             "creationTimestamp": "2026-01-01T11:00:00Z",
             "deletionTimestamp": "2026-01-01T11:59:00Z",
+            "deletionGracePeriodSeconds": 30,
             "finalizers": ["collabtrain.io/peer-accounting"],
             "labels": {
                 "collabtrain.io/slot": "3",
@@ -540,11 +541,25 @@ def test_peer_pod_from_body() -> None:
             "phase": "Failed",
             "reason": "Evicted",
             "conditions": [
-                {"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI"},
+                {
+                    "type": "DisruptionTarget",
+                    "status": "True",
+                    "reason": "EvictionByEvictionAPI",
+                    "lastTransitionTime": "2026-01-01T11:58:45Z",
+                },
                 {"type": "Ready", "status": "False"},
             ],
             "containerStatuses": [
-                {"name": "trainer", "state": {"terminated": {"exitCode": 137, "reason": "Error"}}}
+                {
+                    "name": "trainer",
+                    "state": {
+                        "terminated": {
+                            "exitCode": 137,
+                            "reason": "Error",
+                            "finishedAt": "2026-01-01T11:59:10Z",
+                        }
+                    },
+                }
             ],
         },
     }
@@ -565,8 +580,19 @@ def test_peer_pod_from_body() -> None:
         status_reason="Evicted",
         exit_code=137,
         exit_reason="Error",
+        # The earliest sign: the deletion was asked for 30 s before its deadline.
+        ended_at=datetime(2026, 1, 1, 11, 58, 30, tzinfo=UTC),
     )
     assert planning.peer_pod_from_body({"metadata": {"name": "x", "labels": {}}}) is None
+
+
+def test_replacement_latency_counts_from_when_the_pod_began_to_end() -> None:
+    lost = running(1, deleting=True, ended_at=NOW - timedelta(seconds=7))
+    result = run(make_spec(), [running(0), lost, running(2)])
+    assert result.create[0].replaces_loss_after == timedelta(seconds=7)
+    future = running(1, deleting=True, ended_at=NOW + timedelta(seconds=3))  # clock skew
+    result = run(make_spec(), [running(0), future, running(2)])
+    assert result.create[0].replaces_loss_after == timedelta(0)
 
 
 def test_unschedulable_pod_from_body() -> None:
