@@ -1,22 +1,25 @@
-"""Goodput under preemption: collabtrain vs restart-all baselines, same kill schedule.
+"""Goodput under preemption: collabtrain vs torchrun, same kill schedules.
 
 Four workers train `tinylm` on loopback. Over a fixed window a seeded schedule SIGKILLs a
 random running worker on average every `--mean-interval` seconds (exponential gaps) and
 starts a replacement `--replace-delay` seconds later, as a spot node is replaced. Each
-system's samples committed in the window are compared with the same system without churn.
+system's samples committed in the window are compared with the same system without
+churn; `--repeats` schedules (seeds seed, seed + 1, ...) run interleaved, medians taken.
 
 (a) collabtrain: a real coordinator and peer processes (`LocalCluster`, as
     `collabtrain-trainer local` runs them); a killed peer's replacement joins the running
     job. Samples committed = the coordinator's `samples_committed`.
-(b) torchrun-elastic-style: N processes doing DDP over gloo. On any membership change
-    (a loss, or a replacement arriving) every worker is stopped and a new generation of
-    all available workers starts and resumes from the last checkpoint (rank 0 writes one
-    every K steps). This MODELS torchrun's restart-all semantics; torchrun is not run.
-(c) checkpoint-restart: as (b), but after a loss the job only restarts once the
-    replacement is up, always at full size (no elastic resizing).
+(b) torchrun elastic: four real `torchrun` agents (`--nnodes 1:4`, c10d rendezvous, one
+    worker each) running `torchrun_worker.py`: DDP over gloo, resume from the last
+    checkpoint on every start, rank 0 checkpoints every K steps. A kill takes a node
+    (agent and worker); the survivors' agents restart their workers, and again when the
+    replacement's agent arrives.
+(c) checkpoint-restart: the same with `--nnodes 4:4`: after a loss the job waits for the
+    replacement, then restarts at full size from the last checkpoint.
 
-Samples committed for (b)/(c) = samples contained in the model state at the end of the
-window: work done after the last checkpoint is lost when a generation is stopped.
+Samples committed for (b)/(c) = what the checkpoint holds at the end of the window (a
+live generation is asked to checkpoint and stop; work since the last checkpoint of a
+generation that died is lost).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import print_table, write_result
+from bench.common import RESULTS, bar_plot, median, print_table, write_result
 
 PEERS = 4
 MICRO = 64  # collabtrain micro-batch per peer: the DDP per-worker batch
@@ -131,11 +134,11 @@ def _start_agent(port: int, dir_: Path, index: int, elastic: bool, every: int) -
         "--rdzv-backend=c10d",
         f"--rdzv-endpoint=127.0.0.1:{port}",
         "--rdzv-id=churn",
-        # The store lives in the driver (a preempted node must not take it down); the
-        # last call is shortened from 30 s, as an elastic user on spot nodes would.
-        "--rdzv-conf=is_host=false,last_call_timeout=2",
+        # The store lives in the driver: a preempted node must not take it down. The
+        # rendezvous timeouts are torchrun's defaults; shorter ones made survivors
+        # re-form without nodes still on their way back and restart again (see README).
+        "--rdzv-conf=is_host=false",
         "--max-restarts=1000",
-        "--monitor-interval=0.5",
         str(TORCHRUN_WORKER),
         f"--dir={dir_}",
         f"--every={every}",
@@ -199,7 +202,9 @@ def run_torchrun(
     from collabtrain_trainer.local import free_port
 
     port = free_port()
-    store = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
+    store = dist.TCPStore(  # type: ignore[attr-defined]
+        "127.0.0.1", port, is_master=True, wait_for_workers=False
+    )
     dir_ = Path(tempfile.mkdtemp(prefix="churn-torchrun-"))
     agents: dict[int, Any] = {}
     count = 0
@@ -246,7 +251,7 @@ def run_torchrun(
         steps = [e for e in events if e["kind"] == "step" and t0 <= e["t"] < t0 + window]
         return {
             "samples": kept - s0,
-            "raw_samples_computed": sum(e["samples"] - p["samples"] for p, e in _pairs(steps)),
+            "raw_samples_computed": _computed(events, t0, window),
             "kills": len(kills),
             "restarts": len(starts),
             "generations": [(round(e["t"] - t0, 2), e["world"]) for e in starts],
@@ -259,9 +264,17 @@ def run_torchrun(
         shutil.rmtree(dir_, ignore_errors=True)
 
 
-def _pairs(steps: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-    """Consecutive steps of one generation (a restart resets the sample count)."""
-    return [(a, b) for a, b in itertools.pairwise(steps) if b["samples"] > a["samples"]]
+def _computed(events: list[dict[str, Any]], t0: float, window: float) -> int:
+    """Samples computed in the window by all generations, kept or lost."""
+    first: dict[int, int] = {}
+    last: dict[int, int] = {}
+    for e in events:
+        if e["kind"] == "step" and t0 <= e["t"] < t0 + window:
+            first.setdefault(e["gen"], e["samples"])
+            last[e["gen"]] = e["samples"]
+    # A generation's first step in the window already holds one step of its work: close
+    # enough at 50+ steps per generation.
+    return sum(last[g] - first[g] for g in last)
 
 
 def _longest_gaps(steps: list[dict[str, Any]], t0: float, window: float) -> float:
@@ -270,89 +283,118 @@ def _longest_gaps(steps: list[dict[str, Any]], t0: float, window: float) -> floa
     return sum(b - a for a, b in itertools.pairwise(times) if b - a > 2)
 
 
+SYSTEMS = ("collabtrain", "torchrun_elastic", "checkpoint_restart")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--window", type=float, default=60.0)
     parser.add_argument("--mean-interval", type=float, default=12.0)
     parser.add_argument("--replace-delay", type=float, default=5.0)
     parser.add_argument("--ckpt-every", type=int, default=50, help="DDP steps per checkpoint")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="repeat r uses seed + r")
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     if args.quick:
-        args.window, args.mean_interval = 20.0, 6.0
-    kills = schedule(args.seed, args.window, args.mean_interval)
-    print(f"kill schedule (s): {[t for t, _ in kills]}", flush=True)
+        args.window, args.mean_interval, args.repeats = 20.0, 6.0, 1
+    runners = {
+        "collabtrain": lambda k: run_collab(k, args.window, args.replace_delay),
+        "torchrun_elastic": lambda k: run_torchrun(
+            k, args.window, args.replace_delay, args.ckpt_every, True
+        ),
+        "checkpoint_restart": lambda k: run_torchrun(
+            k, args.window, args.replace_delay, args.ckpt_every, False
+        ),
+    }
     started = time.monotonic()
     rows: list[dict[str, Any]] = []
-    plan = [
-        ("collabtrain", lambda k: run_collab(k, args.window, args.replace_delay)),
-        (
-            "torchrun_elastic",
-            lambda k: run_torchrun(k, args.window, args.replace_delay, args.ckpt_every, True),
-        ),
-        (
-            "checkpoint_restart",
-            lambda k: run_torchrun(k, args.window, args.replace_delay, args.ckpt_every, False),
-        ),
+    schedules = []
+    # Repeats are interleaved (every system once per repeat, same kill schedule), so a
+    # slow spell on the shared machine lands on all systems rather than on one.
+    for repeat in range(args.repeats):
+        kills = schedule(args.seed + repeat, args.window, args.mean_interval)
+        schedules.append([t for t, _ in kills])
+        print(f"repeat {repeat}: kill schedule (s) {schedules[-1]}", flush=True)
+        for system in SYSTEMS:
+            # Without churn checkpoint-restart is the same 4-node DDP job as elastic.
+            for churn in (False, True) if system != "checkpoint_restart" else (True,):
+                began = time.monotonic()
+                result = runners[system](kills if churn else [])
+                rows.append(
+                    {
+                        "system": system,
+                        "churn": churn,
+                        "repeat": repeat,
+                        "samples_per_s": round(result["samples"] / args.window, 1),
+                        "run_seconds": round(time.monotonic() - began, 1),
+                        "load_avg_1m_after": round(os.getloadavg()[0], 2),
+                        **result,
+                    }
+                )
+                print_table(rows[-1:], ["system", "churn", "repeat", "samples", "samples_per_s"])
+
+    def rate(system: str, churn: bool) -> float:
+        if system == "checkpoint_restart" and not churn:
+            system = "torchrun_elastic"
+        found = [r["samples_per_s"] for r in rows if (r["system"], r["churn"]) == (system, churn)]
+        return median(found)
+
+    table: list[dict[str, Any]] = [
+        {
+            "system": system,
+            "no_churn_samples_per_s": rate(system, False),
+            "churn_samples_per_s": rate(system, True),
+            "goodput": round(rate(system, True) / rate(system, False), 3),
+        }
+        for system in SYSTEMS
     ]
-    baseline: dict[str, float] = {}
-    for system, run in plan:
-        for churn in (False, True):
-            if system == "checkpoint_restart" and not churn:
-                # Without churn (c) is the same DDP job as (b): reuse its no-churn rate.
-                rows.append({**rows[2], "system": system, "reused_from": "torchrun_elastic"})
-                baseline[system] = baseline["torchrun_elastic"]
-                continue
-            began = time.monotonic()
-            result = run(kills if churn else [])
-            rate = result["samples"] / args.window
-            if not churn:
-                baseline[system] = rate
-            rows.append(
-                {
-                    "system": system,
-                    "churn": churn,
-                    "samples_per_s": round(rate, 1),
-                    "goodput": round(rate / baseline.get(system, rate), 3),
-                    "run_seconds": round(time.monotonic() - began, 1),
-                    "load_avg_1m_after": round(os.getloadavg()[0], 2),
-                    **result,
-                }
-            )
-            print_table(rows[-1:], ["system", "churn", "samples", "samples_per_s", "goodput"])
-    by = {(r["system"], r["churn"]): r for r in rows}
+    goodput = {row["system"]: row["goodput"] for row in table}
     summary = {
-        "collab_goodput": by[("collabtrain", True)]["goodput"],
-        "torchrun_elastic_goodput": by[("torchrun_elastic", True)]["goodput"],
-        "checkpoint_restart_goodput": by[("checkpoint_restart", True)]["goodput"],
+        "collab_goodput": goodput["collabtrain"],
+        "torchrun_elastic_goodput": goodput["torchrun_elastic"],
+        "checkpoint_restart_goodput": goodput["checkpoint_restart"],
+        # Same wall time with churn, so the ratio of rates is the ratio of samples.
         "advantage_vs_torchrun": round(
-            by[("collabtrain", True)]["samples"]
-            / max(1, by[("torchrun_elastic", True)]["samples"]),
-            3,
+            rate("collabtrain", True) / max(1e-9, rate("torchrun_elastic", True)), 3
         ),
+        "medians": table,
         "settings": {
             "peers": PEERS,
             "task": "tinylm",
             "global_batch": TARGET,
+            "collab_micro_batch": MICRO,
             "window_s": args.window,
             "mean_kill_interval_s": args.mean_interval,
             "replace_delay_s": args.replace_delay,
             "ddp_checkpoint_every_steps": args.ckpt_every,
-            "seed": args.seed,
-            "kill_times_s": [t for t, _ in kills],
+            "repeats": args.repeats,
+            "seeds": [args.seed + r for r in range(args.repeats)],
+            "kill_times_s": schedules,
         },
         "baseline_note": (
-            "torchrun_elastic models torchrun's restart-all semantics (stop every worker on "
-            "any membership change, restart all available workers from the last checkpoint); "
-            "torchrun itself was not run. Workers are forked from a fork server with torch "
-            "preloaded (as collabtrain's peers are), so restart cost excludes the torch import."
+            "torchrun_elastic and checkpoint_restart run real torchrun agents (c10d "
+            "rendezvous with torchrun's default timeouts, the store outside the agents), "
+            "one worker each, nnodes 1:4 and 4:4; killing a node SIGKILLs its agent and "
+            "worker. Their samples are what the final checkpoint holds."
         ),
         "wall_seconds": round(time.monotonic() - started, 1),
     }
-    print_table(rows, ["system", "churn", "samples", "samples_per_s", "goodput", "run_seconds"])
+    print_table(table, ["system", "no_churn_samples_per_s", "churn_samples_per_s", "goodput"])
     name = "churn_quick" if args.quick else "churn"
     print(write_result(name, summary, rows))
+    bar_plot(
+        RESULTS / f"{name}.png",
+        {
+            row["system"]: {
+                "no churn": row["no_churn_samples_per_s"],
+                "churn": row["churn_samples_per_s"],
+            }
+            for row in table
+        },
+        "samples committed per second (median of repeats)",
+        f"4 workers, {args.repeats} seeded kill schedules, {args.window:g} s each",
+    )
 
 
 if __name__ == "__main__":

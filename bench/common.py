@@ -49,3 +49,29 @@ def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
 
 def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
+
+
+def bar_plot(path: Path, bars: dict[str, dict[str, float]], xlabel: str, title: str) -> None:
+    """Horizontal grouped bars: one group per outer key, one bar per inner key."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = list(bars)
+    series = list(dict.fromkeys(name for inner in bars.values() for name in inner))
+    height = 0.8 / max(1, len(series))
+    fig, axes = plt.subplots(figsize=(9, 1.2 + 0.5 * len(groups) * max(1, len(series))))
+    for i, name in enumerate(series):
+        positions = [g + i * height for g in range(len(groups))]
+        values = [bars[group].get(name, 0.0) for group in groups]
+        axes.barh(positions, values, height=height, label=name)
+    axes.set_yticks([g + height * (len(series) - 1) / 2 for g in range(len(groups))], groups)
+    axes.invert_yaxis()
+    axes.set_xlabel(xlabel)
+    axes.set_title(title, fontsize=10)
+    if len(series) > 1:
+        axes.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -20,10 +20,11 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
-from bench.common import median, print_table, write_result
+from bench.common import RESULTS, bar_plot, median, print_table, write_result
 from collabtrain_trainer.codecs import BlockQuantCodec, ErrorFeedback, PowerSGD, TopKCodec
 
 
@@ -83,7 +84,7 @@ def main() -> None:
         "top-k 1% +EF": lambda: topk.codec.decode(topk.compress("g", gradient), numel),
         "PowerSGD r4 per layer +EF": lambda: powersgd.compress_locally(gradient),
     }
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "codec": "device copy (reference)",
             "seconds": copy_seconds,
@@ -111,6 +112,12 @@ def main() -> None:
     }
     name = "gpu_codecs" if device.type == "cuda" and args.numel_scale == 1.0 else "gpu_codecs_quick"
     print(write_result(name, summary, rows))
+    bar_plot(
+        RESULTS / f"{name}.png",
+        {row["codec"]: {"GB/s": row["GB_per_s"]} for row in rows},
+        "GB of fp32 gradient per second (copy: bytes read + written)",
+        f"{summary['device']}, {numel / 1e6:.0f}M elements",
+    )
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import print_table, write_result
+from bench.common import RESULTS, bar_plot, print_table, write_result
 
 # name: (model arguments, target batch, micro-batch). The 100M model's step takes seconds
 # on a CPU core, so it trains on batches of 8: one micro-batch per peer per step.
@@ -173,7 +173,21 @@ def main() -> None:
             "fraction_of_link",
         ],
     )
-    print(write_result("join_quick" if args.quick else "join", summary, rows))
+    name = "join_quick" if args.quick else "join"
+    print(write_result(name, summary, rows))
+    bar_plot(
+        RESULTS / f"{name}.png",
+        {
+            f"{row['params'] / 1e6:.0f}M parameters": {
+                "join (start to first contributed round)": row["join_seconds"],
+                "state loaded": row["state_loaded_seconds"] or 0.0,
+                "socket copy of the state": row["socket_copy_seconds"],
+            }
+            for row in rows
+        },
+        "seconds",
+        "a newcomer joining two peers on loopback",
+    )
 
 
 if __name__ == "__main__":

@@ -3,9 +3,9 @@
 This is what a torchrun elastic user runs: on every (re)start it resumes from the last
 checkpoint, trains `tinylm` with DDP, and rank 0 writes a checkpoint every `--every`
 steps. Rank 0 appends a line to `DIR/events.jsonl` when a generation starts and after
-every step, so the benchmark can see restart costs and the work done. Once `DIR/stop`
-exists, rank 0 writes a last checkpoint and every rank exits 0: what the checkpoint then
-holds is what the job kept.
+every step (`gen` tells generations apart), so the benchmark sees restarts and work
+done. Once `DIR/stop` exists, rank 0 writes a last checkpoint and every rank exits 0:
+what the checkpoint then holds is what the job kept.
 
     torchrun ... bench/torchrun_worker.py --dir DIR --every 50 --per-worker 64
 """
@@ -61,10 +61,9 @@ def main() -> None:
         optimizer.load_state_dict(state["optimizer"])
         step, samples = state["step"], state["samples"]
     ddp = nn.parallel.DistributedDataParallel(model)
-    generation = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     generator = torch.Generator().manual_seed(1000 * step + rank)  # fresh data after a resume
     if rank == 0:
-        event(args.dir, kind="start", world=world, step=step, samples=samples, restart=generation)
+        event(args.dir, kind="start", gen=os.getpid(), world=world, samples=samples, step=step)
     stop = args.dir / "stop"
     while True:
         halt = torch.tensor([float(rank == 0 and stop.exists())])
@@ -83,7 +82,7 @@ def main() -> None:
         if rank == 0:
             if step % args.every == 0:
                 save(model, optimizer, step, samples, args.dir)
-            event(args.dir, kind="step", step=step, samples=samples, world=world)
+            event(args.dir, kind="step", gen=os.getpid(), step=step, samples=samples)
     dist.destroy_process_group()
 
 
