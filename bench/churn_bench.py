@@ -245,12 +245,17 @@ def run_torchrun(
             e["kind"] == "stopped" and e["t"] >= stop_asked for e in _events(dir_)
         ):
             time.sleep(0.1)
-        kept = json.loads((dir_ / "ckpt.json").read_text())["samples"]
+        # No checkpoint at all (a node lost before the first one): the job kept nothing.
+        sidecar = dir_ / "ckpt.json"
+        kept = json.loads(sidecar.read_text())["samples"] if sidecar.exists() else 0
         events = _events(dir_)
         starts = [e for e in events if e["kind"] == "start" and t0 <= e["t"] < t0 + window]
         steps = [e for e in events if e["kind"] == "step" and t0 <= e["t"] < t0 + window]
         return {
-            "samples": kept - s0,
+            # Below zero when the job ends behind where the window opened; counted as 0.
+            "samples": max(0, kept - s0),
+            "kept_samples": kept,
+            "samples_at_window_start": s0,
             "raw_samples_computed": _computed(events, t0, window),
             "kills": len(kills),
             "restarts": len(starts),
@@ -333,6 +338,7 @@ def main() -> None:
                     }
                 )
                 print_table(rows[-1:], ["system", "churn", "repeat", "samples", "samples_per_s"])
+                sys.stdout.flush()
 
     def rate(system: str, churn: bool) -> float:
         if system == "checkpoint_restart" and not churn:

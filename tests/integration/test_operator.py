@@ -558,6 +558,69 @@ def test_suspend_and_resume(
     assert status.get("preemptions", 0) == 0 and status.get("failures", 0) == 0
 
 
+def test_spot_shortage_falls_back_to_on_demand_and_returns_to_spot(
+    operator: KopfRunner, cluster: Cluster, nodes: dict[str, list[str]]
+) -> None:
+    def cordon(value: bool) -> None:
+        for name in nodes["spot"]:
+            cluster.core.patch_node(name, {"spec": {"unschedulable": value}})
+
+    cordon(True)  # no spot capacity: spot peers stay Pending, Unschedulable
+    capacity = {"providers": ["karpenter"], "spot": "Required", "onDemandFallbackAfter": "3s"}
+    cluster.create_job("fallback", capacity=capacity)
+    pods = wait_for(peers_running(cluster, "fallback", 2), "2 peers on on-demand", timeout=90)
+    assert {p.spec.node_name for p in pods} <= set(nodes["on-demand"])
+    assert {p.metadata.labels["collabtrain.io/capacity"] for p in pods} == {"on-demand"}
+    status = cluster.status("fallback")
+    assert status["peers"]["onDemand"] == 2
+    conditions = {c["type"]: c["status"] for c in status["conditions"]}
+    assert conditions["OnDemandFallback"] == "True"
+    assert "OnDemandFallback" in cluster.event_reasons("fallback")
+
+    cordon(False)  # spot capacity is back: after a quiet period peers move back
+
+    def on_spot() -> list[Any]:
+        running = peers_running(cluster, "fallback", 2)()
+        return running if all(p.spec.node_name in nodes["spot"] for p in running) else []
+
+    wait_for(on_spot, "both peers back on spot nodes", timeout=120)
+    status = cluster.status("fallback")
+    conditions = {c["type"]: c["status"] for c in status["conditions"]}
+    assert conditions["OnDemandFallback"] == "False"
+    assert "BackToSpot" in cluster.event_reasons("fallback")
+    # Moving between capacity types is the operator's choice: no loss is counted.
+    assert status.get("preemptions", 0) == 0 and status.get("failures", 0) == 0
+
+
+def test_finished_job_releases_peers_and_ttl_deletes_its_children(
+    operator: KopfRunner, cluster: Cluster, coordinator: FakeCoordinator
+) -> None:
+    cluster.create_job("done", ttlSecondsAfterFinished=3)
+    wait_for(peers_running(cluster, "done", 2), "2 running peers", timeout=90)
+    coordinator.status = coordinator.status.model_copy(update={"step": 100, "finished": True})
+    wait_for(lambda: cluster.status("done").get("phase") == "Succeeded", "Succeeded", timeout=60)
+    wait_for(lambda: not cluster.peers("done", include_deleting=True), "peers gone", timeout=60)
+
+    def children_gone() -> bool:
+        selector = "collabtrain.io/job=done"
+        left = [
+            *cluster.core.list_namespaced_config_map(
+                cluster.namespace, label_selector=selector
+            ).items,
+            *cluster.core.list_namespaced_service(cluster.namespace, label_selector=selector).items,
+            *cluster.core.list_namespaced_secret(cluster.namespace, label_selector=selector).items,
+            *cluster.apps.list_namespaced_deployment(
+                cluster.namespace, label_selector=selector
+            ).items,
+        ]
+        return not left
+
+    wait_for(children_gone, "the job's children deleted after the TTL", timeout=60)
+    status = cluster.status("done")
+    assert status["phase"] == "Succeeded" and status["childrenDeleted"] is True
+    cluster.job("done")  # the job itself stays, with its record
+
+
 def test_restarting_the_operator_creates_no_duplicates_and_loses_no_count(
     crd: None,
     operator_env: None,
