@@ -113,8 +113,9 @@ def peer_pod_from_body(body: Mapping[str, Any]) -> PeerPod | None:
             ended.append(_parse_time(terminated.get("finishedAt")))
             if exit_code:
                 break
-    disrupted = disruption is not None and disruption.get("status") == "True"
-    if disrupted:
+    disruption_reason = None
+    if disruption is not None and disruption.get("status") == "True":
+        disruption_reason = disruption.get("reason") or "DisruptionTarget"
         ended.append(_parse_time(disruption.get("lastTransitionTime")))
     deletion = _parse_time(metadata.get("deletionTimestamp"))
     if deletion is not None:
@@ -137,7 +138,7 @@ def peer_pod_from_body(body: Mapping[str, Any]) -> PeerPod | None:
         and scheduled.get("status") == "False"
         and scheduled.get("reason") == "Unschedulable",
         ready=ready is not None and ready.get("status") == "True",
-        disruption_reason=(disruption.get("reason") or "DisruptionTarget") if disrupted else None,
+        disruption_reason=disruption_reason,
         status_reason=status.get("reason"),
         exit_code=exit_code,
         exit_reason=exit_reason,
