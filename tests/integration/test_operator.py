@@ -571,8 +571,12 @@ def test_spot_shortage_falls_back_to_on_demand_and_returns_to_spot(
     pods = wait_for(peers_running(cluster, "fallback", 2), "2 peers on on-demand", timeout=90)
     assert {p.spec.node_name for p in pods} <= set(nodes["on-demand"])
     assert {p.metadata.labels["collabtrain.io/capacity"] for p in pods} == {"on-demand"}
-    status = cluster.status("fallback")
-    assert status["peers"]["onDemand"] == 2
+    # The status follows the pods by a pass.
+    status = wait_for(
+        lambda: (s := cluster.status("fallback")).get("peers", {}).get("onDemand") == 2 and s,
+        "status counting 2 on-demand peers",
+        timeout=30,
+    )
     conditions = {c["type"]: c["status"] for c in status["conditions"]}
     assert conditions["OnDemandFallback"] == "True"
     assert "OnDemandFallback" in cluster.event_reasons("fallback")
@@ -584,9 +588,13 @@ def test_spot_shortage_falls_back_to_on_demand_and_returns_to_spot(
         return running if all(p.spec.node_name in nodes["spot"] for p in running) else []
 
     wait_for(on_spot, "both peers back on spot nodes", timeout=120)
-    status = cluster.status("fallback")
-    conditions = {c["type"]: c["status"] for c in status["conditions"]}
-    assert conditions["OnDemandFallback"] == "False"
+
+    def back_on_spot() -> dict[str, Any] | None:
+        status = cluster.status("fallback")
+        conditions = {c["type"]: c["status"] for c in status.get("conditions", [])}
+        return status if conditions.get("OnDemandFallback") == "False" else None
+
+    status = wait_for(back_on_spot, "condition OnDemandFallback False", timeout=30)
     assert "BackToSpot" in cluster.event_reasons("fallback")
     # Moving between capacity types is the operator's choice: no loss is counted.
     assert status.get("preemptions", 0) == 0 and status.get("failures", 0) == 0
