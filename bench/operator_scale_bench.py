@@ -677,7 +677,9 @@ def main(argv: list[str] | None = None) -> int:
     ):
         print(f"  {count:7d}  {key}")
     result["mode"] = "quick" if args.quick else "custom" if argv_sizes(args) else "full"
-    path = write_result("operator_scale", result, [row])
+    # Only the full-size run replaces the committed figures.
+    name = "operator_scale" if result["mode"] == "full" else f"operator_scale_{result['mode']}"
+    path = write_result(name, result, [row])
     print(f"\n[bench] {path} in {details['run_s']:.0f} s")
     return 0
 
