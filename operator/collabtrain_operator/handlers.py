@@ -101,7 +101,9 @@ class JobMemory:
     vanished: dict[str, planning.PeerPod] = field(default_factory=dict)
     # Peer pods created (slot, attempt by name) that the watch has not shown yet.
     awaiting: dict[str, tuple[int, int]] = field(default_factory=dict)
-    stale_resource_version: str | None = None
+    # Versions of the job our own status writes replaced, until the watch brings a newer
+    # one: a pass must not plan on them (it would count a loss twice).
+    superseded_versions: set[str] = field(default_factory=set)
     stale_since: float = 0.0
     coordinator_status: CoordinatorStatus | None = None
     coordinator_polled_at: float = float("-inf")
@@ -392,10 +394,11 @@ class Reconciler:
         if metadata.get("deletionTimestamp"):
             return interval
         if (
-            self.memory.stale_resource_version == resource_version
+            resource_version in self.memory.superseded_versions
             and time.monotonic() - self.memory.stale_since < STALE_BODY_PATIENCE_SECONDS
         ):
             return 1.0  # our last status write has not come back through the watch yet
+        self.memory.superseded_versions.clear()  # a newer body (or patience ran out)
 
         previous = JobStatus.model_validate(self.body.get("status") or {})
         try:
@@ -441,8 +444,7 @@ class Reconciler:
                 if error.conflict:
                     return 0.5  # the job changed meanwhile: plan again on fresh data
                 raise
-            self.memory.stale_resource_version = resource_version
-            self.memory.stale_since = time.monotonic()
+            self._superseded(resource_version, written_version)
         for pod in vanished:  # accounted in the status just written
             self.memory.vanished.pop(pod.name, None)
         self._forget_awaited(observed, plan.status)
@@ -647,8 +649,12 @@ class Reconciler:
         written = await self.runtime.kube.patch_job_status(
             self.namespace, self.name, None, {"slots": slots}
         )
-        if written != resource_version:
-            self.memory.stale_resource_version = resource_version
+        self._superseded(resource_version, written)
+
+    def _superseded(self, old_version: str, new_version: str) -> None:
+        """Our status write turned the job from `old_version` into `new_version`."""
+        if new_version != old_version:
+            self.memory.superseded_versions.add(old_version)
             self.memory.stale_since = time.monotonic()
 
     def _forget_awaited(self, observed: planning.Observed, status: JobStatus) -> None:
