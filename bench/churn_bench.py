@@ -49,7 +49,8 @@ TARGET = 256  # collabtrain target batch = the DDP global batch (4 x 64)
 def schedule(seed: int, window: float, mean: float) -> list[tuple[float, int]]:
     """(seconds after the window starts, a random draw used to pick the victim)."""
     rng = random.Random(seed)
-    events, t = [], 0.0
+    events: list[tuple[float, int]] = []
+    t = 0.0
     while True:
         t += rng.expovariate(1.0 / mean)
         if t >= window:
@@ -256,11 +257,11 @@ def run_torchrun(
             "samples": max(0, kept - s0),
             "kept_samples": kept,
             "samples_at_window_start": s0,
-            "raw_samples_computed": _computed(events, t0, window),
+            "raw_samples_computed": _computed(steps),
             "kills": len(kills),
             "restarts": len(starts),
             "generations": [(round(e["t"] - t0, 2), e["world"]) for e in starts],
-            "seconds_without_steps": round(_longest_gaps(steps, t0, window), 1),
+            "seconds_without_steps": round(_seconds_without_steps(steps, t0, window), 1),
         }
     finally:
         for agent in agents.values():
@@ -269,22 +270,21 @@ def run_torchrun(
         shutil.rmtree(dir_, ignore_errors=True)
 
 
-def _computed(events: list[dict[str, Any]], t0: float, window: float) -> int:
-    """Samples computed in the window by all generations, kept or lost."""
+def _computed(steps: list[dict[str, Any]]) -> int:
+    """Samples computed over these step events by all generations, kept or lost."""
     first: dict[int, int] = {}
     last: dict[int, int] = {}
-    for e in events:
-        if e["kind"] == "step" and t0 <= e["t"] < t0 + window:
-            first.setdefault(e["gen"], e["samples"])
-            last[e["gen"]] = e["samples"]
+    for e in steps:
+        first.setdefault(e["gen"], e["samples"])
+        last[e["gen"]] = e["samples"]
     # A generation's first step in the window already holds one step of its work: close
     # enough at 50+ steps per generation.
     return sum(last[g] - first[g] for g in last)
 
 
-def _longest_gaps(steps: list[dict[str, Any]], t0: float, window: float) -> float:
-    """Seconds of the window spent with no step taken for more than 2 s at a time."""
-    times = [t0] + [e["t"] for e in steps] + [t0 + window]
+def _seconds_without_steps(steps: list[dict[str, Any]], t0: float, window: float) -> float:
+    """Seconds of the window spent in gaps of more than 2 s between steps."""
+    times = [t0] + [float(e["t"]) for e in steps] + [t0 + window]
     return sum(b - a for a, b in itertools.pairwise(times) if b - a > 2)
 
 

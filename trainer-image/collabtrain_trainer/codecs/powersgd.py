@@ -60,7 +60,9 @@ class Block:
     def matrix(self, flat: Tensor) -> Tensor:
         stretch = flat[self.start : self.stop]
         padding = self.rows * self.cols - self.numel
-        return torch.nn.functional.pad(stretch, (0, padding)).view(self.rows, self.cols)
+        if padding:
+            stretch = torch.nn.functional.pad(stretch, (0, padding))
+        return stretch.view(self.rows, self.cols)  # a view, not a copy, when it fits
 
 
 def plan_blocks(numel: int, rank: int, shapes: Sequence[Sequence[int]] | None) -> list[Block]:
@@ -81,7 +83,7 @@ def plan_blocks(numel: int, rank: int, shapes: Sequence[Sequence[int]] | None) -
         r = min(rank, rows, cols)
         if r and (rows + cols) * r < size:
             blocks.append(Block(start, size, rows, cols, r))
-        elif blocks and blocks[-1].rank == 0 and blocks[-1].stop == start:
+        elif blocks and blocks[-1].rank == 0:  # blocks are contiguous: extend the last
             blocks[-1] = Block(blocks[-1].start, blocks[-1].numel + size)
         elif size:
             blocks.append(Block(start, size))
