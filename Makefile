@@ -7,7 +7,6 @@ UV_VERSION := 0.13.8
 # The stamp changes with pyproject.toml, so a second `make test` reuses the environment
 # (torch included) and an edited dependency list reinstalls.
 STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
-export PYTHONPATH := tests
 
 .PHONY: demo test test-fast lint format bench crds tools venv clean
 

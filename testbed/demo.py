@@ -36,7 +36,7 @@ from testbed.cluster import ControlPlane, MinioServer
 from testbed.node_agent import NodeAgent, on_demand_node, spot_node
 from testbed.processes import ManagedProcess, wait_until
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 CRD = ROOT / "crds" / "collaborativetrainingjobs.collabtrain.io.yaml"
 QUICKSTART = ROOT / "examples" / "quickstart.yaml"
 NAMESPACE = "demo"

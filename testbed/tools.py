@@ -37,6 +37,7 @@ HELM_VERSION = "3.19.5"
 HELM_KUBERNETES_MINOR = 34  # the client-go minor helm 3.19 is built with
 # MinIO tags releases as RELEASE.<date>, so the module proxy knows it by pseudo-version only.
 MINIO_VERSION = "0.0.0-20260212201848-7aac2a2c5b7c"
+COREDNS_VERSION = "1.15.0"
 
 GO_PROXY = os.environ.get("GOPROXY", "https://proxy.golang.org").split(",")[0]
 KUBERNETES_MINOR = int(KUBERNETES_VERSION.split(".")[1])
@@ -206,16 +207,21 @@ def build_kubernetes(tool: Tool, output: Path) -> None:
     )
 
 
-def build_etcd(tool: Tool, output: Path) -> None:
-    workdir = cache_root() / "build" / f"etcd-{tool.version}"
-    workdir.mkdir(parents=True, exist_ok=True)
-    # A module of our own, because etcd's go.mod holds replace directives `go install` refuses.
-    write_module(workdir, {"go.etcd.io/etcd/server/v3": f"v{tool.version}"}, {})
-    run_go(
-        ["build", "-trimpath", "-ldflags", "-s -w", "-o", str(output), "go.etcd.io/etcd/server/v3"],
-        workdir,
-        "etcd",
-    )
+def build_module_command(module: str, package: str) -> Callable[[Tool, Path], None]:
+    """Build `package` from `module` at the tool's version inside a module of our own, for
+    modules whose go.mod holds replace directives that `go install` refuses."""
+
+    def build(tool: Tool, output: Path) -> None:
+        workdir = cache_root() / "build" / f"{tool.name}-{tool.version}"
+        workdir.mkdir(parents=True, exist_ok=True)
+        write_module(workdir, {module: f"v{tool.version}"}, {})
+        run_go(
+            ["build", "-trimpath", "-ldflags", "-s -w", "-o", str(output), package],
+            workdir,
+            tool.name,
+        )
+
+    return build
 
 
 def go_install(package: str, *version_flags: str) -> Callable[[Tool, Path], None]:
@@ -242,13 +248,28 @@ def go_install(package: str, *version_flags: str) -> Callable[[Tool, Path], None
 TOOLS: dict[str, Tool] = {
     tool.name: tool
     for tool in (
-        Tool("etcd", ETCD_VERSION, etcd_fits, build_etcd, envtest_asset=True),
+        Tool(
+            "etcd",
+            ETCD_VERSION,
+            etcd_fits,
+            build_module_command("go.etcd.io/etcd/server/v3", "go.etcd.io/etcd/server/v3"),
+            envtest_asset=True,
+        ),
         Tool("kube-apiserver", KUBERNETES_VERSION, same_kubernetes_minor, build_kubernetes, True),
         Tool(
             "kube-controller-manager", KUBERNETES_VERSION, same_kubernetes_minor, build_kubernetes
         ),
         Tool("kube-scheduler", KUBERNETES_VERSION, same_kubernetes_minor, build_kubernetes),
         Tool("kubectl", KUBERNETES_VERSION, kubectl_within_skew, build_kubernetes, True),
+        # The real nodes: a kubelet and kube-proxy per node, CoreDNS for cluster DNS.
+        Tool("kubelet", KUBERNETES_VERSION, same_kubernetes_minor, build_kubernetes),
+        Tool("kube-proxy", KUBERNETES_VERSION, same_kubernetes_minor, build_kubernetes),
+        Tool(
+            "coredns",
+            COREDNS_VERSION,
+            any_version,
+            build_module_command("github.com/coredns/coredns", "github.com/coredns/coredns"),
+        ),
         Tool(
             "helm",
             HELM_VERSION,
