@@ -82,7 +82,7 @@ class OperatorOptions:
         return self.coordinator_url_template.format(
             service=rendering.ChildNames(job).coordinator,
             namespace=namespace,
-            port=rendering.COORDINATOR_PORT,
+            port=rendering.COORDINATOR_PORTS["http"],
             job=job,
         )
 

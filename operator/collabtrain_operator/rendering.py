@@ -20,6 +20,9 @@ from collabtrain_operator.api import (
     SlotCapacity,
 )
 from collabtrain_trainer.config import (
+    COORDINATOR_HTTP_PORT,
+    PEER_ID_ENV,
+    RENDEZVOUS_PORT,
     CheckpointConfig,
     CompressionConfig,
     OptimizerConfig,
@@ -29,7 +32,9 @@ from collabtrain_trainer.config import (
 
 KubeObject = dict[str, Any]
 
-COORDINATOR_PORT = 7000
+# The coordinator's ports, named: its container declares them, its Service forwards them,
+# and the trainer config rendered below tells peers to dial exactly these.
+COORDINATOR_PORTS: dict[str, int] = {"http": COORDINATOR_HTTP_PORT, "rendezvous": RENDEZVOUS_PORT}
 CONFIG_DIR = "/etc/collabtrain"
 CONFIG_KEY = "trainer.json"
 CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_KEY}"
@@ -101,7 +106,7 @@ def peer_selector(job: str) -> str:
 
 
 def coordinator_url(job: str, namespace: str) -> str:
-    return f"http://{ChildNames(job).coordinator}.{namespace}.svc:{COORDINATOR_PORT}"
+    return f"http://{ChildNames(job).coordinator}.{namespace}.svc:{COORDINATOR_PORTS['http']}"
 
 
 # ------------------------------------------------------------------------ trainer config
@@ -152,6 +157,7 @@ def trainer_config(job: str, namespace: str, spec: JobSpec) -> TrainerConfig:
         ),
         checkpoint=checkpoint,
         coordinator_url=coordinator_url(job, namespace),
+        rendezvous_port=COORDINATOR_PORTS["rendezvous"],
         token_env=TOKEN_ENV,
         timing=_timing(spec.trainer.termination_grace_period_seconds),
     )
@@ -217,7 +223,7 @@ def _env(job: str, spec: JobSpec, extra: list[EnvVar]) -> list[KubeObject]:
             "name": TOKEN_ENV,
             "valueFrom": {"secretKeyRef": {"name": ChildNames(job).token_secret, "key": TOKEN_KEY}},
         },
-        {"name": "COLLABTRAIN_PEER_ID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": PEER_ID_ENV, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
     ]
     if spec.checkpoint is not None and spec.checkpoint.credentials_secret_ref is not None:
@@ -408,7 +414,10 @@ def build_coordinator_deployment(
         "name": "coordinator",
         "image": coordinator.image or spec.trainer.image,
         "command": [TRAINER_COMMAND, COORDINATOR, "--config", CONFIG_PATH],
-        "ports": [{"name": "http", "containerPort": COORDINATOR_PORT, "protocol": "TCP"}],
+        "ports": [
+            {"name": name, "containerPort": port, "protocol": "TCP"}
+            for name, port in COORDINATOR_PORTS.items()
+        ],
         "env": _env(job, spec, []),
         "resources": _resources(coordinator.resources),
         "volumeMounts": mounts,
@@ -463,7 +472,8 @@ def build_coordinator_service(job: str, namespace: str) -> KubeObject:
         "spec": {
             "selector": selector_labels(job, COORDINATOR),
             "ports": [
-                {"name": "http", "port": COORDINATOR_PORT, "targetPort": "http", "protocol": "TCP"}
+                {"name": name, "port": port, "targetPort": name, "protocol": "TCP"}
+                for name, port in COORDINATOR_PORTS.items()
             ],
         },
     }

@@ -354,10 +354,11 @@ def test_job_gets_its_children_with_the_right_placement(
     deployment = cluster.apps.read_namespaced_deployment("place-coordinator", cluster.namespace)
     assert deployment.spec.replicas == 1
     service = cluster.core.read_namespaced_service("place-coordinator", cluster.namespace)
-    assert service.spec.ports[0].port == 7000
     config_map = cluster.core.read_namespaced_config_map("place-config", cluster.namespace)
     config = TrainerConfig.model_validate(json.loads(config_map.data["trainer.json"]))
     assert config.job == "place"
+    # Peers dial every one of these on the Service (HTTP and the rendezvous store).
+    assert {p.port for p in service.spec.ports} >= set(config.coordinator_ports().values())
     assert cluster.core.read_namespaced_secret("place-token", cluster.namespace).data["token"]
 
     def coordinator_pod() -> Any:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 from typing import Any
+from urllib.parse import urlparse
 
 import pytest
 
 from collabtrain_operator import capacity, rendering
 from collabtrain_operator.api import JobSpec
-from collabtrain_trainer.config import TrainerConfig
+from collabtrain_trainer.config import PEER_ID_ENV, TrainerConfig
 
 NS = "team-a"
 
@@ -241,12 +242,46 @@ def test_coordinator_deployment_and_service() -> None:
     assert deployment["spec"]["strategy"] == {"type": "Recreate"}
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     assert container["command"][:2] == ["collabtrain-trainer", "coordinator"]
-    assert container["ports"][0]["containerPort"] == 7000
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {
+        "http": 7000,
+        "rendezvous": 7001,
+    }
     assert container["readinessProbe"]["httpGet"]["path"] == "/healthz"
     selector = deployment["spec"]["selector"]["matchLabels"]
     assert service["spec"]["selector"] == selector
     assert selector.items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
     assert service["spec"]["ports"][0]["port"] == 7000
+
+
+def test_service_forwards_every_port_peers_dial() -> None:
+    """Peers reach the coordinator through its Service, at the ports the rendered trainer
+    config names (HTTP and the rendezvous store): each must be a Service port whose target
+    is a port the coordinator container declares. A ClusterIP forwards nothing else."""
+    spec = make_spec()
+    config = TrainerConfig.model_validate_json(
+        rendering.build_config_map("demo", NS, spec)["data"][rendering.CONFIG_KEY]
+    )
+    service = rendering.build_coordinator_service("demo", NS)
+    deployment = rendering.build_coordinator_deployment("demo", NS, spec, replicas=1)
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    declared = {p["name"]: p["containerPort"] for p in container["ports"]}
+    forwarded = {p["port"]: p["targetPort"] for p in service["spec"]["ports"]}
+
+    assert urlparse(config.coordinator_url).hostname == "demo-coordinator.team-a.svc"
+    dialed = config.coordinator_ports()
+    assert {"http", "rendezvous"} <= dialed.keys()
+    for name, port in dialed.items():
+        assert port in forwarded, f"peers dial {name} on port {port}, the Service lacks it"
+        target = forwarded[port]
+        container_port = declared.get(target) if isinstance(target, str) else target
+        assert container_port == port, f"Service port {port} forwards to {target!r}"
+    # The coordinator listens where the config says (its CLI reads these same ports).
+    assert config.rendezvous_port == declared["rendezvous"]
+
+
+def test_peer_id_comes_from_the_pod_name() -> None:
+    env = env_of(peer()["spec"]["containers"][0])
+    assert env[PEER_ID_ENV]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
 
 
 def test_config_hash_follows_the_config() -> None:

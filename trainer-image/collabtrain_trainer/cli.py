@@ -1,7 +1,7 @@
 """`collabtrain-trainer`: the coordinator, a peer, or a whole local run.
 
     collabtrain-trainer coordinator --config trainer.json [--port 7000] [--store-port 7001]
-    collabtrain-trainer peer --config trainer.json [--peer-id NAME]
+    collabtrain-trainer peer --config trainer.json [--peer-id NAME]   # or $COLLABTRAIN_PEER_ID
     collabtrain-trainer local --peers 3 --task tinylm --max-steps 20 --codec none \\
         [--respawn] [--summary summary.json] \\
         [--checkpoint-endpoint http://127.0.0.1:9000 --checkpoint-bucket B \\
@@ -25,6 +25,7 @@ from urllib.parse import urlparse
 
 from collabtrain_trainer.config import (
     LOOPBACK_TIMING,
+    PEER_ID_ENV,
     CodecName,
     TrainerConfig,
 )
@@ -45,11 +46,11 @@ def _coordinator(args: argparse.Namespace) -> int:
     from collabtrain_trainer.coordinator.server import CoordinatorSettings, run_coordinator
 
     config = _load_config(args.config)
-    port = args.port or urlparse(config.coordinator_url).port or 7000
+    ports = config.coordinator_ports()
     settings = CoordinatorSettings(
         host=args.host,
-        port=port,
-        store_port=args.store_port or port + 1,
+        port=args.port or ports["http"],
+        store_port=args.store_port or ports["rendezvous"],
         advertise_host=args.advertise_host
         or urlparse(config.coordinator_url).hostname
         or "127.0.0.1",
@@ -66,7 +67,16 @@ def _peer(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    peer_id = args.peer_id or os.environ.get("POD_NAME") or socket.gethostname()
+    # The pod's name (downward API) on Kubernetes; never the host name, which is cut to 63
+    # characters and would make two peers of a long-named job one and the same.
+    peer_id = args.peer_id or os.environ.get(PEER_ID_ENV)
+    if not peer_id:
+        print(
+            f"the peer id is missing: pass --peer-id or set the environment variable "
+            f"{PEER_ID_ENV} (the operator sets it to the pod's name)",
+            file=sys.stderr,
+        )
+        return 2
     from collabtrain_trainer.observability import configure_logging
 
     configure_logging(config.job, peer=peer_id)
@@ -77,6 +87,7 @@ def _peer(args: argparse.Namespace) -> int:
         torch.set_num_threads(int(threads))
     from collabtrain_trainer.peer.runtime import Faults, Peer
 
+    # Outside a pod (no $POD_IP) the address the host name resolves to.
     advertise = (
         args.advertise_host
         or os.environ.get("POD_IP")
@@ -270,14 +281,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--port", type=int, default=None, help="HTTP port (default: from coordinator_url)"
     )
     coordinator.add_argument(
-        "--store-port", type=int, default=None, help="rendezvous store port (default: port+1)"
+        "--store-port",
+        type=int,
+        default=None,
+        help="rendezvous store port (default: the config's rendezvous_port)",
     )
     coordinator.add_argument("--advertise-host", default=None, help="store address peers use")
     coordinator.set_defaults(run=_coordinator)
 
     peer = commands.add_parser("peer", help="run one peer")
     peer.add_argument("--config", required=True, help="trainer config JSON (trainer.json)")
-    peer.add_argument("--peer-id", default=None, help="default: $POD_NAME or the host name")
+    peer.add_argument("--peer-id", default=None, help=f"default: ${PEER_ID_ENV}")
     peer.add_argument(
         "--advertise-host", default=None, help="address others fetch state from (default: $POD_IP)"
     )

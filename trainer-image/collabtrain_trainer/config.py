@@ -7,8 +7,19 @@ Torch-free, so the operator can import it.
 from __future__ import annotations
 
 from typing import Literal
+from urllib.parse import urlparse
 
 from pydantic import BaseModel, ConfigDict, Field
+
+# The coordinator's two listening ports. Peers dial both on the coordinator's address
+# (the Service on Kubernetes), so whatever fronts the coordinator must forward both:
+# `TrainerConfig.coordinator_ports()` is the list to check against.
+COORDINATOR_HTTP_PORT = 7000
+RENDEZVOUS_PORT = 7001  # the torch.distributed TCPStore that process groups meet at
+
+# Where a peer finds its own identity: the pod's name, through the downward API. Never the
+# host name, which Kubernetes cuts to 63 characters and which need not be unique.
+PEER_ID_ENV = "COLLABTRAIN_PEER_ID"
 
 CodecName = Literal["none", "fp16", "bf16", "int8", "int4", "topk", "powersgd"]
 
@@ -88,7 +99,9 @@ class TrainerConfig(StrictModel):
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     compression: CompressionConfig = Field(default_factory=CompressionConfig)
     checkpoint: CheckpointConfig | None = None
-    coordinator_url: str = "http://127.0.0.1:7000"
+    coordinator_url: str = f"http://127.0.0.1:{COORDINATOR_HTTP_PORT}"
+    # The coordinator's rendezvous store, on the host of `coordinator_url`.
+    rendezvous_port: int = Field(default=RENDEZVOUS_PORT, ge=1, le=65535)
     # The join token is read from this environment variable (filled from the job's Secret).
     token_env: str = "COLLABTRAIN_TOKEN"
     timing: TimingConfig = Field(default_factory=TimingConfig)
@@ -96,3 +109,9 @@ class TrainerConfig(StrictModel):
     data_shards: int = Field(default=64, ge=1)
     # No round forms with fewer live peers than this (the first steps wait for the group).
     min_peers: int = Field(default=1, ge=1)
+
+    def coordinator_ports(self) -> dict[str, int]:
+        """Every port peers dial on the coordinator's host, by the name of what listens."""
+        url = urlparse(self.coordinator_url)
+        http = url.port or (443 if url.scheme == "https" else 80)
+        return {"http": http, "rendezvous": self.rendezvous_port}

@@ -142,7 +142,12 @@ class LocalCluster:
         self.port = free_port()
         self.store_port = free_port()
         self.token = secrets.token_urlsafe(24)
-        self.config = config.model_copy(update={"coordinator_url": f"http://127.0.0.1:{self.port}"})
+        self.config = config.model_copy(
+            update={
+                "coordinator_url": f"http://127.0.0.1:{self.port}",
+                "rendezvous_port": self.store_port,
+            }
+        )
         self.config_path = workdir / "trainer.json"
         self.config_path.write_text(self.config.model_dump_json(indent=2))
         self.env = {
@@ -175,10 +180,6 @@ class LocalCluster:
                 str(self.config_path),
                 "--host",
                 "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--store-port",
-                str(self.store_port),
             ],
             self.workdir / "coordinator.log",
             self.env,

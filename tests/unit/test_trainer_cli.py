@@ -1,0 +1,61 @@
+"""The trainer's command line: where a peer's identity and the coordinator's ports come from."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from collabtrain_trainer import cli
+from collabtrain_trainer.config import PEER_ID_ENV, TrainerConfig
+from collabtrain_trainer.coordinator import server
+
+
+@pytest.fixture
+def config_path(tmp_path: Path) -> Path:
+    path = tmp_path / "trainer.json"
+    config = TrainerConfig(
+        job="demo",
+        coordinator_url="http://demo-coordinator.team-a.svc:7000",
+        rendezvous_port=7123,
+    )
+    path.write_text(config.model_dump_json())
+    return path
+
+
+def test_a_peer_without_an_id_refuses_to_start_instead_of_using_the_host_name(
+    config_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def no_host_name() -> str:
+        raise AssertionError("the peer id must not come from the host name")
+
+    monkeypatch.setattr(socket, "gethostname", no_host_name)
+    monkeypatch.setenv("COLLABTRAIN_TOKEN", "t")
+    monkeypatch.delenv(PEER_ID_ENV, raising=False)
+    monkeypatch.setenv("HOSTNAME", "some-host")
+    monkeypatch.setenv("POD_NAME", "not-read-either")
+    assert cli.main(["peer", "--config", str(config_path)]) == 2
+    assert PEER_ID_ENV in capsys.readouterr().err
+
+
+def test_the_coordinator_listens_on_the_ports_its_config_names(
+    config_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[server.CoordinatorSettings] = []
+
+    def fake_run(config: TrainerConfig, settings: server.CoordinatorSettings) -> int:
+        seen.append(settings)
+        return 0
+
+    monkeypatch.setattr(server, "run_coordinator", fake_run)
+    assert cli.main(["coordinator", "--config", str(config_path)]) == 0
+    (settings,) = seen
+    assert (settings.port, settings.store_port) == (7000, 7123)
+    assert settings.advertise_host == "demo-coordinator.team-a.svc"
+
+
+def test_coordinator_ports_default_to_the_shared_constants() -> None:
+    ports: dict[str, Any] = TrainerConfig(job="x").coordinator_ports()
+    assert ports == {"http": 7000, "rendezvous": 7001}
