@@ -49,9 +49,11 @@ def _pem_key(key: rsa.RSAPrivateKey) -> bytes:
 
 @dataclass
 class Pki:
-    """A throwaway CA, the API server's serving certificate, and the service-account keys."""
+    """A throwaway CA, the API server's serving certificate, its client certificate for
+    kubelets, and the service-account keys."""
 
     directory: Path
+    address: str = "127.0.0.1"
 
     @property
     def ca_cert(self) -> Path:
@@ -64,6 +66,14 @@ class Pki:
     @property
     def serving_key(self) -> Path:
         return self.directory / "apiserver.key"
+
+    @property
+    def kubelet_client_cert(self) -> Path:
+        return self.directory / "apiserver-kubelet-client.crt"
+
+    @property
+    def kubelet_client_key(self) -> Path:
+        return self.directory / "apiserver-kubelet-client.key"
 
     @property
     def sa_key(self) -> Path:
@@ -94,21 +104,41 @@ class Pki:
             x509.DNSName(name)
             for name in ("localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc")
         ]
-        addresses = [x509.IPAddress(ipaddress.ip_address(a)) for a in ("127.0.0.1", "10.96.0.1")]
-        server = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]))
-            .issuer_name(ca_name)
-            .public_key(server_key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=2))
-            .add_extension(x509.SubjectAlternativeName([*names, *addresses]), critical=False)
-            .sign(ca_key, hashes.SHA256())
+        ips = {"127.0.0.1", "10.96.0.1", self.address}
+        addresses = [x509.IPAddress(ipaddress.ip_address(a)) for a in sorted(ips)]
+
+        def issue(
+            key: rsa.RSAPrivateKey, subject: list[x509.NameAttribute[str]]
+        ) -> x509.Certificate:
+            builder = (
+                x509.CertificateBuilder()
+                .subject_name(x509.Name(subject))
+                .issuer_name(ca_name)
+                .public_key(key.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(minutes=5))
+                .not_valid_after(now + datetime.timedelta(days=2))
+            )
+            if subject[0].value == "kube-apiserver":
+                alternative = x509.SubjectAlternativeName([*names, *addresses])
+                builder = builder.add_extension(alternative, critical=False)
+            return builder.sign(ca_key, hashes.SHA256())
+
+        server = issue(server_key, [x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")])
+        # What the API server shows a kubelet when it fetches logs or runs exec.
+        client_key = _key()
+        client = issue(
+            client_key,
+            [
+                x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver-kubelet-client"),
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "system:masters"),
+            ],
         )
         self.ca_cert.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
         self.serving_cert.write_bytes(server.public_bytes(serialization.Encoding.PEM))
         self.serving_key.write_bytes(_pem_key(server_key))
+        self.kubelet_client_cert.write_bytes(client.public_bytes(serialization.Encoding.PEM))
+        self.kubelet_client_key.write_bytes(_pem_key(client_key))
         sa_key = _key()
         self.sa_key.write_bytes(_pem_key(sa_key))
         self.sa_pub.write_bytes(
@@ -120,9 +150,14 @@ class Pki:
 
 @dataclass
 class ControlPlane:
-    """etcd + kube-apiserver (+ controller-manager + scheduler unless `api_only`)."""
+    """etcd + kube-apiserver (+ controller-manager + scheduler unless `api_only`).
+
+    The API server listens on `address`: loopback by default; the real nodes' host bridge
+    address when pods must reach it through the `kubernetes` Service.
+    """
 
     api_only: bool = False
+    address: str = "127.0.0.1"
     apiserver_port: int | None = None
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="collabtrain-cp-")))
     processes: list[ManagedProcess] = field(default_factory=list)
@@ -130,7 +165,7 @@ class ControlPlane:
 
     @property
     def url(self) -> str:
-        return f"https://127.0.0.1:{self.apiserver_port}"
+        return f"https://{self.address}:{self.apiserver_port}"
 
     @property
     def kubeconfig(self) -> Path:
@@ -138,7 +173,7 @@ class ControlPlane:
 
     @property
     def pki(self) -> Pki:
-        return Pki(self.workdir / "pki")
+        return Pki(self.workdir / "pki", self.address)
 
     def start(self) -> ControlPlane:
         try:
@@ -157,7 +192,7 @@ class ControlPlane:
         }
         if self.apiserver_port is None:
             self.apiserver_port = free_port()
-        ensure_port_free(self.apiserver_port, "kube-apiserver", "--secure-port")
+        ensure_port_free(self.apiserver_port, "kube-apiserver", "--secure-port", self.address)
         self.pki.generate()
         etcd_port, etcd_peer_port = free_port(), free_port()
         etcd = self._spawn(
@@ -175,7 +210,7 @@ class ControlPlane:
             ],
         )
         wait_until(
-            lambda: b'"health":"true"' in _get(f"http://127.0.0.1:{etcd_port}/health"),
+            lambda: b'"health":"true"' in http_get(f"http://127.0.0.1:{etcd_port}/health"),
             "etcd to become healthy",
             process=etcd,
         )
@@ -189,12 +224,14 @@ class ControlPlane:
             [
                 str(binaries["kube-apiserver"]),
                 f"--etcd-servers=http://127.0.0.1:{etcd_port}",
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
+                f"--bind-address={self.address}",
+                f"--advertise-address={self.address}",
                 f"--secure-port={self.apiserver_port}",
                 f"--tls-cert-file={self.pki.serving_cert}",
                 f"--tls-private-key-file={self.pki.serving_key}",
                 f"--client-ca-file={self.pki.ca_cert}",
+                f"--kubelet-client-certificate={self.pki.kubelet_client_cert}",
+                f"--kubelet-client-key={self.pki.kubelet_client_key}",
                 f"--token-auth-file={tokens}",
                 "--authorization-mode=RBAC",
                 "--service-account-issuer=https://kubernetes.default.svc",
@@ -208,7 +245,7 @@ class ControlPlane:
         )
         self.write_kubeconfig(self.kubeconfig)
         wait_until(
-            lambda: _get(f"{self.url}/readyz", self.token, self.pki.ca_cert) == b"ok",
+            lambda: http_get(f"{self.url}/readyz", self.token, self.pki.ca_cert) == b"ok",
             "kube-apiserver /readyz",
             timeout=90,
             process=apiserver,
@@ -242,7 +279,7 @@ class ControlPlane:
             for process, port in ((controller_manager, cm_port), (scheduler, scheduler_port)):
                 healthz = f"https://127.0.0.1:{port}/healthz"
                 wait_until(
-                    lambda url=healthz: _get(url) == b"ok",  # type: ignore[misc]
+                    lambda url=healthz: http_get(url) == b"ok",  # type: ignore[misc]
                     f"{process.name} /healthz",
                     process=process,
                 )
@@ -279,7 +316,7 @@ class ControlPlane:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def _get(url: str, token: str | None = None, ca: Path | None = None) -> bytes:
+def http_get(url: str, token: str | None = None, ca: Path | None = None) -> bytes:
     context = ssl.create_default_context(cafile=str(ca)) if ca else ssl._create_unverified_context()
     request = urllib.request.Request(url)
     if token:
@@ -314,7 +351,7 @@ class Kwok:
             self.workdir / "kwok.log",
         )
         wait_until(
-            lambda: _get(f"http://127.0.0.1:{port}/healthz") == b"ok",
+            lambda: http_get(f"http://127.0.0.1:{port}/healthz") == b"ok",
             "kwok /healthz",
             process=self.process,
         )
@@ -359,8 +396,10 @@ def kwok_node(
 
 @dataclass
 class MinioServer:
-    """A real MinIO server on loopback; `stop()` + `start()` keep its data and port."""
+    """A real MinIO server on `address` (loopback by default); `stop()` + `start()` keep its
+    data and port."""
 
+    address: str = "127.0.0.1"
     access_key: str = "collabtrain-test"
     secret_key: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     port: int = field(default_factory=free_port)
@@ -371,14 +410,14 @@ class MinioServer:
 
     @property
     def endpoint(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.address}:{self.port}"
 
     @property
     def url(self) -> str:
         return f"http://{self.endpoint}"
 
     def start(self) -> MinioServer:
-        ensure_port_free(self.port, "minio", "--address")
+        ensure_port_free(self.port, "minio", "--address", self.address)
         console_port = free_port()
         self.process = ManagedProcess(
             "minio",
@@ -386,7 +425,7 @@ class MinioServer:
                 str(tools.find("minio")),
                 "server",
                 str(self.workdir / "data"),
-                f"--address=127.0.0.1:{self.port}",
+                f"--address={self.address}:{self.port}",
                 f"--console-address=127.0.0.1:{console_port}",
                 "--quiet",
             ],
@@ -399,7 +438,7 @@ class MinioServer:
             },
         )
         wait_until(
-            lambda: _get(f"{self.url}/minio/health/ready") == b"",
+            lambda: http_get(f"{self.url}/minio/health/ready") == b"",
             "MinIO /minio/health/ready",
             process=self.process,
         )

@@ -1,11 +1,12 @@
 """`make demo`: collabtrain on a local cluster, one spot node preempted on the way.
 
-It starts a real control plane, MinIO, the node agent (one on-demand node, three spot
-nodes whose pods run as local processes) and the operator; applies
+It builds collabtrain's images (once), starts a real cluster (control plane, one
+on-demand and two spot nodes, each a kubelet with containerd; kube-proxy; CoreDNS), MinIO,
+and installs the operator with `helm install charts/collabtrain`; applies
 `examples/quickstart.yaml`; shows live progress; preempts a spot node the way a cloud
-does (interruption taint, DisruptionTarget, graceful deletion, node gone) and brings a
-replacement node, as Karpenter would; waits for Succeeded; prints where the final
-checkpoint is and the loss curve; stops everything it started.
+does (interruption taint, pods evicted, node gone) and brings a replacement node, as
+Karpenter would; waits for Succeeded; prints where the final checkpoint is and the loss
+curve; stops everything it started.
 
 The same driver runs the end-to-end tests (tests/e2e/), smaller.
 """
@@ -16,11 +17,11 @@ import argparse
 import base64
 import contextlib
 import json
-import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -31,13 +32,22 @@ from typing import Any
 
 import yaml
 
-from testbed import tools
+from testbed import images, tools
 from testbed.cluster import ControlPlane, MinioServer
-from testbed.node_agent import NodeAgent, on_demand_node, spot_node
-from testbed.processes import ManagedProcess, wait_until
+from testbed.nodes import (
+    HOST_ADDRESS,
+    NodeSpec,
+    RealCluster,
+    host_service,
+    on_demand_node,
+    spot_node,
+)
+from testbed.processes import TestbedError, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
-CRD = ROOT / "crds" / "collaborativetrainingjobs.collabtrain.io.yaml"
+CHART = ROOT / "charts" / "collabtrain"
+OPERATOR_NAMESPACE = "collabtrain"
+MINIO_NAMESPACE = "storage"
 QUICKSTART = ROOT / "examples" / "quickstart.yaml"
 NAMESPACE = "demo"
 BUCKET = "collabtrain"
@@ -58,19 +68,81 @@ def say(message: str) -> None:
     print(f"[demo {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
+class PodLogs:
+    """Follows every pod's log into `directory/<namespace>/<pod>.log` with `kubectl logs -f`
+    (the kubelet deletes a pod's logs with the pod)."""
+
+    def __init__(self, kubeconfig: Path, directory: Path) -> None:
+        self.kubeconfig = kubeconfig
+        self.directory = directory
+        self.followers: dict[str, subprocess.Popen[bytes]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pod-logs", daemon=True)
+        self._thread.start()
+
+    def _kubectl(self) -> list[str]:
+        return [str(tools.find("kubectl")), f"--kubeconfig={self.kubeconfig}"]
+
+    def _run(self) -> None:
+        while not self._stop.wait(1.0):
+            listed = subprocess.run(
+                [*self._kubectl(), "get", "pods", "-A", "-o", "json"],
+                capture_output=True,
+                timeout=60,
+                check=False,
+            )
+            if listed.returncode != 0:
+                continue
+            for pod in json.loads(listed.stdout)["items"]:
+                metadata = pod["metadata"]
+                key = f"{metadata['namespace']}/{metadata['name']}"
+                started = any(
+                    "running" in s.get("state", {}) or "terminated" in s.get("state", {})
+                    for s in pod.get("status", {}).get("containerStatuses", [])
+                )
+                if key in self.followers or not started or key.startswith("kube-system/"):
+                    continue
+                path = self.directory / f"{key}.log"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with path.open("ab") as out:
+                    self.followers[key] = subprocess.Popen(
+                        [
+                            *self._kubectl(),
+                            "logs",
+                            "-f",
+                            "-n",
+                            metadata["namespace"],
+                            metadata["name"],
+                            "--all-containers",
+                        ],
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                    )
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+        for follower in self.followers.values():
+            follower.terminate()
+        for follower in self.followers.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                follower.wait(5)
+
+
 @dataclass
 class LocalCluster:
-    """Control plane + MinIO + node agent + operator: everything a job needs, locally."""
+    """Everything a job needs, locally: a real cluster (control plane, kubelets with
+    containerd running collabtrain's own images, kube-proxy, CoreDNS), MinIO behind the
+    `minio.storage` Service, and the operator installed by `helm install`."""
 
-    spot_nodes: int = 3
-    # Where each pod's folder (and log) stays after the run; a temporary folder if None.
+    spot_nodes: int = 2
+    # Where every pod's log (and the operator's) is written; a temporary folder if None.
     pods_dir: Path | None = None
-    workdir: Path | None = None
-    plane: ControlPlane | None = None
+    cluster: RealCluster | None = None
     minio: MinioServer | None = None
-    agent: NodeAgent | None = None
-    operator: ManagedProcess | None = None
+    logs: PodLogs | None = None
     _stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+    _spot_count: int = 0
 
     def __enter__(self) -> LocalCluster:
         try:
@@ -83,70 +155,81 @@ class LocalCluster:
     def __exit__(self, *_: object) -> None:
         self._stack.close()
 
+    @property
+    def plane(self) -> ControlPlane:
+        assert self.cluster is not None and self.cluster.plane is not None
+        return self.cluster.plane
+
     def _start(self) -> None:
-        self.plane = ControlPlane().start()
-        self._stack.callback(self.plane.stop)
-        self.workdir = self.plane.workdir
-        self.minio = MinioServer().start()
+        built = images.ensure_images()
+        self.cluster = RealCluster(
+            images={image.ref: image.archive for image in built}, pause_image=images.PAUSE_IMAGE
+        )
+        nodes = [on_demand_node("ondemand-1")]
+        nodes += [self._next_spot_node() for _ in range(self.spot_nodes)]
+        self._stack.callback(self.cluster.stop)
+        self.cluster.start(nodes)
+        self.minio = MinioServer(address=HOST_ADDRESS).start()
         self._stack.callback(self.minio.destroy)
         self.minio.client().make_bucket(BUCKET)
-        venv_bin = str(Path(sys.executable).parent)
-        nodes = [on_demand_node("ondemand-1")]
-        nodes += [spot_node(f"spot-{index}") for index in range(1, self.spot_nodes + 1)]
-        self.agent = NodeAgent(
-            self.plane.kubeconfig,
-            nodes,
-            search_path=f"{venv_bin}:{os.environ.get('PATH', os.defpath)}",
-            extra_env={"PYTHONUNBUFFERED": "1"},
-            workdir=self.pods_dir,
-        ).start()
-        self._stack.callback(self.agent.stop)
-        self.kubectl("apply", "--server-side", "-f", str(CRD))
+        # In-cluster, MinIO is `minio.storage.svc.cluster.local:9000`, as examples/ expect.
+        self.kubectl("create", "namespace", MINIO_NAMESPACE)
         self.kubectl(
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            "crd/collaborativetrainingjobs.collabtrain.io",
+            "apply",
+            "-f",
+            "-",
+            input=host_service(MINIO_NAMESPACE, "minio", [("s3", 9000, self.minio.port, "TCP")]),
         )
-        self.operator = ManagedProcess(
-            "operator",
-            [
-                f"{venv_bin}/collabtrain-operator",
-                "--standalone",
-                "--all-namespaces",
-                "--metrics-port=0",
-                "--liveness=",
-                "--reconcile-interval=2",
-            ],
-            self.operator_log,
-            env={
-                "KUBECONFIG": str(self.plane.kubeconfig),
-                # The operator runs on this machine, outside the pods' name resolution; the
-                # coordinator listens on every local address, so loopback reaches it.
-                "COLLABTRAIN_COORDINATOR_URL_TEMPLATE": "http://127.0.0.1:{port}",
-                "PYTHONUNBUFFERED": "1",
-            },
-        )
-        self._stack.callback(self.operator.stop)
-        say(f"operator started (log: {self.operator.log_path})")
+        if self.pods_dir is None:
+            self.pods_dir = Path(tempfile.mkdtemp(prefix="collabtrain-pod-logs-"))
+            self._stack.callback(shutil.rmtree, self.pods_dir, True)
+        self.logs = PodLogs(self.plane.kubeconfig, self.pods_dir)
+        self._stack.callback(self.logs.stop)
+        self.install_operator()
+
+    def install_operator(self) -> None:
+        """`helm install` of charts/collabtrain with the locally built operator image."""
+        repository, tag = images.OPERATOR_IMAGE.rsplit(":", 1)
+        helm = [
+            str(tools.find("helm")),
+            f"--kubeconfig={self.plane.kubeconfig}",
+            "install",
+            "collabtrain",
+            str(CHART),
+            "--namespace",
+            OPERATOR_NAMESPACE,
+            "--create-namespace",
+            f"--set=image.repository={repository}",
+            f"--set=image.tag={tag}",
+            "--set=image.pullPolicy=Never",
+            "--set=operator.reconcileIntervalSeconds=2",
+            "--wait",
+            "--timeout=180s",
+        ]
+        result = subprocess.run(helm, capture_output=True, text=True, timeout=240, check=False)
+        if result.returncode != 0:
+            raise RuntimeError(
+                f"helm install failed: {result.stderr.strip()}\n"
+                + self.kubectl("get", "pods", "-A", "-o", "wide")
+            )
+        say(f"operator installed by `helm install` into namespace {OPERATOR_NAMESPACE}")
 
     @property
     def operator_log(self) -> Path:
-        return (self.pods_dir or Path(self.workdir or ".")) / "operator.log"
+        assert self.pods_dir is not None
+        return self.pods_dir / OPERATOR_NAMESPACE
 
     def kubectl(self, *args: str, input: str | None = None) -> str:
-        assert self.plane is not None
-        result = subprocess.run(
-            [str(tools.find("kubectl")), f"--kubeconfig={self.plane.kubeconfig}", *args],
-            input=input,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-        if result.returncode != 0:
-            raise RuntimeError(f"kubectl {' '.join(args)} failed: {result.stderr.strip()}")
-        return result.stdout
+        assert self.cluster is not None
+        return self.cluster.kubectl(*args, input=input)
+
+    def _next_spot_node(self) -> NodeSpec:
+        self._spot_count += 1
+        return spot_node(f"spot-{self._spot_count}")
+
+    def add_spot_node(self) -> str:
+        assert self.cluster is not None
+        return self.cluster.add_node(self._next_spot_node()).name
 
     def create_namespace(self, namespace: str) -> None:
         self.kubectl("create", "namespace", namespace)
@@ -156,12 +239,13 @@ class LocalCluster:
         )
 
     def submit(self, namespace: str, manifest: dict[str, Any]) -> str:
-        """Apply a job manifest with its checkpoint pointed at this cluster's MinIO."""
+        """Apply a job manifest with the locally built trainer image and its S3 Secret."""
         assert self.minio is not None
         name = str(manifest["metadata"]["name"])
+        manifest["spec"]["trainer"]["image"] = images.TRAINER_IMAGE
+        manifest["spec"]["trainer"]["imagePullPolicy"] = "Never"
         checkpoint = manifest["spec"].get("checkpoint")
         if checkpoint is not None:
-            checkpoint["endpoint"] = self.minio.endpoint
             secret = checkpoint["credentialsSecretRef"]["name"]
             self.kubectl(
                 "create",
@@ -180,16 +264,25 @@ class LocalCluster:
         return dict(json.loads(self.kubectl("get", "ctj", name, "-n", namespace, "-o", "json")))
 
     def coordinator_status(self, namespace: str, name: str) -> dict[str, Any] | None:
-        """The coordinator's own /status (bytes on the wire are only there)."""
+        """The coordinator's own /status through its Service (bytes on the wire are only
+        there), with the job's token, as the operator reads it."""
         try:
             token = self.kubectl(
                 "get", "secret", f"{name}-token", "-n", namespace, "-o", "jsonpath={.data.token}"
             )
-        except RuntimeError:  # not created yet
+            address = self.kubectl(
+                "get",
+                "service",
+                f"{name}-coordinator",
+                "-n",
+                namespace,
+                "-o",
+                "jsonpath={.spec.clusterIP}",
+            )
+        except TestbedError:  # not created yet
             return None
-
         request = urllib.request.Request(
-            "http://127.0.0.1:7000/status",
+            f"http://{address}:7000/status",
             headers={"Authorization": f"Bearer {base64.b64decode(token).decode()}"},
         )
         with contextlib.suppress(Exception), urllib.request.urlopen(request, timeout=3) as r:
@@ -220,7 +313,6 @@ def follow(
     timeout: float,
 ) -> Iterator[tuple[dict[str, Any], Observation]]:
     """Yield the job each time its step changes; preempt a spot node at `preempt_at_step`."""
-    assert cluster.agent is not None
     observation = Observation()
     deadline = time.monotonic() + timeout
     last_step, preempter = -1, None
@@ -253,17 +345,18 @@ def follow(
                     "karpenter.sh/disrupted now, the node goes in 5 s"
                 )
                 preempter = threading.Thread(
-                    target=preempt_and_replace, args=(cluster.agent, node), daemon=True
+                    target=preempt_and_replace, args=(cluster, node), daemon=True
                 )
                 preempter.start()
         time.sleep(1)
     raise TimeoutError(f"job {namespace}/{name} did not finish within {timeout:.0f} s")
 
 
-def preempt_and_replace(agent: NodeAgent, node: str) -> None:
-    agent.preempt(node, notice_seconds=5)
+def preempt_and_replace(cluster: LocalCluster, node: str) -> None:
+    assert cluster.cluster is not None
+    cluster.cluster.preempt(node, notice_seconds=5)
     say(f"node {node} is gone; a replacement spot node joins (as Karpenter would)")
-    agent.add_node(spot_node(f"{node}-replacement"))
+    say(f"spot node {cluster.add_spot_node()} joined")
 
 
 def print_progress(job: dict[str, Any], coordinator: dict[str, Any] | None) -> None:
@@ -307,8 +400,8 @@ def run_demo(args: argparse.Namespace) -> int:
     output = ROOT / "demo-output"
     shutil.rmtree(output, ignore_errors=True)
     (output / "pods").mkdir(parents=True)
-    with LocalCluster(spot_nodes=3, pods_dir=output / "pods") as cluster:
-        assert cluster.minio is not None and cluster.plane is not None
+    with LocalCluster(spot_nodes=2, pods_dir=output / "pods") as cluster:
+        assert cluster.minio is not None
         say(f"control plane at {cluster.plane.url}, MinIO at {cluster.minio.url}")
         cluster.create_namespace(NAMESPACE)
         manifest = yaml.safe_load(QUICKSTART.read_text())

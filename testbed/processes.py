@@ -36,15 +36,15 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def ensure_port_free(port: int, component: str, flag: str) -> None:
+def ensure_port_free(port: int, component: str, flag: str, address: str = "127.0.0.1") -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         # As servers do: a stopped server's connections in TIME_WAIT do not block a restart.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            sock.bind(("127.0.0.1", port))
+            sock.bind((address, port))
         except OSError as error:
             raise PortInUseError(
-                f"{component} cannot start: port {port} on 127.0.0.1 (its {flag}) is already "
+                f"{component} cannot start: port {port} on {address} (its {flag}) is already "
                 f"in use ({error.strerror}). Stop whatever listens there "
                 f"(`ss -ltnp 'sport = :{port}'`) or let the test bed pick a free port."
             ) from None
