@@ -8,7 +8,7 @@ UV_VERSION := 0.13.8
 # (torch included) and an edited dependency list reinstalls.
 STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 
-.PHONY: demo test test-fast lint format bench crds tools venv clean
+.PHONY: demo test test-fast lint format bench crds tools images venv clean
 
 venv: $(STAMP)
 $(STAMP): pyproject.toml
@@ -17,10 +17,13 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/uv pip install --python $(PY) -e '.[operator,trainer,dev]'
 	@rm -f $(VENV)/.installed-*; touch $@
 
-tools: venv  ## find or build etcd, kube-apiserver, controller-manager, scheduler, kubectl, helm, kwok, minio
+tools: venv  ## Debian packages (containerd, runc, buildah, ...; as root) and the test-bed binaries
 	$(PY) -m testbed.tools
 
-test: venv tools  ## everything: unit, integration (real processes) and e2e tests
+images: tools  ## collabtrain's operator and trainer images (and the node's pause image), by buildah
+	$(PY) -m testbed.images
+
+test: venv tools images  ## everything: unit, integration (real processes) and e2e tests on real nodes
 	$(PY) -m pytest
 
 test-fast: venv  ## unit tests only
@@ -29,7 +32,7 @@ test-fast: venv  ## unit tests only
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy operator/collabtrain_operator trainer-image/collabtrain_trainer
+	$(VENV)/bin/mypy operator/collabtrain_operator trainer-image/collabtrain_trainer testbed
 
 format: venv
 	$(VENV)/bin/ruff format .
@@ -38,7 +41,7 @@ format: venv
 crds: venv  ## regenerate crds/ and the chart's CRD from the pydantic models
 	$(PY) -m collabtrain_operator.crdgen
 
-demo: venv tools  ## the local demo: control plane, MinIO, operator, node agent, real trainer peers
+demo: venv tools images  ## the local demo: real nodes running our images, MinIO, the operator by helm
 	$(PY) -m testbed.demo
 
 bench: venv tools  ## every benchmark; tables on stdout, JSON and plots in bench/results/

@@ -607,6 +607,15 @@ class Node:
         conditions = (node or {}).get("status", {}).get("conditions", [])
         return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
 
+    def running_containers(self, namespace: str) -> list[str]:
+        """Ids of the containers of pods in `namespace` that still run on this node."""
+        if self.containerd is None:
+            return []
+        label = f'labels."io.kubernetes.pod.namespace"=={namespace}'
+        ids = set(self.containerd.ctr("containers", "ls", "-q", label).split())
+        tasks = self.containerd.ctr("tasks", "ls").splitlines()[1:]
+        return [t.split()[0] for t in tasks if t.split()[0] in ids and "RUNNING" in t]
+
     def stop(self) -> None:
         """Stop the node as a machine stops: kubelet, containers, runtime; then clean up."""
         if self.kubelet is not None:
@@ -817,6 +826,9 @@ class RealCluster:
         if delete_object:
             with contextlib.suppress(TestbedError):
                 self.kubectl("delete", "node", name, "--wait=false")
+
+    def running_containers(self, namespace: str) -> list[str]:
+        return [c for node in self.nodes.values() for c in node.running_containers(namespace)]
 
     def pods_on(self, node: str) -> list[dict[str, Any]]:
         pods = json.loads(

@@ -343,10 +343,13 @@ def provision_all() -> dict[str, Path]:
 
 
 def main() -> int:
+    from testbed.nodes import ensure_debian_packages  # nodes imports this module
+
     started = time.monotonic()
     try:
+        ensure_debian_packages()
         paths = provision_all()
-    except ToolError as error:
+    except (ToolError, RuntimeError) as error:
         log(f"error: {error}")
         return 1
     for name, path in paths.items():

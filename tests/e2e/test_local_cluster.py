@@ -1,8 +1,10 @@
-"""The whole system on the local cluster: operator, coordinator and peers as real
-processes on node-agent nodes, MinIO, and a spot node preempted the way a cloud does it."""
+"""The whole system on a real local cluster: collabtrain's own images on kubelets with
+containerd, the operator installed by `helm install`, Services through kube-proxy and
+CoreDNS, MinIO, and a spot node preempted the way a cloud does it."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import shutil
@@ -15,8 +17,9 @@ from typing import Any
 import pytest
 import yaml
 
+from testbed import images
 from testbed.demo import QUICKSTART, LocalCluster, follow
-from testbed.processes import wait_until
+from testbed.processes import TestbedError, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -29,7 +32,7 @@ def cluster() -> Iterator[LocalCluster]:
     # when other pytest sessions start, and the pods' volumes live in here.
     pods = Path(tempfile.mkdtemp(prefix="collabtrain-e2e-pods-"))
     try:
-        with LocalCluster(spot_nodes=3, pods_dir=pods) as local:
+        with LocalCluster(spot_nodes=2, pods_dir=pods) as local:
             yield local
     finally:
         shutil.rmtree(pods, ignore_errors=True)
@@ -134,10 +137,10 @@ def test_job_succeeds_through_a_spot_preemption(cluster: LocalCluster) -> None:
         "the job's pods to be gone after deleting it",
         timeout=120,
     )
-    assert cluster.agent is not None
+    assert cluster.cluster is not None
     wait_until(
-        lambda: not [run for run in cluster.agent.running_pods() if run[0] == namespace],
-        "the job's processes to exit",
+        lambda: not cluster.cluster.running_containers(namespace),  # type: ignore[union-attr]
+        "the job's containers to stop on every node",
         timeout=60,
     )
 
@@ -179,5 +182,83 @@ def test_coordinator_pod_deleted_mid_training_is_recreated_and_training_continue
 
 def test_pods_dir_holds_logs_of_every_pod(cluster: LocalCluster) -> None:
     assert cluster.pods_dir is not None
-    logs = list(Path(cluster.pods_dir).rglob("*.log"))
-    assert logs, "the node agent wrote no pod logs"
+    logs = {path.stem for path in Path(cluster.pods_dir).rglob("*.log")}
+    assert any(name.startswith("collabtrain-") for name in logs), logs  # the operator
+    assert any("-coordinator-" in name for name in logs), logs
+    assert any("-peer-" in name for name in logs), logs
+
+
+@pytest.mark.parametrize(
+    ("image", "command"),
+    [
+        (images.OPERATOR_IMAGE, ["collabtrain-operator", "--help"]),
+        (images.TRAINER_IMAGE, ["collabtrain-trainer", "--help"]),
+    ],
+)
+def test_image_entrypoint_runs_as_non_root_on_a_read_only_root(
+    cluster: LocalCluster, image: str, command: list[str]
+) -> None:
+    namespace = "e2e-images"
+    with contextlib.suppress(TestbedError):
+        cluster.create_namespace(namespace)
+    name = command[0]
+    check = (
+        "import os, pathlib\n"
+        "print('uid', os.getuid(), 'gid', os.getgid())\n"
+        "try:\n    pathlib.Path('/probe').write_text('x')\n    print('root writable')\n"
+        "except OSError as error:\n    print('root read-only', error.errno)\n"
+    )
+    security = {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "restartPolicy": "Never",
+            "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
+            # The image's own user: the pod does not name one.
+            "initContainers": [
+                {
+                    "name": "probe",
+                    "image": image,
+                    "imagePullPolicy": "Never",
+                    "command": ["python", "-c", check],
+                    "securityContext": security,
+                }
+            ],
+            "containers": [
+                {
+                    "name": "entrypoint",
+                    "image": image,
+                    "imagePullPolicy": "Never",
+                    "args": command[1:],
+                    "securityContext": security,
+                }
+            ],
+        },
+    }
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(pod))
+    wait_until(
+        lambda: (
+            json.loads(cluster.kubectl("get", "pod", name, "-n", namespace, "-o", "json"))[
+                "status"
+            ].get("phase")
+            in ("Succeeded", "Failed")
+        ),
+        f"pod {name} to finish",
+        timeout=120,
+    )
+    phase = json.loads(cluster.kubectl("get", "pod", name, "-n", namespace, "-o", "json"))[
+        "status"
+    ]["phase"]
+    probe = cluster.kubectl("logs", name, "-n", namespace, "-c", "probe")
+    usage = cluster.kubectl("logs", name, "-n", namespace, "-c", "entrypoint")
+    assert phase == "Succeeded", probe + usage
+    assert "uid 65532 gid 65532" in probe, probe
+    assert "root read-only 30" in probe, probe  # EROFS
+    assert "usage:" in usage.lower(), usage
