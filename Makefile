@@ -21,7 +21,7 @@ tools: venv  ## Debian packages (containerd, runc, buildah, ...; as root) and th
 	$(PY) -m testbed.tools
 
 images: tools  ## collabtrain's operator and trainer images (and the node's pause image), by buildah
-	$(PY) -m testbed.images
+	$(PY) -m testbed.nodes
 
 test: venv tools images  ## everything: unit, integration (real processes) and e2e tests on real nodes
 	$(PY) -m pytest

@@ -38,6 +38,7 @@ from testbed.nodes import (
     HOST_ADDRESS,
     NodeSpec,
     RealCluster,
+    cluster_images,
     host_service,
     on_demand_node,
     spot_node,
@@ -161,10 +162,8 @@ class LocalCluster:
         return self.cluster.plane
 
     def _start(self) -> None:
-        built = images.ensure_images()
-        self.cluster = RealCluster(
-            images={image.ref: image.archive for image in built}, pause_image=images.PAUSE_IMAGE
-        )
+        archives, pause_image = cluster_images()
+        self.cluster = RealCluster(images=archives, pause_image=pause_image)
         nodes = [on_demand_node("ondemand-1")]
         nodes += [self._next_spot_node() for _ in range(self.spot_nodes)]
         self._stack.callback(self.cluster.stop)

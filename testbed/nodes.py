@@ -31,14 +31,12 @@ image with its images pre-pulled.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
 import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -382,38 +380,34 @@ class NodeImage:
 
 
 def node_image(archives: dict[str, Path], pause_image: str) -> NodeImage:
-    """The node image for these image archives (ref -> archive), made once per set."""
-    key = hashlib.sha256()
-    for ref in sorted(archives):
-        stat = archives[ref].stat()
-        key.update(f"{ref} {stat.st_size} {stat.st_mtime_ns}\n".encode())
+    """The node image holding these images (ref -> archive), brought up to date in place:
+    only archives that changed since the last load are imported, and containerd skips the
+    layers it already has (a code change re-imports one small layer, not torch)."""
     base = tools.cache_root() / "node-image"
-    directory = base / key.hexdigest()[:16]
     base.mkdir(parents=True, exist_ok=True)
+    manifest = base / "images.json"
+    wanted = {ref: f"{a.stat().st_size}:{a.stat().st_mtime_ns}" for ref, a in archives.items()}
     with FileLock(str(base / ".lock")):
-        if not (directory / "complete").exists():
-            for stale in base.iterdir():
-                if stale.is_dir():
-                    shutil.rmtree(stale, ignore_errors=True)
+        loaded = json.loads(manifest.read_text()) if manifest.exists() else {}
+        changed = sorted(ref for ref in wanted if loaded.get(ref) != wanted[ref])
+        if changed:
             started = time.monotonic()
-            log(f"loading {len(archives)} images into a node image ({directory})")
-            staging = Path(tempfile.mkdtemp(prefix="collabtrain-ctrd-", dir=STATE_ROOT))
-            runtime = Containerd(staging, pause_image, staging / "net.d", "containerd-image")
+            log(f"loading {', '.join(changed)} into the node image ({base / 'root'})")
+            manifest.unlink(missing_ok=True)  # a load cut short is redone next time
+            shutil.rmtree(base / "state", ignore_errors=True)
+            runtime = Containerd(base, pause_image, base / "net.d", "containerd-node-image")
             try:
-                for ref, archive in sorted(archives.items()):
-                    runtime.ctr("images", "import", str(archive))
-                    listed = runtime.ctr("images", "ls", "-q")
-                    if ref not in listed.split():
-                        raise TestbedError(f"importing {archive} did not yield image {ref}")
+                for ref in changed:
+                    runtime.ctr("images", "import", str(archives[ref]))
+                    if ref not in runtime.ctr("images", "ls", "-q").split():
+                        raise TestbedError(f"importing {archives[ref]} did not yield image {ref}")
             finally:
                 runtime.stop()
-                unmount_under(staging)
-            directory.mkdir()
-            os.replace(staging / "root", directory / "root")
-            shutil.rmtree(staging, ignore_errors=True)
-            (directory / "complete").write_text("\n".join(sorted(archives)) + "\n")
-            log(f"node image ready in {time.monotonic() - started:.0f} s")
-    return NodeImage(directory / "root", tuple(sorted(archives)))
+                unmount_under(base)
+                shutil.rmtree(base / "state", ignore_errors=True)
+            manifest.write_text(json.dumps(wanted, indent=1))
+            log(f"node image loaded in {time.monotonic() - started:.0f} s")
+    return NodeImage(base / "root", tuple(sorted(archives)))
 
 
 def copy_node_image(image: NodeImage, destination: Path) -> None:
@@ -885,3 +879,23 @@ class RealCluster:
         if self._lock is not None:
             self._lock.release()
             self._lock = None
+
+
+def cluster_images() -> tuple[dict[str, Path], str]:
+    """The images every node holds (ref -> archive) and the pause image's ref."""
+    from testbed import images  # builds with buildah; imported only where needed
+
+    built = images.ensure_images()
+    return {image.ref: image.archive for image in built}, images.PAUSE_IMAGE
+
+
+def main() -> int:
+    """`python -m testbed.nodes`: build the images and load them into the node image."""
+    require_root()
+    ensure_debian_packages()
+    node_image(*cluster_images())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
