@@ -232,6 +232,8 @@ class ControlPlane:
                 f"--client-ca-file={self.pki.ca_cert}",
                 f"--kubelet-client-certificate={self.pki.kubelet_client_cert}",
                 f"--kubelet-client-key={self.pki.kubelet_client_key}",
+                # Node names are not in any DNS the API server asks.
+                "--kubelet-preferred-address-types=InternalIP,Hostname",
                 f"--token-auth-file={tokens}",
                 "--authorization-mode=RBAC",
                 "--service-account-issuer=https://kubernetes.default.svc",

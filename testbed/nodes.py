@@ -34,6 +34,7 @@ import contextlib
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -175,8 +176,25 @@ class HostNetwork:
         self.sysctls.clear()
 
 
+def sweep_kube_chains() -> None:
+    """Remove the KUBE-* chains the kubelets and kube-proxy add (IPv4 and IPv6), with
+    the rules that jump to them."""
+    for binary in ("iptables", "ip6tables"):
+        for table in ("filter", "nat", "mangle"):
+            rules = run([binary, "-t", table, "-S"], "", check=False).splitlines()
+            for rule in rules:
+                words = shlex.split(rule)
+                if words[:1] == ["-A"] and not words[1].startswith("KUBE-") and "KUBE-" in rule:
+                    run([binary, "-t", table, "-D", *words[1:]], "", check=False)
+            chains = [r.split()[1] for r in rules if r.startswith("-N KUBE-")]
+            for flag in ("-F", "-X"):
+                for chain in chains:
+                    run([binary, "-t", table, flag, chain], "", check=False)
+
+
 def sweep_network() -> None:
     """Remove every network object a real cluster creates, whether or not it exists."""
+    sweep_kube_chains()
     run(["iptables", "-D", "FORWARD", "-s", POD_CIDR, "-j", FORWARD_CHAIN], "", check=False)
     run(["iptables", "-F", FORWARD_CHAIN], "", check=False)
     run(["iptables", "-X", FORWARD_CHAIN], "", check=False)
