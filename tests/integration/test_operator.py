@@ -773,8 +773,8 @@ def test_helm_install_gives_the_operator_exactly_the_permissions_it_needs(
     )  # fmt: skip
     installed = helm(
         "install", release, str(CHART), f"--namespace={namespace}",
-        # No image to run here (the operator runs in-process below), and no cluster-wide
-        # peering CRD left behind by a test.
+        # No image to run here: the operator runs in-process below, standalone, so it
+        # needs no peering object (test_chart_install.py installs the defaults).
         "--set", "replicaCount=0",
         "--set", "peering.enabled=false",
         "--wait", "--timeout=120s",

@@ -73,6 +73,22 @@ def test_chart_carries_the_generated_crd() -> None:
     assert shipped.read_text() == crdgen.render_yaml()
 
 
+def test_peering_crd_is_installed_before_the_templates() -> None:
+    """The chart creates a ClusterKopfPeering object, so its CRD must be in crds/ (which
+    Helm applies and waits for first), never a template beside the object."""
+    shipped = [
+        doc
+        for path in sorted((CHART / "crds").glob("*.yaml"))
+        for doc in yaml.safe_load_all(path.read_text())
+        if doc
+    ]
+    assert [doc["metadata"]["name"] for doc in shipped] == ["clusterkopfpeerings.kopf.dev"]
+    (peering,) = shipped
+    assert peering["spec"]["names"]["kind"] == "ClusterKopfPeering"
+    assert peering["spec"]["scope"] == "Cluster"
+    assert "{{" not in (CHART / "crds" / "clusterkopfpeerings.kopf.dev.yaml").read_text()
+
+
 # ------------------------------------------------------------------------ with helm
 
 
@@ -102,18 +118,64 @@ def test_template_renders_the_generated_crd_kept_on_uninstall() -> None:
     ]
 
 
+def test_no_template_creates_an_object_of_a_kind_templated_beside_it() -> None:
+    """Helm maps every template's kind before it applies any: a CRD and an object of its
+    kind in the templates fail on a fresh cluster (`resource mapping not found`)."""
+    documents = template()
+    templated_kinds = {
+        crd["spec"]["names"]["kind"] for crd in by_kind(documents, "CustomResourceDefinition")
+    }
+    assert not [doc["kind"] for doc in documents if doc["kind"] in templated_kinds]
+    (peering,) = by_kind(documents, "ClusterKopfPeering")
+    assert peering["metadata"]["name"] == "collabtrain"
+    with_crds = template("--include-crds")
+    assert "clusterkopfpeerings.kopf.dev" in [
+        doc["metadata"]["name"] for doc in by_kind(with_crds, "CustomResourceDefinition")
+    ]
+    assert not by_kind(template("--set", "peering.enabled=false"), "ClusterKopfPeering")
+
+
 def test_operator_runs_locked_down() -> None:
     (deployment,) = by_kind(template(), "Deployment")
     pod = deployment["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == pod["securityContext"]["runAsGroup"] == 65532
     (container,) = pod["containers"]
     context = container["securityContext"]
     assert context["readOnlyRootFilesystem"] is True
     assert context["allowPrivilegeEscalation"] is False
     assert context["capabilities"] == {"drop": ["ALL"]}
     assert "--peering=collabtrain" in container["args"]
-    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert pod["serviceAccountName"] == "ct-collabtrain"
+    # Python and kopf get a writable /tmp on the read-only root filesystem.
+    (tmp,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/tmp"]
+    assert {"name": tmp["name"], "emptyDir": {}} in pod["volumes"]
+
+
+def test_liveness_probe_asks_where_the_operator_serves() -> None:
+    (deployment,) = by_kind(template("--set", "health.port=9091"), "Deployment")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    probe = container["livenessProbe"]["httpGet"]
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    (liveness,) = [arg for arg in container["args"] if arg.startswith("--liveness=")]
+    assert liveness == f"--liveness=http://0.0.0.0:{ports[probe['port']]}{probe['path']}"
+    assert ports[probe["port"]] == 9091
+
+
+def test_image_values_for_a_locally_loaded_image() -> None:
+    documents = template(
+        "--set", "image.repository=localhost/collabtrain-operator",
+        "--set", "image.tag=testbed",
+        "--set", "image.pullPolicy=Never",
+    )  # fmt: skip
+    (deployment,) = by_kind(documents, "Deployment")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == "localhost/collabtrain-operator:testbed"
+    assert container["imagePullPolicy"] == "Never"
+    (default,) = by_kind(template(), "Deployment")
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    image = default["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert image.endswith(f":{chart['appVersion']}")
 
 
 def test_cluster_role_lists_exactly_the_verbs_used() -> None:

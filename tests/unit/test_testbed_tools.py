@@ -78,7 +78,7 @@ def test_not_building_reports_where_it_looked(isolated: Path) -> None:
 
 def test_unknown_tool_is_refused() -> None:
     with pytest.raises(tools.ToolError, match="unknown test-bed tool"):
-        tools.find("kubelet")
+        tools.find("no-such-tool")
 
 
 def test_cache_location_follows_xdg(isolated: Path) -> None:
