@@ -1,0 +1,3 @@
+module collabtrain.local/pause
+
+go 1.24
