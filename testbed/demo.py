@@ -320,6 +320,10 @@ def follow(
         status = job.get("status", {})
         progress = status.get("progress", {})
         step = int(progress.get("step", 0))
+        finished = status.get("phase") in ("Succeeded", "Failed")
+        if finished and preempter is not None and preempter.is_alive():
+            preempter.join()  # the node change ends before the run does; then read again
+            continue
         if progress.get("loss") is not None and step != last_step:
             observation.losses.append((step, float(progress["loss"])))
         if step != last_step or status.get("phase") in ("Succeeded", "Failed"):

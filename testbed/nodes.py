@@ -292,6 +292,32 @@ def sweep() -> None:
     sweep_network()
 
 
+def leftovers() -> list[str]:
+    """What a real cluster left on this machine (empty after a clean stop)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if proc.name.isdigit() and str(STATE_ROOT).encode() in (proc / "cmdline").read_bytes():
+                found.append(f"process {proc.name}")
+    mounts = Path("/proc/self/mountinfo").read_text()
+    found += [f"mount {m}" for m in re.findall(rf" ({re.escape(str(STATE_ROOT))}\S*) ", mounts)]
+    found += [f"cgroup {c}" for h in cgroup_hierarchies() for c in h.glob(f"{CGROUP_PREFIX}*")]
+    links = run(["ip", "-o", "link", "show"], "", check=False)
+    found += [
+        f"link {name}"
+        for name in re.findall(r"^\d+: ([^:@]+)", links, flags=re.MULTILINE)
+        if name == HOST_BRIDGE or name.startswith(NODE_BRIDGE_PREFIX)
+    ]
+    routes = run(["ip", "route", "show"], "", check=False)
+    found += [f"route {r}" for r in (SERVICE_CIDR, POD_CIDR) if r in routes]
+    rules = run(["iptables-save"], "", check=False)
+    found += [f"iptables {c}" for c in sorted(set(re.findall(r"KUBE-[A-Z0-9-]+", rules)))]
+    found += [f"iptables {FORWARD_CHAIN}"] if FORWARD_CHAIN in rules else []
+    netns = Path("/run/netns")
+    found += [f"netns {n.name}" for n in netns.glob("cni-*")] if netns.is_dir() else []
+    return found
+
+
 # ---------------------------------------------------------------------------- runtime
 
 
@@ -620,13 +646,21 @@ class Node:
         return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
 
     def running_containers(self, namespace: str) -> list[str]:
-        """Ids of the containers of pods in `namespace` that still run on this node."""
+        """`pod/container` of each container of a pod in `namespace` still running on this
+        node (`pod/POD` for a sandbox)."""
         if self.containerd is None:
             return []
         label = f'labels."io.kubernetes.pod.namespace"=={namespace}'
         ids = set(self.containerd.ctr("containers", "ls", "-q", label).split())
         tasks = self.containerd.ctr("tasks", "ls").splitlines()[1:]
-        return [t.split()[0] for t in tasks if t.split()[0] in ids and "RUNNING" in t]
+        running = []
+        for task in tasks:
+            if task.split()[0] in ids and "RUNNING" in task:
+                labels = json.loads(self.containerd.ctr("containers", "info", task.split()[0]))
+                labels = labels.get("Labels", {})
+                pod = labels.get("io.kubernetes.pod.name", "?")
+                running.append(f"{pod}/{labels.get('io.kubernetes.container.name', 'POD')}")
+        return running
 
     def stop(self) -> None:
         """Stop the node as a machine stops: kubelet, containers, runtime; then clean up."""
