@@ -28,7 +28,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 # Runnable both as `python bench/checkpoint_bench.py` and `python -m bench.checkpoint_bench`.
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path.insert(0, str(ROOT))
 
 from bench.common import machine, median  # noqa: E402
 from collabtrain_trainer.checkpoint import (  # noqa: E402

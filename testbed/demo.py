@@ -302,6 +302,8 @@ class Observation:
     losses: list[tuple[int, float]] = field(default_factory=list)
     hashes_agree: bool = True
     preempted_node: str | None = None
+    replacement_node: str | None = None
+    preemption_error: BaseException | None = None
 
 
 def follow(
@@ -324,6 +326,8 @@ def follow(
         if finished and preempter is not None and preempter.is_alive():
             preempter.join()  # the node change ends before the run does; then read again
             continue
+        if observation.preemption_error is not None:
+            raise observation.preemption_error
         if progress.get("loss") is not None and step != last_step:
             observation.losses.append((step, float(progress["loss"])))
         if step != last_step or status.get("phase") in ("Succeeded", "Failed"):
@@ -348,18 +352,22 @@ def follow(
                     "karpenter.sh/disrupted now, the node goes in 5 s"
                 )
                 preempter = threading.Thread(
-                    target=preempt_and_replace, args=(cluster, node), daemon=True
+                    target=preempt_and_replace, args=(cluster, node, observation), daemon=True
                 )
                 preempter.start()
         time.sleep(1)
     raise TimeoutError(f"job {namespace}/{name} did not finish within {timeout:.0f} s")
 
 
-def preempt_and_replace(cluster: LocalCluster, node: str) -> None:
+def preempt_and_replace(cluster: LocalCluster, node: str, observation: Observation) -> None:
     assert cluster.cluster is not None
-    cluster.cluster.preempt(node, notice_seconds=5)
-    say(f"node {node} is gone; a replacement spot node joins (as Karpenter would)")
-    say(f"spot node {cluster.add_spot_node()} joined")
+    try:
+        cluster.cluster.preempt(node, notice_seconds=5)
+        say(f"node {node} is gone; a replacement spot node joins (as Karpenter would)")
+        observation.replacement_node = cluster.add_spot_node()
+        say(f"spot node {observation.replacement_node} joined")
+    except BaseException as error:  # reported by follow(), in the caller's thread
+        observation.preemption_error = error
 
 
 def print_progress(job: dict[str, Any], coordinator: dict[str, Any] | None) -> None:

@@ -905,14 +905,18 @@ class RealCluster:
                 "kind": "Eviction",
                 "metadata": {"name": metadata["name"], "namespace": metadata["namespace"]},
             }
-            self.kubectl(
-                "create",
-                "--raw",
-                f"/api/v1/namespaces/{metadata['namespace']}/pods/{metadata['name']}/eviction",
-                "-f",
-                "-",
-                input=json.dumps(eviction),
-            )
+            try:
+                self.kubectl(
+                    "create",
+                    "--raw",
+                    f"/api/v1/namespaces/{metadata['namespace']}/pods/{metadata['name']}/eviction",
+                    "-f",
+                    "-",
+                    input=json.dumps(eviction),
+                )
+            except TestbedError as error:
+                if "NotFound" not in str(error):  # gone already: drained during the notice
+                    raise
         wait_until(lambda: not self.pods_on(name), f"the pods of node {name} to end", timeout)
         self.remove_node(name)
 

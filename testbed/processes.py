@@ -25,6 +25,8 @@ PR_SET_PDEATHSIG = 1
 class TestbedError(RuntimeError):
     """A test-bed component failed to start or is misconfigured; the message says which."""
 
+    __test__ = False  # not a test class, whatever pytest makes of the name
+
 
 class PortInUseError(TestbedError):
     pass

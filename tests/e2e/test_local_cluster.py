@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from testbed import images
-from testbed.demo import QUICKSTART, LocalCluster, follow
+from testbed.demo import QUICKSTART, LocalCluster, Observation, follow
 from testbed.processes import TestbedError, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(900)]
@@ -59,16 +59,16 @@ def pod_logs(cluster: LocalCluster, lines: int = 15) -> str:
 
 def run_to_completion(
     cluster: LocalCluster, namespace: str, name: str, preempt_at: int | None
-) -> tuple[dict[str, Any], list[tuple[int, float]], list[dict[str, Any]]]:
+) -> tuple[dict[str, Any], Observation, list[dict[str, Any]]]:
     final: dict[str, Any] = {}
-    losses: list[tuple[int, float]] = []
+    observation = Observation()
     coordinator_views: list[dict[str, Any]] = []
     for job, seen in follow(cluster, namespace, name, preempt_at, timeout=600):
-        final, losses = job, seen.losses
+        final, observation = job, seen
         view = cluster.coordinator_status(namespace, name)
         if view:
             coordinator_views.append(view)
-    return final, losses, coordinator_views
+    return final, observation, coordinator_views
 
 
 def loss_of_final_checkpoint(cluster: LocalCluster, job: str) -> float:
@@ -107,7 +107,8 @@ def test_job_succeeds_through_a_spot_preemption(cluster: LocalCluster) -> None:
     namespace = "e2e-preempt"
     cluster.create_namespace(namespace)
     name = cluster.submit(namespace, quickstart("quick"))
-    job, losses, views = run_to_completion(cluster, namespace, name, preempt_at=4)
+    job, observation, views = run_to_completion(cluster, namespace, name, preempt_at=4)
+    losses = observation.losses
     status = job["status"]
     assert status["phase"] == "Succeeded", json.dumps(status, indent=1) + pod_logs(cluster)
     assert status["progress"]["step"] == MAX_STEPS
@@ -115,6 +116,12 @@ def test_job_succeeds_through_a_spot_preemption(cluster: LocalCluster) -> None:
     assert status["preemptions"] >= 1
     assert status["replacements"] >= 1
     assert status.get("failures", 0) == 0
+    # The node really went (its Node object too), and a new one joined.
+    assert cluster.cluster is not None and observation.preempted_node is not None
+    assert observation.preempted_node not in cluster.cluster.nodes
+    assert observation.replacement_node in cluster.cluster.nodes
+    nodes = json.loads(cluster.kubectl("get", "nodes", "-o", "json"))["items"]
+    assert observation.preempted_node not in {node["metadata"]["name"] for node in nodes}
     # Training made progress: the loss at the end is well below the start.
     first, last = losses[0][1], losses[-1][1]
     assert last < first - 0.5, losses
