@@ -95,6 +95,20 @@ def run(argv: Sequence[str], what: str, check: bool = True) -> str:
     return result.stdout
 
 
+def kubectl(kubeconfig: Path, *args: str, input: str | None = None) -> str:
+    result = subprocess.run(
+        [str(tools.find("kubectl")), f"--kubeconfig={kubeconfig}", *args],
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise TestbedError(f"kubectl {' '.join(args)} failed: {result.stderr.strip()}")
+    return result.stdout
+
+
 def missing_debian_packages() -> list[str]:
     missing = {
         package
@@ -622,27 +636,9 @@ class Node:
             "protectKernelDefaults": False,
         }
 
-    def node_object(self) -> dict[str, Any] | None:
-        result = subprocess.run(
-            [
-                str(tools.find("kubectl")),
-                f"--kubeconfig={self.plane.kubeconfig}",
-                "get",
-                "node",
-                self.name,
-                "-o",
-                "json",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
-        return json.loads(result.stdout) if result.returncode == 0 else None
-
     def ready(self) -> bool:
-        node = self.node_object()
-        conditions = (node or {}).get("status", {}).get("conditions", [])
+        node = json.loads(kubectl(self.plane.kubeconfig, "get", "node", self.name, "-o", "json"))
+        conditions = node.get("status", {}).get("conditions", [])
         return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
 
     def running_containers(self, namespace: str) -> list[str]:
@@ -843,17 +839,7 @@ class RealCluster:
 
     def kubectl(self, *args: str, input: str | None = None) -> str:
         assert self.plane is not None
-        result = subprocess.run(
-            [str(tools.find("kubectl")), f"--kubeconfig={self.plane.kubeconfig}", *args],
-            input=input,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-        if result.returncode != 0:
-            raise TestbedError(f"kubectl {' '.join(args)} failed: {result.stderr.strip()}")
-        return result.stdout
+        return kubectl(self.plane.kubeconfig, *args, input=input)
 
     def add_node(self, spec: NodeSpec) -> Node:
         assert self.plane is not None and self.image is not None

@@ -25,6 +25,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -338,7 +339,19 @@ def find(name: str, build: bool = True) -> Path:
     return cached
 
 
+def find_all(names: list[str]) -> list[Path]:
+    return [find(name) for name in names]
+
+
 def provision_all() -> dict[str, Path]:
+    """Every tool, in two streams on a cold machine: the Kubernetes binaries (one module,
+    built one after the other) beside the rest; a build spends much of its time
+    downloading or linking on one core, so two streams finish well before one."""
+    kubernetes = [name for name, tool in TOOLS.items() if tool.build is build_kubernetes]
+    others = [name for name in TOOLS if name not in kubernetes]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for stream in [pool.submit(find_all, names) for names in (kubernetes, others)]:
+            stream.result()
     return {name: find(name) for name in TOOLS}
 
 
