@@ -20,10 +20,13 @@ $(STAMP): pyproject.toml
 tools: venv  ## Debian packages (containerd, runc, buildah, ...; as root) and the test-bed binaries
 	$(PY) -m testbed.tools
 
-images: tools  ## collabtrain's operator and trainer images (and the node's pause image), by buildah
+images: venv  ## collabtrain's images (by buildah) loaded into the real nodes' node image
 	$(PY) -m testbed.nodes
 
-test: venv tools images  ## everything: unit, integration (real processes) and e2e tests on real nodes
+# Tools (Go builds) and images (downloads, buildah) are prepared side by side: on a cold
+# machine each waits on the network or one core much of the time.
+test: venv  ## everything: unit, integration (real processes) and e2e tests on real nodes
+	$(MAKE) -j2 tools images
 	$(PY) -m pytest
 
 test-fast: venv  ## unit tests only
@@ -41,7 +44,8 @@ format: venv
 crds: venv  ## regenerate crds/ and the chart's CRD from the pydantic models
 	$(PY) -m collabtrain_operator.crdgen
 
-demo: venv tools images  ## the local demo: real nodes running our images, MinIO, the operator by helm
+demo: venv  ## the local demo: real nodes running our images, MinIO, the operator by helm
+	$(MAKE) -j2 tools images
 	$(PY) -m testbed.demo
 
 bench: venv tools  ## every benchmark; tables on stdout, JSON and plots in bench/results/

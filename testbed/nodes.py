@@ -120,21 +120,28 @@ def missing_debian_packages() -> list[str]:
 
 def ensure_debian_packages() -> None:
     """Install the Debian packages real nodes and image builds need (as root, once)."""
-    missing = missing_debian_packages()
-    if not missing:
+    if not missing_debian_packages():
         return
-    command = f"apt-get update && apt-get install -y {' '.join(missing)}"
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        raise TestbedError(f"missing Debian packages {', '.join(missing)}: run `{command}` as root")
-    log(f"installing Debian packages: {' '.join(missing)}")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for argv in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", *missing]):
-        result = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
-        if result.returncode != 0:
+    tools.cache_root().mkdir(parents=True, exist_ok=True)
+    # `make test` prepares tools and images side by side, and both may get here.
+    with FileLock(str(tools.cache_root() / "apt.lock")):
+        missing = missing_debian_packages()
+        if not missing:
+            return
+        command = f"apt-get update && apt-get install -y {' '.join(missing)}"
+        if os.geteuid() != 0 or not shutil.which("apt-get"):
             raise TestbedError(
-                f"`{' '.join(argv)}` failed (exit {result.returncode}); install by hand with "
-                f"`{command}`:\n{result.stderr[-2000:]}"
+                f"missing Debian packages {', '.join(missing)}: run `{command}` as root"
             )
+        log(f"installing Debian packages: {' '.join(missing)}")
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        for argv in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", *missing]):
+            result = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
+            if result.returncode != 0:
+                raise TestbedError(
+                    f"`{' '.join(argv)}` failed (exit {result.returncode}); install by hand "
+                    f"with `{command}`:\n{result.stderr[-2000:]}"
+                )
 
 
 def require_root() -> None:
@@ -933,9 +940,13 @@ def cluster_images() -> tuple[dict[str, Path], str]:
 
 def main() -> int:
     """`python -m testbed.nodes`: build the images and load them into the node image."""
-    require_root()
-    ensure_debian_packages()
-    node_image(*cluster_images())
+    try:
+        require_root()
+        ensure_debian_packages()
+        node_image(*cluster_images())
+    except RuntimeError as error:  # TestbedError, ImageError: the message says what to do
+        log(f"error: {error}")
+        return 1
     return 0
 
 
