@@ -9,13 +9,16 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import queue
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -57,6 +60,46 @@ def _die_with_parent() -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+class _Spawner:
+    """Starts every child from one thread that lives as long as this process.
+
+    The parent-death signal fires when the *thread* that started the child ends, not the
+    process: a node started from a short-lived thread (a preemption running beside a test)
+    would otherwise be killed the moment that thread finished.
+    """
+
+    def __init__(self) -> None:
+        self._requests: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = (
+            queue.SimpleQueue()
+        )
+        threading.Thread(target=self._serve, name="child-spawner", daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            start, result = self._requests.get()
+            try:
+                result.set_result(start())
+            except BaseException as error:  # handed to the caller's thread
+                result.set_exception(error)
+
+    def run(self, start: Callable[[], T]) -> T:
+        result: Future[T] = Future()
+        self._requests.put((start, result))
+        return result.result()
+
+
+_spawner_lock = threading.Lock()
+_spawner: _Spawner | None = None
+
+
+def spawn(start: Callable[[], T]) -> T:
+    global _spawner
+    with _spawner_lock:
+        if _spawner is None:
+            _spawner = _Spawner()
+    return _spawner.run(start)
+
+
 class ManagedProcess:
     """One child process with its output in a log file."""
 
@@ -72,15 +115,17 @@ class ManagedProcess:
         self.argv = list(argv)
         self.log_path = log_path
         self._log = log_path.open("ab")
-        self.popen = subprocess.Popen(
-            self.argv,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env={**os.environ, **(env or {})},
-            cwd=cwd,
-            start_new_session=True,
-            preexec_fn=_die_with_parent,
+        self.popen = spawn(
+            lambda: subprocess.Popen(
+                self.argv,
+                stdout=self._log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, **(env or {})},
+                cwd=cwd,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
         )
 
     @property

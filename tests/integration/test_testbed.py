@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import subprocess
 import textwrap
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +14,7 @@ import pytest
 
 from testbed import tools
 from testbed.cluster import ControlPlane, Kwok, MinioServer, kwok_node
-from testbed.processes import PortInUseError, free_port, wait_for
+from testbed.processes import ManagedProcess, PortInUseError, free_port, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -200,3 +202,19 @@ def test_a_taken_port_is_a_clear_error() -> None:
         assert not plane.processes  # nothing left running
         with pytest.raises(PortInUseError, match=f"minio.*port {port}"):
             MinioServer(port=port).start()
+
+
+def test_a_child_started_from_a_thread_outlives_that_thread(tmp_path: Path) -> None:
+    # The parent-death signal follows the thread that forked the child: a node added by
+    # a preemption running in its own thread must not die when that thread ends.
+    started: list[ManagedProcess] = []
+    thread = threading.Thread(
+        target=lambda: started.append(ManagedProcess("sleeper", ["sleep", "60"], tmp_path / "log"))
+    )
+    thread.start()
+    thread.join()
+    time.sleep(1.0)
+    try:
+        assert started[0].alive()
+    finally:
+        started[0].stop()
