@@ -626,7 +626,7 @@ class Node:
             "clusterDomain": CLUSTER_DOMAIN,
             "resolvConf": str(empty_resolv),
             "podCIDR": self.pod_cidr,
-            "podLogsDirectory": str(self.directory / "pod-logs"),
+            "podLogsDir": str(self.directory / "pod-logs"),
             "registerWithTaints": self.spec.taints,
             "imageGCHighThresholdPercent": 100,
             "imageGCLowThresholdPercent": 99,
