@@ -751,15 +751,15 @@ class RealCluster:
 
     def _start(self, nodes: Sequence[NodeSpec]) -> None:
         started = time.monotonic()
-        binaries = [tools.find(name) for name in ("kubelet", "kube-proxy", "coredns")]
-        del binaries  # built before anything starts, so a build failure leaves nothing
+        for name in ("kubelet", "kube-proxy", "coredns"):
+            tools.find(name)  # built before anything starts: a failed build leaves nothing
         sweep()
         STATE_ROOT.mkdir(parents=True)
         self.network.start()
         self.plane = ControlPlane(address=HOST_ADDRESS).start()
         self.image = node_image(self.images, self.pause_image)
-        for spec in nodes[:1]:
-            self.add_node(spec)
+        # kube-proxy runs as the first node's (it waits for its Node object).
+        self.add_node(nodes[0])
         self._start_proxy(nodes[0].name)
         self._start_dns()
         for spec in nodes[1:]:
