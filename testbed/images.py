@@ -34,7 +34,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from testbed.tools import ToolError, cache_root, go_binary, log
+from testbed.tools import ToolError, cache_root, ensure_debian_packages, go_binary, log
 
 BASE_IMAGE = "localhost/collabtrain/base:bookworm"
 PAUSE_IMAGE = "localhost/collabtrain/pause:1"
@@ -53,8 +53,6 @@ UV_CACHE_IN_BUILD = "/mnt"
 # Build-context files no image needs; bytecode the host's test runs leave in the source
 # would otherwise make a COPY miss the layer cache.
 IGNORED_IN_CONTEXT = ("**/__pycache__", "**/*.pyc")
-# Commands the builds run, and the Debian package that provides each.
-DEBIAN_PACKAGES = {"buildah": "buildah", "debootstrap": "debootstrap"}
 BUILDAH = ("buildah", "--storage-driver", "overlay")
 
 
@@ -76,9 +74,7 @@ def images_dir() -> Path:
 def check_prerequisites() -> None:
     if os.geteuid() != 0:
         raise ImageError("building images needs root (debootstrap, buildah's overlay storage)")
-    for command, package in DEBIAN_PACKAGES.items():
-        if shutil.which(command) is None:
-            raise ImageError(f"`{command}` is missing: apt-get install -y {package}")
+    ensure_debian_packages()  # buildah and debootstrap among them
 
 
 def run_logged(
@@ -332,7 +328,7 @@ def main() -> int:
         if "--check" in sys.argv[1:]:
             for ref, commands in SMOKE_TESTS.items():
                 smoke_test(ref, commands)
-    except ImageError as error:
+    except (ImageError, ToolError) as error:
         log(f"error: {error}")
         return 1
     for image in built:

@@ -70,19 +70,6 @@ SPOT_LABELS = {"karpenter.sh/capacity-type": "spot", "cloud.google.com/gke-spot"
 ON_DEMAND_LABELS = {"karpenter.sh/capacity-type": "on-demand"}
 INTERRUPTION_TAINT = {"key": "karpenter.sh/disrupted", "effect": "NoSchedule"}
 
-# The Debian packages a real node needs, by a command each provides.
-DEBIAN_PACKAGES = {
-    "containerd": "containerd",
-    "ctr": "containerd",
-    "runc": "runc",
-    "iptables": "iptables",
-    "ip": "iproute2",
-    "conntrack": "conntrack",
-    str(CNI_BIN / "bridge"): "containernetworking-plugins",
-    "buildah": "buildah",
-    "debootstrap": "debootstrap",
-}
-
 
 def log(message: str) -> None:
     tools.log(message)
@@ -107,41 +94,6 @@ def kubectl(kubeconfig: Path, *args: str, input: str | None = None) -> str:
     if result.returncode != 0:
         raise TestbedError(f"kubectl {' '.join(args)} failed: {result.stderr.strip()}")
     return result.stdout
-
-
-def missing_debian_packages() -> list[str]:
-    missing = {
-        package
-        for command, package in DEBIAN_PACKAGES.items()
-        if not (Path(command).exists() if command.startswith("/") else shutil.which(command))
-    }
-    return sorted(missing)
-
-
-def ensure_debian_packages() -> None:
-    """Install the Debian packages real nodes and image builds need (as root, once)."""
-    if not missing_debian_packages():
-        return
-    tools.cache_root().mkdir(parents=True, exist_ok=True)
-    # `make test` prepares tools and images side by side, and both may get here.
-    with FileLock(str(tools.cache_root() / "apt.lock")):
-        missing = missing_debian_packages()
-        if not missing:
-            return
-        command = f"apt-get update && apt-get install -y {' '.join(missing)}"
-        if os.geteuid() != 0 or not shutil.which("apt-get"):
-            raise TestbedError(
-                f"missing Debian packages {', '.join(missing)}: run `{command}` as root"
-            )
-        log(f"installing Debian packages: {' '.join(missing)}")
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        for argv in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", *missing]):
-            result = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
-            if result.returncode != 0:
-                raise TestbedError(
-                    f"`{' '.join(argv)}` failed (exit {result.returncode}); install by hand "
-                    f"with `{command}`:\n{result.stderr[-2000:]}"
-                )
 
 
 def require_root() -> None:
@@ -733,7 +685,7 @@ class RealCluster:
 
     def start(self, nodes: Sequence[NodeSpec]) -> RealCluster:
         require_root()
-        ensure_debian_packages()
+        tools.ensure_debian_packages()
         self._lock = FileLock(str(LOCK_PATH))
         try:
             self._lock.acquire(timeout=5)
@@ -942,7 +894,7 @@ def main() -> int:
     """`python -m testbed.nodes`: build the images and load them into the node image."""
     try:
         require_root()
-        ensure_debian_packages()
+        tools.ensure_debian_packages()
         node_image(*cluster_images())
     except RuntimeError as error:  # TestbedError, ImageError: the message says what to do
         log(f"error: {error}")

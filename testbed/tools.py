@@ -44,6 +44,20 @@ GO_PROXY = os.environ.get("GOPROXY", "https://proxy.golang.org").split(",")[0]
 KUBERNETES_MINOR = int(KUBERNETES_VERSION.split(".")[1])
 
 
+# The Debian packages real nodes and image builds need, by a command each provides.
+DEBIAN_PACKAGES = {
+    "containerd": "containerd",
+    "ctr": "containerd",
+    "runc": "runc",
+    "iptables": "iptables",
+    "ip": "iproute2",
+    "conntrack": "conntrack",
+    "/usr/lib/cni/bridge": "containernetworking-plugins",
+    "buildah": "buildah",
+    "debootstrap": "debootstrap",
+}
+
+
 class ToolError(RuntimeError):
     """A tool could not be found or built; the message says how to supply it."""
 
@@ -339,6 +353,41 @@ def find(name: str, build: bool = True) -> Path:
     return cached
 
 
+def missing_debian_packages() -> list[str]:
+    missing = {
+        package
+        for command, package in DEBIAN_PACKAGES.items()
+        if not (Path(command).exists() if command.startswith("/") else shutil.which(command))
+    }
+    return sorted(missing)
+
+
+def ensure_debian_packages() -> None:
+    """Install the Debian packages real nodes and image builds need (as root, once)."""
+    if not missing_debian_packages():
+        return
+    cache_root().mkdir(parents=True, exist_ok=True)
+    # `make test` prepares tools and images side by side, and both may get here.
+    with FileLock(str(cache_root() / "apt.lock")):
+        missing = missing_debian_packages()
+        if not missing:
+            return
+        command = f"apt-get update && apt-get install -y {' '.join(missing)}"
+        if os.geteuid() != 0 or not shutil.which("apt-get"):
+            raise ToolError(
+                f"missing Debian packages {', '.join(missing)}: run `{command}` as root"
+            )
+        log(f"installing Debian packages: {' '.join(missing)}")
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        for argv in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", *missing]):
+            result = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
+            if result.returncode != 0:
+                raise ToolError(
+                    f"`{' '.join(argv)}` failed (exit {result.returncode}); install by hand "
+                    f"with `{command}`:\n{result.stderr[-2000:]}"
+                )
+
+
 def find_all(names: list[str]) -> list[Path]:
     return [find(name) for name in names]
 
@@ -356,8 +405,6 @@ def provision_all() -> dict[str, Path]:
 
 
 def main() -> int:
-    from testbed.nodes import ensure_debian_packages  # nodes imports this module
-
     started = time.monotonic()
     try:
         ensure_debian_packages()

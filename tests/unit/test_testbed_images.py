@@ -3,8 +3,6 @@ build's mounts and the error a failed step raises."""
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -17,17 +15,6 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     images.images_dir().mkdir(parents=True)
     return images.images_dir()
-
-
-def test_a_missing_debian_package_is_named_with_its_install_command(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(os, "geteuid", lambda: 0)
-    monkeypatch.setattr(
-        shutil, "which", lambda name: None if name == "debootstrap" else f"/usr/bin/{name}"
-    )
-    with pytest.raises(images.ImageError, match=r"apt-get install -y debootstrap$"):
-        images.check_prerequisites()
 
 
 def test_an_archive_of_the_current_image_is_not_written_again(

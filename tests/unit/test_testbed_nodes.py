@@ -1,5 +1,4 @@
-"""The pure parts of the real-node test bed: runtime and network configuration, and the
-message a missing Debian package gives."""
+"""The pure parts of the real-node test bed: runtime and network configuration."""
 
 from __future__ import annotations
 
@@ -7,10 +6,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, cast
 
-import pytest
-
 from testbed import nodes
-from testbed.processes import TestbedError
 
 
 def test_containerd_config_is_toml_with_what_this_machine_needs(tmp_path: Path) -> None:
@@ -51,14 +47,3 @@ def test_nodes_do_not_share_addresses_ranges_or_cgroups() -> None:
     first, second = node(1), node(2)
     for attribute in ("address", "pod_cidr", "bridge", "cgroup_root", "directory"):
         assert getattr(first, attribute) != getattr(second, attribute), attribute
-
-
-def test_a_missing_package_names_itself_and_the_command(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(nodes, "DEBIAN_PACKAGES", {"/nonexistent/tool": "some-package"})
-    monkeypatch.setattr(nodes.os, "geteuid", lambda: 1000)
-    with pytest.raises(TestbedError) as failure:
-        nodes.ensure_debian_packages()
-    message = str(failure.value)
-    assert "some-package" in message
-    assert "apt-get update && apt-get install -y some-package" in message
-    assert "\n" not in message

@@ -85,3 +85,14 @@ def test_cache_location_follows_xdg(isolated: Path) -> None:
     tool = tools.TOOLS["helm"]
     assert tool.cache_dir == isolated / "cache" / "collabtrain" / "tools" / f"helm-{tool.version}"
     assert os.environ["XDG_CACHE_HOME"] in str(tool.cache_dir)
+
+
+def test_a_missing_package_names_itself_and_the_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tools, "DEBIAN_PACKAGES", {"/nonexistent/tool": "some-package"})
+    monkeypatch.setattr(tools.os, "geteuid", lambda: 1000)
+    with pytest.raises(tools.ToolError) as failure:
+        tools.ensure_debian_packages()
+    message = str(failure.value)
+    assert "some-package" in message
+    assert "apt-get update && apt-get install -y some-package" in message
+    assert "\n" not in message
