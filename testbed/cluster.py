@@ -83,6 +83,10 @@ class Pki:
     def sa_pub(self) -> Path:
         return self.directory / "sa.pub"
 
+    @property
+    def ca_key(self) -> Path:
+        return self.directory / "ca.key"
+
     def generate(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         now = datetime.datetime.now(datetime.UTC)
@@ -99,46 +103,23 @@ class Pki:
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .sign(ca_key, hashes.SHA256())
         )
-        server_key = _key()
-        names = [
+        self.ca_cert.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+        self.ca_key.write_bytes(_pem_key(ca_key))
+        self.ca_key.chmod(0o600)
+        names: list[x509.GeneralName] = [
             x509.DNSName(name)
             for name in ("localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc")
         ]
         ips = {"127.0.0.1", "10.96.0.1", self.address}
-        addresses = [x509.IPAddress(ipaddress.ip_address(a)) for a in sorted(ips)]
-
-        def issue(
-            key: rsa.RSAPrivateKey, subject: list[x509.NameAttribute[str]]
-        ) -> x509.Certificate:
-            builder = (
-                x509.CertificateBuilder()
-                .subject_name(x509.Name(subject))
-                .issuer_name(ca_name)
-                .public_key(key.public_key())
-                .serial_number(x509.random_serial_number())
-                .not_valid_before(now - datetime.timedelta(minutes=5))
-                .not_valid_after(now + datetime.timedelta(days=2))
-            )
-            if subject[0].value == "kube-apiserver":
-                alternative = x509.SubjectAlternativeName([*names, *addresses])
-                builder = builder.add_extension(alternative, critical=False)
-            return builder.sign(ca_key, hashes.SHA256())
-
-        server = issue(server_key, [x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")])
+        names += [x509.IPAddress(ipaddress.ip_address(a)) for a in sorted(ips)]
+        self.issue("kube-apiserver", None, self.serving_cert, self.serving_key, names)
         # What the API server shows a kubelet when it fetches logs or runs exec.
-        client_key = _key()
-        client = issue(
-            client_key,
-            [
-                x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver-kubelet-client"),
-                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "system:masters"),
-            ],
+        self.issue(
+            "kube-apiserver-kubelet-client",
+            "system:masters",
+            self.kubelet_client_cert,
+            self.kubelet_client_key,
         )
-        self.ca_cert.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-        self.serving_cert.write_bytes(server.public_bytes(serialization.Encoding.PEM))
-        self.serving_key.write_bytes(_pem_key(server_key))
-        self.kubelet_client_cert.write_bytes(client.public_bytes(serialization.Encoding.PEM))
-        self.kubelet_client_key.write_bytes(_pem_key(client_key))
         sa_key = _key()
         self.sa_key.write_bytes(_pem_key(sa_key))
         self.sa_pub.write_bytes(
@@ -146,6 +127,41 @@ class Pki:
                 serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
             )
         )
+
+    def issue(
+        self,
+        common_name: str,
+        organization: str | None,
+        cert_path: Path,
+        key_path: Path,
+        names: list[x509.GeneralName] | None = None,
+    ) -> None:
+        """A key and a certificate signed by this CA: a serving certificate for `names`, or
+        a client certificate of user `common_name` in group `organization`."""
+        ca = x509.load_pem_x509_certificate(self.ca_cert.read_bytes())
+        ca_key = serialization.load_pem_private_key(self.ca_key.read_bytes(), password=None)
+        assert isinstance(ca_key, rsa.RSAPrivateKey)
+        subject = [x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
+        if organization:
+            subject.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization))
+        now = datetime.datetime.now(datetime.UTC)
+        key = _key()
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name(subject))
+            .issuer_name(ca.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=2))
+        )
+        if names:
+            builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+        cert_path.write_bytes(
+            builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+        )
+        key_path.write_bytes(_pem_key(key))
+        key_path.chmod(0o600)
 
 
 @dataclass
@@ -235,7 +251,10 @@ class ControlPlane:
                 # Node names are not in any DNS the API server asks.
                 "--kubelet-preferred-address-types=InternalIP,Hostname",
                 f"--token-auth-file={tokens}",
-                "--authorization-mode=RBAC",
+                # Kubelets act as themselves: the Node authorizer and NodeRestriction let a
+                # node touch only its own Node and the pods bound to it.
+                "--authorization-mode=Node,RBAC",
+                "--enable-admission-plugins=NodeRestriction",
                 "--service-account-issuer=https://kubernetes.default.svc",
                 f"--service-account-key-file={self.pki.sa_pub}",
                 f"--service-account-signing-key-file={self.pki.sa_key}",
@@ -293,7 +312,15 @@ class ControlPlane:
         self.processes.append(process)
         return process
 
-    def write_kubeconfig(self, path: Path) -> None:
+    def write_node_kubeconfig(self, node: str, path: Path) -> None:
+        """A kubeconfig for the kubelet of `node`: a client certificate of user
+        `system:node:<node>` in group `system:nodes`, as kubelet TLS bootstrap would give."""
+        cert, key = path.with_suffix(".crt"), path.with_suffix(".key")
+        self.pki.issue(f"system:node:{node}", "system:nodes", cert, key)
+        user = {"client-certificate": str(cert), "client-key": str(key)}
+        self.write_kubeconfig(path, user)
+
+    def write_kubeconfig(self, path: Path, user: dict[str, str] | None = None) -> None:
         ca_data = base64.b64encode(self.pki.ca_cert.read_bytes()).decode()
         config = {
             "apiVersion": "v1",
@@ -304,7 +331,7 @@ class ControlPlane:
                     "cluster": {"server": self.url, "certificate-authority-data": ca_data},
                 }
             ],
-            "users": [{"name": "admin", "user": {"token": self.token}}],
+            "users": [{"name": "admin", "user": user or {"token": self.token}}],
             "contexts": [{"name": "testbed", "context": {"cluster": "testbed", "user": "admin"}}],
             "current-context": "testbed",
         }

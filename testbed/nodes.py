@@ -499,6 +499,8 @@ class Node:
         self.containerd = Containerd(
             runtime_dir, self.pause_image, net_d, f"containerd-{self.name}"
         )
+        kubeconfig = self.directory / "kubelet.kubeconfig"
+        self.plane.write_node_kubeconfig(self.name, kubeconfig)
         config = self.directory / "kubelet.yaml"
         config.write_text(yaml.safe_dump(self.kubelet_config()))
         labels = ",".join(f"{k}={v}" for k, v in self.spec.labels.items())
@@ -507,7 +509,7 @@ class Node:
             [
                 str(tools.find("kubelet")),
                 f"--config={config}",
-                f"--kubeconfig={self.plane.kubeconfig}",
+                f"--kubeconfig={kubeconfig}",
                 f"--root-dir={self.directory / 'kubelet'}",
                 f"--cert-dir={self.directory / 'kubelet-pki'}",
                 f"--hostname-override={self.name}",

@@ -1,6 +1,7 @@
 """The real-node test bed itself: Services forward exactly the ports they list (what the
-old process-running node agent hid), a node that cannot start says which part failed and
-where its log is, and a stopped cluster leaves nothing on the machine."""
+old process-running node agent hid), kubelets act as their own node only, a node that
+cannot start says which part failed and where its log is, and a stopped cluster leaves
+nothing on the machine."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from testbed.nodes import (
     NodeSpec,
     RealCluster,
     cluster_images,
+    kubectl,
     leftovers,
     on_demand_node,
     spot_node,
@@ -111,6 +113,15 @@ def test_a_node_that_cannot_start_names_the_part_and_its_log(
     assert "/bad-node/kubelet.log" in message
     assert "bad-node" not in real_cluster.nodes
     assert not [item for item in leftovers() if "bad-node" in item]
+
+
+def test_a_kubelet_acts_as_its_own_node_only(real_cluster: RealCluster) -> None:
+    # Each kubelet has its own identity (system:node:NAME): the Node authorizer and
+    # NodeRestriction let it change its own Node, not another's.
+    kubeconfig = real_cluster.nodes["ondemand-1"].directory / "kubelet.kubeconfig"
+    kubectl(kubeconfig, "label", "node", "ondemand-1", "example.com/probe=own", "--overwrite")
+    with pytest.raises(TestbedError, match="forbidden"):
+        kubectl(kubeconfig, "label", "node", "spot-1", "example.com/probe=other")
 
 
 def test_a_stopped_cluster_leaves_nothing_behind(real_cluster: RealCluster) -> None:
