@@ -32,6 +32,7 @@ from typing import Any
 
 import yaml
 
+from collabtrain_trainer.config import COORDINATOR_HTTP_PORT
 from testbed import images, tools
 from testbed.cluster import ControlPlane, MinioServer
 from testbed.nodes import (
@@ -281,7 +282,7 @@ class LocalCluster:
         except TestbedError:  # not created yet
             return None
         request = urllib.request.Request(
-            f"http://{address}:7000/status",
+            f"http://{address}:{COORDINATOR_HTTP_PORT}/status",
             headers={"Authorization": f"Bearer {base64.b64decode(token).decode()}"},
         )
         with contextlib.suppress(Exception), urllib.request.urlopen(request, timeout=3) as r:

@@ -141,8 +141,8 @@ class HostNetwork:
             "forward guard",
         )
 
-    def stop(self) -> None:
-        sweep_network()
+    def restore_sysctls(self) -> None:
+        """Its links, routes and rules go with `sweep_network` (also after a killed run)."""
         for name, value in self.sysctls.items():
             with contextlib.suppress(OSError):
                 write_sysctl(name, value)
@@ -184,24 +184,35 @@ def sweep_network() -> None:
             entry.unlink()
 
 
-def unmount_under(directory: Path) -> None:
-    """Unmount everything mounted below `directory` (deepest first)."""
+def mounts_under(directory: Path) -> list[str]:
+    """Mount points below `directory`, deepest first."""
     prefix = str(directory.resolve()) + "/"
     mounts = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
-    for target in sorted((m for m in mounts if m.startswith(prefix)), key=len, reverse=True):
+    return sorted((m for m in mounts if m.startswith(prefix)), key=len, reverse=True)
+
+
+def unmount_under(directory: Path) -> None:
+    for target in mounts_under(directory):
         run(["umount", "-l", target], "", check=False)
 
 
-def kill_processes_mentioning(text: str) -> None:
-    """SIGKILL every process whose command line contains `text` (runtime shims)."""
+def processes_mentioning(text: str) -> list[int]:
+    """Pids (not this process) whose command line contains `text`."""
+    found = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit() or int(proc.name) == os.getpid():
             continue
         with contextlib.suppress(OSError):
-            if text in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(
-                errors="replace"
-            ):
-                os.kill(int(proc.name), signal.SIGKILL)
+            if text.encode() in (proc / "cmdline").read_bytes().replace(b"\0", b" "):
+                found.append(int(proc.name))
+    return found
+
+
+def kill_processes_mentioning(text: str) -> None:
+    """SIGKILL every process whose command line contains `text` (runtime shims)."""
+    for pid in processes_mentioning(text):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def cgroup_hierarchies() -> list[Path]:
@@ -267,13 +278,8 @@ def sweep() -> None:
 
 def leftovers() -> list[str]:
     """What a real cluster left on this machine (empty after a clean stop)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        with contextlib.suppress(OSError):
-            if proc.name.isdigit() and str(STATE_ROOT).encode() in (proc / "cmdline").read_bytes():
-                found.append(f"process {proc.name}")
-    mounts = Path("/proc/self/mountinfo").read_text()
-    found += [f"mount {m}" for m in re.findall(rf" ({re.escape(str(STATE_ROOT))}\S*) ", mounts)]
+    found = [f"process {pid}" for pid in processes_mentioning(str(STATE_ROOT))]
+    found += [f"mount {m}" for m in mounts_under(STATE_ROOT)] if STATE_ROOT.exists() else []
     found += [f"cgroup {c}" for h in cgroup_hierarchies() for c in h.glob(f"{CGROUP_PREFIX}*")]
     links = run(["ip", "-o", "link", "show"], "", check=False)
     found += [
@@ -877,8 +883,8 @@ class RealCluster:
         if self.plane is not None:
             self.plane.stop()
             self.plane = None
-        self.network.stop()
         sweep()
+        self.network.restore_sysctls()
         if self._lock is not None:
             self._lock.release()
             self._lock = None
