@@ -64,7 +64,7 @@ NODE_BRIDGE_PREFIX = "ctcni"
 FORWARD_CHAIN = "COLLABTRAIN-TESTBED"
 CGROUP_PREFIX = "collabtrain-node-"
 CGROUP_MOUNTS = Path("/sys/fs/cgroup")
-CNI_BIN = Path("/usr/lib/cni")
+CNI_BIN = tools.CNI_BIN
 
 SPOT_LABELS = {"karpenter.sh/capacity-type": "spot", "cloud.google.com/gke-spot": "true"}
 ON_DEMAND_LABELS = {"karpenter.sh/capacity-type": "on-demand"}

@@ -1,5 +1,6 @@
-"""Find or build the test bed's binaries: etcd, the Kubernetes control plane, kubectl, helm,
-KWOK and MinIO.
+"""Find or build the test bed's binaries: etcd, the Kubernetes control plane, kubectl,
+kubelet, kube-proxy, CoreDNS, helm, KWOK and MinIO; and install the Debian packages real
+nodes and image builds need (containerd, runc, buildah, ...).
 
 Each tool is looked up in this order, the first acceptable copy winning:
 
@@ -44,6 +45,7 @@ GO_PROXY = os.environ.get("GOPROXY", "https://proxy.golang.org").split(",")[0]
 KUBERNETES_MINOR = int(KUBERNETES_VERSION.split(".")[1])
 
 
+CNI_BIN = Path("/usr/lib/cni")  # where Debian's containernetworking-plugins puts them
 # The Debian packages real nodes and image builds need, by a command each provides.
 DEBIAN_PACKAGES = {
     "containerd": "containerd",
@@ -52,7 +54,7 @@ DEBIAN_PACKAGES = {
     "iptables": "iptables",
     "ip": "iproute2",
     "conntrack": "conntrack",
-    "/usr/lib/cni/bridge": "containernetworking-plugins",
+    str(CNI_BIN / "bridge"): "containernetworking-plugins",
     "buildah": "buildah",
     "debootstrap": "debootstrap",
 }
