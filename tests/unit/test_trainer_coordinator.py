@@ -9,14 +9,15 @@ from datetime import UTC, datetime
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from collabtrain_trainer import credentials
 from collabtrain_trainer.config import TrainerConfig
 from collabtrain_trainer.coordinator.deadline import AdaptiveDeadline
-from collabtrain_trainer.coordinator.server import (
-    CoordinatorApp,
-    CoordinatorSettings,
-    token_matches,
+from collabtrain_trainer.coordinator.server import CoordinatorApp, CoordinatorSettings, identify
+from collabtrain_trainer.coordinator.state import (
+    CoordinatorState,
+    InvalidRequest,
+    UnknownPeerError,
 )
-from collabtrain_trainer.coordinator.state import CoordinatorState, UnknownPeerError
 from collabtrain_trainer.protocol import (
     CheckpointResult,
     DrainRequest,
@@ -32,6 +33,7 @@ from collabtrain_trainer.protocol import (
 )
 
 EXPIRY = 3.0
+JOB_KEY = "unit-job-key"
 
 
 def make_config(**overrides: object) -> TrainerConfig:
@@ -56,15 +58,24 @@ class Harness:
     def __init__(self, **overrides: object) -> None:
         self.now = 1000.0
         self.state = CoordinatorState(
-            make_config(**overrides), now=self.now, store_host="127.0.0.1", store_port=1
+            make_config(**overrides),
+            now=self.now,
+            job_key=JOB_KEY,
+            store_host="127.0.0.1",
+            store_port=1,
         )
         self.now += EXPIRY + 0.1  # past the start-up grace
         self.hashes: dict[str, str] = {}
 
     def join(self, peer_id: str, step: int = 0, param_hash: str | None = None) -> None:
+        """Join as an honest peer: one at a step > 0 holds the job's certificate of it."""
         self.state.join(
             JoinRequest(
-                peer_id=peer_id, state_url=f"http://{peer_id}", step=step, param_hash=param_hash
+                peer_id=peer_id,
+                state_url=f"http://{peer_id}",
+                step=step,
+                param_hash=param_hash,
+                step_certificate=credentials.step_certificate(JOB_KEY, step) if step else None,
             ),
             self.now,
         )
@@ -132,34 +143,162 @@ def three_peers_in_a_round() -> tuple[Harness, int]:
     return h, instruction.round.round_id
 
 
-# --- token ------------------------------------------------------------------------------
+# --- credentials --------------------------------------------------------------------
 
 
-def test_token_check_accepts_only_the_exact_bearer_token() -> None:
-    assert token_matches("Bearer s3cret", "s3cret")
-    assert not token_matches("Bearer s3cret2", "s3cret")
-    assert not token_matches("Bearer ", "s3cret")
-    assert not token_matches("s3cret", "s3cret")
-    assert not token_matches(None, "s3cret")
+def test_tokens_identify_exactly_their_holder() -> None:
+    admin = credentials.admin_token(JOB_KEY)
+    peer = credentials.peer_token(JOB_KEY, "job-peer-0-1")
+    assert identify(f"Bearer {admin}", JOB_KEY) == credentials.Identity(peer_id=None)
+    assert identify(f"Bearer {peer}", JOB_KEY) == credentials.Identity(peer_id="job-peer-0-1")
+    forged = peer.replace("job-peer-0-1", "job-peer-1-1")  # same MAC, another id
+    assert identify(f"Bearer {forged}", JOB_KEY) is None
+    assert (
+        identify(f"Bearer {credentials.peer_token('other-job', 'job-peer-0-1')}", JOB_KEY) is None
+    )
+    assert identify(f"Bearer {peer[:-1]}", JOB_KEY) is None
+    assert identify(peer, JOB_KEY) is None  # no "Bearer "
+    assert identify(None, JOB_KEY) is None
+
+
+def test_step_certificates_and_state_tickets_bind_what_they_name() -> None:
+    certificate = credentials.step_certificate(JOB_KEY, 7)
+    assert credentials.step_certified(JOB_KEY, 7, certificate)
+    assert not credentials.step_certified(JOB_KEY, 8, certificate)
+    assert not credentials.step_certified("other-job", 7, certificate)
+    assert not credentials.step_certified(JOB_KEY, 7, None)
+    source = credentials.peer_token(JOB_KEY, "a")
+    ticket = credentials.state_ticket(source, expires_at=2000)
+    assert credentials.ticket_valid(source, ticket, now=1999)
+    assert not credentials.ticket_valid(source, ticket, now=2001)  # expired
+    assert not credentials.ticket_valid(credentials.peer_token(JOB_KEY, "b"), ticket, now=1999)
+    assert not credentials.ticket_valid(source, "3000." + ticket.split(".")[1], now=1999)
+
+
+def _http(
+    requests: list[tuple[str, str, str | None, object]],
+) -> list[tuple[int, dict[str, object] | str]]:
+    """Send (method, path, token, json body) to a fresh coordinator app, in order."""
+    settings = CoordinatorSettings(host="127.0.0.1", port=0, store_port=1, advertise_host="x")
+    app = CoordinatorApp(make_config(), settings, job_key=JOB_KEY).make_app()
+
+    async def scenario() -> list[tuple[int, dict[str, object] | str]]:
+        answers: list[tuple[int, dict[str, object] | str]] = []
+        async with TestClient(TestServer(app)) as client:
+            for method, path, token, body in requests:
+                headers = {"Authorization": f"Bearer {token}"} if token else {}
+                response = await client.request(method, path, json=body, headers=headers)
+                text = await response.text()
+                is_json = response.content_type == "application/json"
+                answers.append((response.status, await response.json() if is_json else text))
+        return answers
+
+    return asyncio.run(scenario())
 
 
 def test_http_refuses_a_wrong_token_and_logs_without_it(caplog: pytest.LogCaptureFixture) -> None:
-    settings = CoordinatorSettings(host="127.0.0.1", port=0, store_port=1, advertise_host="x")
-    app = CoordinatorApp(make_config(), settings, token="right-token").make_app()
-
-    async def scenario() -> tuple[int, int, int, int]:
-        async with TestClient(TestServer(app)) as client:
-            wrong = await client.get("/status", headers={"Authorization": "Bearer wrong-token"})
-            missing = await client.post("/peers/join", json={})
-            right = await client.get("/status", headers={"Authorization": "Bearer right-token"})
-            health = await client.get("/healthz")
-            return wrong.status, missing.status, right.status, health.status
-
+    admin = credentials.admin_token(JOB_KEY)
     with caplog.at_level(logging.WARNING):
-        assert asyncio.run(scenario()) == (401, 401, 200, 200)
+        statuses = [
+            status
+            for status, _ in _http(
+                [
+                    ("GET", "/status", "wrong-token", None),
+                    ("POST", "/peers/join", None, {}),
+                    ("GET", "/status", admin, None),
+                    ("GET", "/healthz", None, None),
+                ]
+            )
+        ]
+    assert statuses == [401, 401, 200, 200]
     refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
     assert len(refusals) == 2
-    assert all("wrong-token" not in m and "right-token" not in m for m in caplog.messages)
+    assert all("wrong-token" not in m and admin not in m for m in caplog.messages)
+
+
+def test_a_peer_token_speaks_only_for_its_peer_and_never_as_the_operator() -> None:
+    a = credentials.peer_token(JOB_KEY, "a")
+    join_a = {"peer_id": "a", "state_url": "http://10.0.0.1:9000"}
+    answers = _http(
+        [
+            ("POST", "/peers/join", a, join_a),
+            ("POST", "/peers/join", a, {**join_a, "peer_id": "b"}),  # a joins as b
+            ("POST", "/peers/heartbeat", a, {"peer_id": "b"}),
+            ("POST", "/peers/leave", a, {"peer_id": "b"}),
+            ("POST", "/drain", a, {"peers": ["a"]}),  # an admin endpoint
+            ("POST", "/checkpoint", a, {}),
+            ("GET", "/status", a, None),
+            ("POST", "/peers/heartbeat", credentials.admin_token(JOB_KEY), {"peer_id": "a"}),
+            ("POST", "/peers/heartbeat", a, {"peer_id": "a"}),
+        ]
+    )
+    assert [status for status, _ in answers] == [200, 403, 403, 403, 403, 403, 403, 403, 200]
+
+
+def test_malformed_and_non_finite_fields_get_422_naming_the_field() -> None:
+    a = credentials.peer_token(JOB_KEY, "a")
+    admin = credentials.admin_token(JOB_KEY)
+    report = {"peer_id": "a", "step": 0, "param_hash": "h0", "samples": 10}
+    bad_bodies: list[tuple[str, dict[str, object], str]] = [
+        ("/peers/report", {**report, "step": 10**9}, "step"),  # forged progress
+        ("/peers/report", {**report, "step": 2**60}, "step"),
+        ("/peers/report", {**report, "samples": -1}, "samples"),
+        ("/peers/report", {**report, "samples_per_second": "Infinity"}, "samples_per_second"),
+        ("/peers/report", {**report, "loss": "NaN"}, "loss"),
+        ("/peers/report", {**report, "param_hash": "h" * 10_000}, "param_hash"),
+        (
+            "/rounds/vote",
+            {"peer_id": "a", "round_id": 1, "ok": True, "total_weight": "Infinity"},
+            "total_weight",
+        ),
+        (
+            "/rounds/vote",
+            {"peer_id": "a", "round_id": 1, "ok": True, "excluded_ranks": [-100]},
+            "excluded_ranks",
+        ),
+        ("/peers/join", {"peer_id": "a", "state_url": "file:///etc/passwd"}, "state_url"),
+        (
+            "/peers/join",
+            {"peer_id": "a", "state_url": "http://x", "step": 5, "param_hash": "h"},
+            "step_certificate",
+        ),  # a step nobody committed
+    ]
+    join = {"peer_id": "a", "state_url": "http://10.0.0.1:9000"}
+    requests: list[tuple[str, str, str | None, object]] = [("POST", "/peers/join", a, join)]
+    requests += [("POST", path, a, body) for path, body, _ in bad_bodies]
+    requests += [("POST", "/drain", admin, {"peers": ["a"], "deadline_seconds": "NaN"})]
+    requests += [("GET", "/status", admin, None)]
+    answers = _http(requests)
+    assert answers[0][0] == 200
+    for (path, _, field), (status, body) in zip(bad_bodies, answers[1:], strict=False):
+        assert status == 422, (path, field, status, body)
+        assert field in str(body), (field, body)
+    assert answers[-2][0] == 422
+    status, body = answers[-1]
+    assert status == 200 and isinstance(body, dict)
+    assert body["step"] == 0 and body["peers"] == ["a"]
+
+
+def test_the_ticker_survives_a_failing_pass(caplog: pytest.LogCaptureFixture) -> None:
+    settings = CoordinatorSettings(host="127.0.0.1", port=0, store_port=1, advertise_host="x")
+    coordinator = CoordinatorApp(make_config(), settings, job_key=JOB_KEY)
+    passes: list[float] = []
+
+    def tick(now: float) -> None:
+        passes.append(now)
+        if len(passes) == 1:
+            raise OverflowError("one bad pass")
+
+    coordinator.state.tick = tick  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        async with TestClient(TestServer(coordinator.make_app())):
+            await asyncio.sleep(0.5)
+
+    with caplog.at_level(logging.ERROR):
+        asyncio.run(scenario())
+    assert len(passes) >= 3
+    assert any("tick failed" in r.getMessage() for r in caplog.records)
 
 
 # --- deadline ---------------------------------------------------------------------------
@@ -210,7 +349,9 @@ def test_silent_peers_expire_and_unknown_peers_must_rejoin() -> None:
 
 def test_each_join_gets_the_next_data_shard() -> None:
     h = Harness(data_shards=2)
-    shards = [h.state.join(JoinRequest(peer_id=p, state_url="u"), h.now).data_shard for p in "abc"]
+    shards = [
+        h.state.join(JoinRequest(peer_id=p, state_url="http://u"), h.now).data_shard for p in "abc"
+    ]
     assert shards == [0, 1, 0]
 
 
@@ -388,6 +529,73 @@ def test_restarted_coordinator_adopts_the_step_peers_report() -> None:
     h.report("a", 60, param_hash="h7")
     instruction = h.report("b", 60, param_hash="h7")
     assert instruction.round is not None and instruction.round.step == 7
+
+
+def test_a_step_is_adopted_only_with_the_jobs_certificate() -> None:
+    h = Harness()
+    forged = JoinRequest(peer_id="m", state_url="http://m", step=10**9, param_hash="x")
+    with pytest.raises(InvalidRequest, match="certificate"):
+        h.state.join(forged, h.now)
+    other_job = credentials.step_certificate("another-job", 10**9)
+    with pytest.raises(InvalidRequest, match="certificate"):
+        h.state.join(forged.model_copy(update={"step_certificate": other_job}), h.now)
+    assert h.state.step == 0 and "m" not in h.state.peers
+    h.join("a")
+    with pytest.raises(InvalidRequest, match="beyond the committed step"):
+        h.report("a", 10, step=10**9)
+    h.advance(EXPIRY / 2, keep_alive=("a",))
+    assert h.state.step == 0 and not h.state.finished
+    assert h.state.status(h.now).step == 0
+
+
+def test_commits_count_recorded_samples_and_hand_out_certificates() -> None:
+    h, round_id = three_peers_in_a_round()  # a 40, b 30, c 30 samples recorded
+    decisions = [h.state.ready(RoundReady(peer_id=p, round_id=round_id), h.now) for p in "abc"]
+    assert decisions[-1].outcome == "go" and decisions[-1].weights == [40, 30, 30]
+    # b claims an inflated weight and total in its vote: neither is counted.
+    for peer in "abc":
+        h.vote(peer, round_id, weight=1e12 if peer == "b" else 35.0)
+    assert h.state.step == 1 and h.state.samples_committed == 100
+    decision = h.state.poll_vote(round_id, h.now)
+    assert decision.outcome == "commit"
+    assert decision.step_certificate == credentials.step_certificate(JOB_KEY, 1)
+
+
+def test_recorded_weights_are_capped_at_the_target_batch() -> None:
+    h = Harness()
+    h.join("a")
+    h.join("b")
+    h.report("a", 10)
+    instruction = h.report("b", 10**12)  # b claims samples it never trained
+    assert instruction.round is not None
+    for peer in "ab":
+        decision = h.state.ready(
+            RoundReady(peer_id=peer, round_id=instruction.round.round_id), h.now
+        )
+    assert decision.weights == [10, 100]
+
+
+def test_a_vote_naming_a_rank_outside_the_round_is_refused() -> None:
+    h, round_id = three_peers_in_a_round()
+    for peer in "abc":
+        h.ready(peer, round_id)
+    vote = RoundVote(peer_id="a", round_id=round_id, ok=True, excluded_ranks=[3])
+    with pytest.raises(InvalidRequest, match="excluded_ranks"):
+        h.state.vote(vote, h.now)
+    assert h.state.round is not None and "a" not in h.state.round.votes
+    assert [h.vote(p, round_id) for p in "abc"][-1] == "commit"
+
+
+def test_sources_carry_tickets_for_that_source_only() -> None:
+    h = Harness()
+    h.join("a")
+    h.report("a", 0, param_hash="h0")
+    sources = h.state.sources(h.now)
+    assert [s.peer_id for s in sources] == ["a"]
+    a_token = credentials.peer_token(JOB_KEY, "a")
+    assert credentials.ticket_valid(a_token, sources[0].ticket, h.state.wall_clock())
+    b_token = credentials.peer_token(JOB_KEY, "b")
+    assert not credentials.ticket_valid(b_token, sources[0].ticket, h.state.wall_clock())
 
 
 def test_no_round_forms_during_the_grace_period_after_start() -> None:

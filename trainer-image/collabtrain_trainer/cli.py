@@ -60,10 +60,11 @@ def _coordinator(args: argparse.Namespace) -> int:
 
 def _peer(args: argparse.Namespace) -> int:
     config = _load_config(args.config)
-    token = os.environ.get(config.token_env)
+    token = os.environ.get(config.peer_token_env)
     if not token:
         print(
-            f"the join token is missing: set the environment variable {config.token_env}",
+            f"the peer's token is missing: set the environment variable {config.peer_token_env} "
+            "(on Kubernetes, the operator fills it from the peer's own Secret)",
             file=sys.stderr,
         )
         return 2

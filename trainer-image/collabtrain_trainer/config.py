@@ -102,8 +102,11 @@ class TrainerConfig(StrictModel):
     coordinator_url: str = f"http://127.0.0.1:{COORDINATOR_HTTP_PORT}"
     # The coordinator's rendezvous store, on the host of `coordinator_url`.
     rendezvous_port: int = Field(default=RENDEZVOUS_PORT, ge=1, le=65535)
-    # The join token is read from this environment variable (filled from the job's Secret).
-    token_env: str = "COLLABTRAIN_TOKEN"
+    # Credentials come from the environment, never from this file (see credentials.py):
+    # the coordinator reads the job's key (the job's Secret), a peer its own token (a
+    # Secret of its own, minted by the operator for its pod).
+    job_key_env: str = "COLLABTRAIN_JOB_KEY"
+    peer_token_env: str = "COLLABTRAIN_PEER_TOKEN"
     timing: TimingConfig = Field(default_factory=TimingConfig)
     # Peers take data shard `join order % data_shards`, so peers do not repeat each other.
     data_shards: int = Field(default=64, ge=1)

@@ -22,6 +22,7 @@ from typing import Any
 import requests
 
 from collabtrain_trainer.config import TrainerConfig
+from collabtrain_trainer.credentials import admin_token, peer_token
 from collabtrain_trainer.protocol import TOKEN_HEADER, CoordinatorStatus
 
 # The fork server imports these once; every process forked from it starts in a fraction of
@@ -141,7 +142,9 @@ class LocalCluster:
         workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.store_port = free_port()
-        self.token = secrets.token_urlsafe(24)
+        # What the operator does on Kubernetes: the coordinator gets the job key, each
+        # peer its own token, and this runner talks to /status as the admin.
+        self.job_key = secrets.token_hex(32)
         self.config = config.model_copy(
             update={
                 "coordinator_url": f"http://127.0.0.1:{self.port}",
@@ -152,11 +155,11 @@ class LocalCluster:
         self.config_path.write_text(self.config.model_dump_json(indent=2))
         self.env = {
             **os.environ,
-            self.config.token_env: self.token,
             "OMP_NUM_THREADS": "1",
             "COLLABTRAIN_TORCH_THREADS": "1",
             **(env or {}),
         }
+        self.coordinator_env = {**self.env, self.config.job_key_env: self.job_key}
         self.coordinator: ChildProcess | None = None
         self.coordinator_starts = 0
         self.peers: dict[str, PeerProcess] = {}
@@ -164,7 +167,7 @@ class LocalCluster:
         self.peers_lost = 0
         self.totals = RunTotals()
         self._session = requests.Session()
-        self._session.headers[TOKEN_HEADER] = f"Bearer {self.token}"
+        self._session.headers[TOKEN_HEADER] = f"Bearer {admin_token(self.job_key)}"
 
     # --- processes -------------------------------------------------------------------
 
@@ -182,7 +185,7 @@ class LocalCluster:
                 "127.0.0.1",
             ],
             self.workdir / "coordinator.log",
-            self.env,
+            self.coordinator_env,
         )
 
     def wait_coordinator(self, timeout: float = 30.0) -> None:
@@ -209,7 +212,7 @@ class LocalCluster:
     ) -> str:
         self.peers_started += 1
         peer_id = f"peer-{self.peers_started}"
-        peer_env = dict(self.env)
+        peer_env = {**self.env, self.config.peer_token_env: peer_token(self.job_key, peer_id)}
         if faults:
             import json
 

@@ -1,8 +1,13 @@
 """The coordinator's HTTP contract, defined once: the coordinator serves these models, the
 peers and the operator's client send and parse them. Torch-free.
 
-Endpoints (all JSON; every one but `/healthz` and `/metrics` needs the header
-`Authorization: Bearer <join token>`):
+Every endpoint but `/healthz` and `/metrics` needs `Authorization: Bearer <token>`
+(see `credentials`): the operator's admin token for the admin endpoints, a peer's own
+token for the peer endpoints, whose body must name that same peer. Every number is finite
+and bounded and every string and list bounded; anything else is refused with 422 naming
+the field, and the coordinator goes on.
+
+Admin endpoints (JSON):
 
 - `GET  /status`            -> CoordinatorStatus   (what the operator reads)
 - `POST /drain`             DrainRequest -> DrainResponse
@@ -10,7 +15,7 @@ Endpoints (all JSON; every one but `/healthz` and `/metrics` needs the header
 - `GET  /healthz`           -> 200 "ok"
 - `GET  /metrics`           Prometheus text
 
-Peer-facing endpoints (same header):
+Peer endpoints:
 
 - `POST /peers/join`        JoinRequest -> JoinResponse
 - `POST /peers/heartbeat`   Heartbeat -> HeartbeatResponse
@@ -26,20 +31,32 @@ A peer unknown to the coordinator (it restarted, or expired the peer) gets 409 w
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field
 
 TOKEN_HEADER = "Authorization"
 
+# Bounds of everything on the wire: a peer is not trusted to send sane values.
+MAX_COUNT = 2**53  # steps, samples, bytes: exact in a float64, far beyond any real run
+Count = Annotated[int, Field(ge=0, le=MAX_COUNT)]
+Rate = Annotated[float, Field(ge=0, le=1e15)]
+Seconds = Annotated[float, Field(ge=0, le=86400)]
+PeerId = Annotated[str, Field(min_length=1, max_length=253)]  # a pod name
+Digest = Annotated[str, Field(min_length=1, max_length=128)]
+Text = Annotated[str, Field(max_length=2000)]  # reasons and errors, for logs
+MAX_MEMBERS = 4096
+
 
 class Model(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # NaN and infinity are refused everywhere: JSON cannot carry them back out (`/status`
+    # would say null) and one in a sum poisons it.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
 class LastCheckpoint(Model):
-    step: int
-    uri: str
+    step: Count
+    uri: Annotated[str, Field(max_length=2048)]
     time: datetime
 
 
@@ -74,9 +91,9 @@ class CoordinatorStatus(Model):
 
 
 class DrainRequest(Model):
-    peers: list[str] = Field(min_length=1)  # peer ids (pod names)
-    reason: str = "node interruption notice"
-    deadline_seconds: float = Field(30.0, gt=0)
+    peers: list[PeerId] = Field(min_length=1, max_length=MAX_MEMBERS)  # peer ids (pod names)
+    reason: Text = "node interruption notice"
+    deadline_seconds: float = Field(30.0, gt=0, le=86400)
 
 
 class DrainResponse(Model):
@@ -85,7 +102,7 @@ class DrainResponse(Model):
 
 
 class CheckpointRequest(Model):
-    reason: str = "requested"
+    reason: Text = "requested"
 
 
 class CheckpointResponse(Model):
@@ -103,25 +120,31 @@ class UnknownPeer(Model):
 
 
 class JoinRequest(Model):
-    peer_id: str = Field(min_length=1, max_length=253)
+    peer_id: PeerId
     # Where this peer serves its state (http://host:port), for newcomers to fetch.
-    state_url: str
+    state_url: AnyHttpUrl
     # What it holds: a fresh peer reports step 0 and no hash; one that was already training
-    # (the coordinator restarted) reports its step and parameter hash.
-    step: int = Field(0, ge=0)
-    param_hash: str | None = None
-    samples: int = Field(0, ge=0)  # accumulated toward the next step
+    # (the coordinator restarted) reports its step and parameter hash, and the
+    # coordinator's certificate for that step (see `credentials.step_certificate`).
+    step: Count = 0
+    param_hash: Digest | None = None
+    samples: Count = 0  # accumulated toward the next step
+    step_certificate: Digest | None = None
 
 
 class StateSource(Model):
     peer_id: str
     state_url: str
+    # Minted by the coordinator for this source: the newcomer sends it instead of any
+    # credential of its own.
+    ticket: str
 
 
 class JoinResponse(Model):
     peer_id: str
     instance: str
     step: int
+    step_certificate: str | None = None  # for `step`; None at step 0
     max_steps: int
     param_hash: str | None = None  # the agreed hash at `step`, when known
     sync_from: list[StateSource] = Field(default_factory=list)  # empty: start from the seed
@@ -138,11 +161,11 @@ class WriterReport(Model):
 
     last_checkpoint: LastCheckpoint | None = None
     stale: bool = False
-    error: str | None = None
+    error: Text | None = None
 
 
 class Heartbeat(Model):
-    peer_id: str
+    peer_id: PeerId
     checkpoint_status: WriterReport | None = None
 
 
@@ -155,18 +178,18 @@ class CheckpointResult(Model):
     """The writer took (uri None: uploading in the background), wrote, or failed a
     checkpoint of `step`."""
 
-    step: int
-    uri: str | None = None
-    error: str | None = None  # never holds credentials
+    step: Count
+    uri: Annotated[str, Field(max_length=2048)] | None = None
+    error: Text | None = None  # never holds credentials
 
 
 class ProgressReport(Model):
-    peer_id: str
-    step: int = Field(ge=0)  # the step its parameters are at
-    param_hash: str
-    samples: int = Field(0, ge=0)  # accumulated toward the next step
-    samples_per_second: float = Field(0.0, ge=0)
-    loss: float | None = None  # mean over the accumulated samples
+    peer_id: PeerId
+    step: Count  # the step its parameters are at (never beyond the committed step)
+    param_hash: Digest
+    samples: Count = 0  # accumulated toward the next step
+    samples_per_second: Rate = 0.0
+    loss: float | None = Field(None, ge=-1e12, le=1e12)  # mean over the accumulated samples
     draining: bool = False  # leaving soon (SIGTERM or drain): flush, then leave
     checkpoint: CheckpointResult | None = None
     checkpoint_status: WriterReport | None = None
@@ -179,7 +202,10 @@ class RoundAssignment(Model):
     members: list[str]  # peer ids, index == rank
     rank: int
     world_size: int
-    store_prefix: str  # fresh per epoch, for torch.distributed.PrefixStore
+    # Fresh per epoch, for torch.distributed.PrefixStore. Holds a secret: the rendezvous
+    # store has no authentication, so a key outside the members' knowledge is what keeps
+    # other processes from reading or forging the members' keys.
+    store_prefix: str
     deadline_seconds: float  # from the moment the round was formed
 
 
@@ -193,6 +219,8 @@ class Instruction(Model):
     round: RoundAssignment | None = None
     sync_from: list[StateSource] = Field(default_factory=list)  # for "resync"
     reason: str = ""
+    step_certificate: str | None = None  # for `step`; None at step 0
+    param_hash: str | None = None  # the agreed hash at `step`, what a "resync" must load
     draining: bool = False  # the operator asked this peer to drain
     checkpoint_step: int | None = None  # this peer is the writer: snapshot this step now
     # This peer is the checkpoint writer: snapshot committed steps when they fall due,
@@ -203,22 +231,25 @@ class Instruction(Model):
 
 
 class RoundReady(Model):
-    peer_id: str
-    round_id: int
+    peer_id: PeerId
+    round_id: Count
 
 
 class RoundVote(Model):
-    peer_id: str
-    round_id: int
+    peer_id: PeerId
+    round_id: Count
     ok: bool  # the exchange completed on this peer
-    reason: str = ""
-    weight: float = 0.0  # samples this peer contributed
-    total_weight: float = 0.0  # the exchange's total over included members
-    loss: float | None = None
-    excluded_ranks: list[int] = Field(default_factory=list)
-    bytes_sent: int = 0
-    bytes_fp32_equivalent: int = 0
-    exchange_seconds: float = 0.0
+    reason: Text = ""
+    weight: Rate = 0.0  # samples this peer contributed
+    total_weight: Rate = 0.0  # the exchange's total over included members
+    loss: float | None = Field(None, ge=-1e12, le=1e12)
+    # Ranks whose contribution the exchange left out; each must be a rank of the round.
+    excluded_ranks: list[Annotated[int, Field(ge=0, lt=MAX_MEMBERS)]] = Field(
+        default_factory=list, max_length=MAX_MEMBERS
+    )
+    bytes_sent: Count = 0
+    bytes_fp32_equivalent: Count = 0
+    exchange_seconds: Seconds = 0.0
 
 
 Outcome = Literal["wait", "go", "commit", "abort"]
@@ -229,11 +260,16 @@ class RoundDecision(Model):
     outcome: Outcome  # ready: wait | go | abort; vote: wait | commit | abort
     step: int  # the coordinator's step after the decision
     reason: str = ""
+    # "go": each member's weight (by rank), the samples the coordinator recorded for it.
+    # Members average with exactly these weights and refuse a round where a member
+    # declares another, so no peer can inflate its say in the average.
+    weights: list[int] | None = None
+    step_certificate: str | None = None  # "commit": the certificate of the new step
 
 
 class LeaveRequest(Model):
-    peer_id: str
-    reason: str = "leaving"
+    peer_id: PeerId
+    reason: Text = "leaving"
 
 
 class LeaveResponse(Model):

@@ -184,12 +184,18 @@ def _ring_allreduce_bytes(nbytes: int, world: int) -> int:
 
 
 def average(
-    flat_grad: Tensor, weight: float, group: ProcessGroup, state: ExchangeState
+    flat_grad: Tensor,
+    weight: float,
+    group: ProcessGroup,
+    state: ExchangeState,
+    expected_weights: Sequence[float] | None = None,
 ) -> ExchangeResult:
     """Average `flat_grad` over the group, weighted by `weight` (this peer's sample count).
 
     Every rank of the group must call this with the same numel and codec. A rank whose
     gradient or weight is not finite takes part with weight 0 and is reported as excluded.
+    With `expected_weights` (by rank, what the coordinator recorded), a rank that declares
+    any other weight fails the call on every honest rank before any gradient moves.
     """
     if flat_grad.dim() != 1 or flat_grad.dtype != torch.float32:
         raise ValueError(
@@ -231,6 +237,19 @@ def average(
             f"{table[:, 2].tolist()}, wire plan per rank {table[:, 3].tolist()}; every "
             "peer must run the same model and compression config"
         )
+    if expected_weights is not None:
+        if len(expected_weights) != world:
+            raise ValueError(f"{len(expected_weights)} expected weights for {world} ranks")
+        declared = table[:, 0].tolist()
+        wrong = [
+            f"rank {i} declared weight {declared[i]:g}"
+            for i in range(world)
+            if table[i, 1].item() == _OK and declared[i] != float(expected_weights[i])
+        ]
+        if wrong:
+            raise ValueError(
+                f"{', '.join(wrong)}; the coordinator recorded {list(expected_weights)}"
+            )
     excluded = [i for i in range(world) if table[i, 1].item() != _OK]
     for i in excluded:
         logger.warning(

@@ -210,6 +210,7 @@ def snapshot_state(
     rng: torch.Generator | None = None,
     *,
     buffers: SnapshotBuffers | None = None,
+    step_certificate: str | None = None,
 ) -> Snapshot:
     """Copy everything a full restart needs into a `Snapshot` for `CheckpointWriter.submit`.
 
@@ -217,9 +218,12 @@ def snapshot_state(
     ints/strings/lists); it must hold only plain values and tensors. Blocks training for
     the CPU copy only; `Snapshot.blocked_s` says how long. Pass `buffers=writer.buffers`
     to copy into reused (and, for GPU state, pinned) memory: about twice as fast.
+    `step_certificate` is the coordinator's signature of `step` (see
+    `collabtrain_trainer.credentials`), so that a restart may resume at this step.
     """
     metadata = {
         "step": step,
+        "step_certificate": step_certificate,
         "samples_seen": samples_seen,
         "data_position": data_position,
         "rng": capture_rng(rng),
@@ -243,6 +247,7 @@ class TrainingProgress:
     step: int
     samples_seen: int
     data_position: Any
+    step_certificate: str | None = None
 
 
 def restore_state(
@@ -280,4 +285,5 @@ def restore_state(
         step=int(metadata["step"]),
         samples_seen=int(metadata["samples_seen"]),
         data_position=metadata["data_position"],
+        step_certificate=metadata.get("step_certificate"),
     )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import os
 import signal
@@ -18,8 +17,13 @@ from aiohttp.typedefs import Middleware
 from opentelemetry.metrics import CallbackOptions, Observation
 from pydantic import BaseModel, ValidationError
 
+from collabtrain_trainer import credentials
 from collabtrain_trainer.config import TrainerConfig
-from collabtrain_trainer.coordinator.state import CoordinatorState, UnknownPeerError
+from collabtrain_trainer.coordinator.state import (
+    CoordinatorState,
+    InvalidRequest,
+    UnknownPeerError,
+)
 from collabtrain_trainer.observability import (
     CONTENT_TYPE_LATEST,
     configure_logging,
@@ -52,13 +56,15 @@ _TICK_S = 0.1
 
 M = TypeVar("M", bound=BaseModel)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_IDENTITY = web.RequestKey("identity", credentials.Identity)  # who the token speaks for
+_ADMIN_PATHS = {"/status", "/drain", "/checkpoint"}
 
 
-def token_matches(header: str | None, token: str) -> bool:
-    """Constant-time check of an `Authorization: Bearer <token>` header."""
+def identify(header: str | None, job_key: str) -> credentials.Identity | None:
+    """Who an `Authorization: Bearer <token>` header speaks for, if anyone."""
     if not header or not header.startswith("Bearer "):
-        return False
-    return hmac.compare_digest(header[len("Bearer ") :].encode(), token.encode())
+        return None
+    return credentials.identify(job_key, header[len("Bearer ") :])
 
 
 @dataclass
@@ -69,32 +75,67 @@ class CoordinatorSettings:
     advertise_host: str  # the address peers reach the store at
 
 
-def _auth_middleware(token: str) -> Middleware:
+def _auth_middleware(job_key: str) -> Middleware:
     @web.middleware
     async def check_token(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path not in _PUBLIC_PATHS and not token_matches(
-            request.headers.get(TOKEN_HEADER), token
-        ):
-            # Log who and where, never what they sent.
+        if request.path in _PUBLIC_PATHS:
+            return await handler(request)
+        identity = identify(request.headers.get(TOKEN_HEADER), job_key)
+        # Log who and where, never what they sent.
+        if identity is None:
             log.warning(
-                "refused %s %s from %s: missing or wrong join token",
+                "refused %s %s from %s: missing or wrong token",
                 request.method,
                 request.path,
                 request.remote,
             )
-            return web.json_response({"error": "missing or wrong join token"}, status=401)
-        return await handler(request)
+            return web.json_response({"error": "missing or wrong token"}, status=401)
+        if (request.path in _ADMIN_PATHS) != identity.is_admin:
+            log.warning(
+                "refused %s %s from %s: %s may not call it",
+                request.method,
+                request.path,
+                request.remote,
+                "the operator" if identity.is_admin else f"peer {identity.peer_id}",
+            )
+            needed = "the operator's admin token" if request.path in _ADMIN_PATHS else "a peer's"
+            return web.json_response({"error": f"{request.path} needs {needed}"}, status=403)
+        request[_IDENTITY] = identity
+        try:
+            return await handler(request)
+        except InvalidRequest as error:
+            log.warning("refused %s from %s: %s", request.path, request.remote, error)
+            return web.json_response({"error": error.message, "field": error.field}, status=422)
 
     return check_token
 
 
 async def _parse(request: web.Request, model: type[M]) -> M:
     try:
-        return model.model_validate_json(await request.read())
+        body = model.model_validate_json(await request.read())
     except ValidationError as error:
+        fields = ", ".join(".".join(map(str, e["loc"])) for e in error.errors())
+        log.warning("refused %s from %s: invalid %s", request.path, request.remote, fields)
         raise web.HTTPUnprocessableEntity(
-            text=error.json(include_url=False), content_type="application/json"
+            text=error.json(include_url=False, include_input=False),
+            content_type="application/json",
         ) from error
+    # A peer speaks only for itself.
+    peer_id = getattr(body, "peer_id", None)
+    identity = request[_IDENTITY]
+    if peer_id is not None and peer_id != identity.peer_id:
+        log.warning(
+            "refused %s from %s: peer %s sent it as %s",
+            request.path,
+            request.remote,
+            identity.peer_id,
+            peer_id,
+        )
+        raise web.HTTPForbidden(
+            text=f'{{"error": "this token speaks for {identity.peer_id}, not for peer_id"}}',
+            content_type="application/json",
+        )
+    return body
 
 
 def _reply(model: BaseModel, status: int = 200) -> web.Response:
@@ -104,13 +145,14 @@ def _reply(model: BaseModel, status: int = 200) -> web.Response:
 
 
 class CoordinatorApp:
-    def __init__(self, config: TrainerConfig, settings: CoordinatorSettings, token: str) -> None:
+    def __init__(self, config: TrainerConfig, settings: CoordinatorSettings, job_key: str) -> None:
         self.config = config
         self.settings = settings
-        self.token = token
+        self.job_key = job_key
         self.state = CoordinatorState(
             config,
             now=time.monotonic(),
+            job_key=job_key,
             store_host=settings.advertise_host,
             store_port=settings.store_port,
         )
@@ -177,7 +219,7 @@ class CoordinatorApp:
         log.info("rendezvous store on %s:%d", self.settings.host, self.settings.store_port)
 
     def make_app(self) -> web.Application:
-        app = web.Application(middlewares=[_auth_middleware(self.token)])
+        app = web.Application(middlewares=[_auth_middleware(self.job_key)])
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/status", self.status)
@@ -195,8 +237,12 @@ class CoordinatorApp:
     async def _ticker(self, _: web.Application):  # type: ignore[no-untyped-def]
         async def run() -> None:
             while True:
-                self.state.tick(time.monotonic())
-                self._record_round_durations()
+                try:
+                    self.state.tick(time.monotonic())
+                    self._record_round_durations()
+                except Exception:
+                    # One bad pass must not stop expiry and round formation for good.
+                    log.exception("coordinator tick failed; trying again")
                 await asyncio.sleep(_TICK_S)
 
         task = asyncio.create_task(run())
@@ -284,14 +330,14 @@ class CoordinatorApp:
 
 def run_coordinator(config: TrainerConfig, settings: CoordinatorSettings) -> int:
     configure_logging(config.job, peer="coordinator")
-    token = os.environ.get(config.token_env)
-    if not token:
+    job_key = os.environ.get(config.job_key_env)
+    if not job_key:
         log.error(
-            "the join token is missing: set the environment variable %s (from the job's Secret)",
-            config.token_env,
+            "the job key is missing: set the environment variable %s (from the job's Secret)",
+            config.job_key_env,
         )
         return 2
-    coordinator = CoordinatorApp(config, settings, token)
+    coordinator = CoordinatorApp(config, settings, job_key)
     coordinator.start_store()
     log.info(
         "coordinator %s for job %s on %s:%d (target batch %d, max steps %d)",

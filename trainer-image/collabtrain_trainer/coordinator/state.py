@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+from collabtrain_trainer import credentials
 from collabtrain_trainer.config import TrainerConfig
 from collabtrain_trainer.coordinator.deadline import AdaptiveDeadline
 from collabtrain_trainer.protocol import (
@@ -55,10 +58,22 @@ _DECISION_HISTORY = 32
 # How long /status waits, after max_steps, for the final checkpoint before calling the
 # run finished anyway (the writer died, storage is down): the operator must not wait forever.
 FINAL_CHECKPOINT_GRACE_S = 120.0
+# How long a state ticket (see `credentials.state_ticket`) stays valid.
+STATE_TICKET_S = 300
 
 
 class UnknownPeerError(KeyError):
     """The peer is not a member (the coordinator restarted or expired it): join again."""
+
+
+class InvalidRequest(ValueError):
+    """Well-formed but not acceptable here (a forged step, a rank not in the round): the
+    caller answers 422 naming `field`, and nothing changed."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
 
 
 @dataclass
@@ -89,6 +104,8 @@ class Round:
     created_at: float
     deadline_at: float
     ready: set[str] = field(default_factory=set)
+    # Each member's weight, by rank: its recorded samples when the last member got ready.
+    weights: tuple[int, ...] | None = None
     votes: dict[str, RoundVote] = field(default_factory=dict)
     outcome: Literal["commit", "abort"] | None = None
     reason: str = ""
@@ -111,11 +128,15 @@ class CoordinatorState:
         config: TrainerConfig,
         *,
         now: float,
+        job_key: str,
         store_host: str,
         store_port: int,
         instance: str | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
+        self.job_key = job_key
+        self.wall_clock = wall_clock  # state tickets expire in Unix time
         self.timing = config.timing
         self.instance = instance or secrets.token_hex(4)
         self.store_host = store_host
@@ -131,6 +152,7 @@ class CoordinatorState:
         self.epoch = 0
         self.epoch_members: tuple[str, ...] = ()
         self.epoch_usable = False  # the last epoch's process group is still healthy
+        self.epoch_secret = ""
         self.last_abort_at = float("-inf")
         self.rounds_aborted = 0
         self.deadline = AdaptiveDeadline(
@@ -215,7 +237,20 @@ class CoordinatorState:
             and r.param_hash is not None  # it has applied the step and said so
         ]
         candidates.sort(key=lambda r: (r.draining, r.joined_at))
-        return [StateSource(peer_id=r.peer_id, state_url=r.state_url) for r in candidates]
+        expires = int(self.wall_clock()) + STATE_TICKET_S
+        return [
+            StateSource(
+                peer_id=r.peer_id,
+                state_url=r.state_url,
+                ticket=credentials.state_ticket(
+                    credentials.peer_token(self.job_key, r.peer_id), expires
+                ),
+            )
+            for r in candidates
+        ]
+
+    def certificate(self, step: int) -> str | None:
+        return credentials.step_certificate(self.job_key, step) if step > 0 else None
 
     def eligible(self, now: float) -> list[PeerRecord]:
         """Peers that would be members of a round formed now."""
@@ -227,12 +262,23 @@ class CoordinatorState:
     # --- membership ------------------------------------------------------------------
 
     def join(self, request: JoinRequest, now: float) -> JoinResponse:
+        if (
+            request.param_hash is not None
+            and request.step > self.step
+            and not credentials.step_certified(self.job_key, request.step, request.step_certificate)
+        ):
+            # Only a step this job committed (or a checkpoint of one) can be adopted.
+            raise InvalidRequest(
+                "step_certificate",
+                f"step {request.step} is beyond this coordinator's step {self.step} and has "
+                "no valid certificate from this job; join at step 0 and sync",
+            )
         if request.peer_id in self.peers:
             log.info("peer %s joined again; replacing its record", request.peer_id)
             self._remove(request.peer_id, now, reason="joined again")
         record = PeerRecord(
             peer_id=request.peer_id,
-            state_url=request.state_url,
+            state_url=str(request.state_url),
             joined_at=now,
             last_seen=now,
             step=request.step,
@@ -262,6 +308,7 @@ class CoordinatorState:
             peer_id=request.peer_id,
             instance=self.instance,
             step=self.step,
+            step_certificate=self.certificate(self.step),
             max_steps=self.config.max_steps,
             param_hash=self.reference_hash(self.step),
             sync_from=self.sources(now, exclude=request.peer_id),
@@ -343,6 +390,11 @@ class CoordinatorState:
     # --- progress and rounds ---------------------------------------------------------
 
     def report(self, report: ProgressReport, now: float) -> Instruction:
+        if report.step > self.step:
+            # Steps come from commits (or certified joins), never from a peer's word.
+            raise InvalidRequest(
+                "step", f"step {report.step} is beyond the committed step {self.step}"
+            )
         record = self._touch(report.peer_id, now)
         record.step = report.step
         record.param_hash = report.param_hash
@@ -358,8 +410,6 @@ class CoordinatorState:
             self._record_checkpoint(report.peer_id, report.checkpoint, now)
         if report.checkpoint_status is not None:
             self._record_writer_report(report.peer_id, report.checkpoint_status)
-        if report.step > self.step:
-            self._adopt(report.step, f"peer {report.peer_id} reports step {report.step}")
         self._record_hash(report.peer_id, report.step, report.param_hash)
         if self.in_sync(record):
             record.syncing_since = None
@@ -379,6 +429,7 @@ class CoordinatorState:
             return Instruction(
                 action=action,
                 step=self.step,
+                step_certificate=self.certificate(self.step),
                 finished=self.finished,
                 draining=record.draining,
                 checkpoint_writer=writer,
@@ -400,7 +451,12 @@ class CoordinatorState:
                 if record.step < self.step
                 else "parameter hash differs from the other peers"
             )
-            return instruction("resync", sync_from=sources, reason=reason)
+            return instruction(
+                "resync",
+                sync_from=sources,
+                reason=reason,
+                param_hash=self.reference_hash(self.step),
+            )
         current = self.round
         if current is not None and current.outcome is None:
             if record.peer_id in current.members:
@@ -495,12 +551,14 @@ class CoordinatorState:
             self.epoch += 1
             self.epoch_members = member_ids
             self.epoch_usable = True
+            # Only the members learn it (their assignment): see RoundAssignment.store_prefix.
+            self.epoch_secret = secrets.token_hex(16)
         deadline = self.deadline.seconds
         self.round = Round(
             round_id=self.next_round_id,
             step=self.step,
             epoch=self.epoch,
-            store_prefix=f"collabtrain/{self.instance}/epoch{self.epoch}/",
+            store_prefix=f"collabtrain/{self.instance}/epoch{self.epoch}/{self.epoch_secret}/",
             members=member_ids,
             created_at=now,
             deadline_at=now + deadline,
@@ -527,18 +585,31 @@ class CoordinatorState:
                 round_id=request.round_id, outcome="abort", step=self.step, reason="not a member"
             )
         current.ready.add(request.peer_id)
+        if current.formed and current.weights is None:
+            # Every member is here and trains no more until the round ends: what it last
+            # reported is what it holds. Capped at the target batch, so that no member
+            # outweighs everyone else put together by reporting samples it never trained.
+            cap = self.config.target_batch_size
+            current.weights = tuple(
+                min(self.peers[m].samples, cap) if m in self.peers else 0 for m in current.members
+            )
         self._evaluate(now)
         if current.outcome is not None:
             return self._past_decision(request.round_id)
-        return RoundDecision(
-            round_id=current.round_id, outcome="go" if current.formed else "wait", step=self.step
-        )
+        return self._open_decision(current, ready_phase=True)
 
     def vote(self, vote: RoundVote, now: float) -> RoundDecision:
         self._touch(vote.peer_id, now)
         current = self._round_for(vote.round_id)
         if current is None:
             return self._past_decision(vote.round_id)
+        outside = [r for r in vote.excluded_ranks if r >= len(current.members)]
+        if outside:
+            raise InvalidRequest(
+                "excluded_ranks",
+                f"ranks {outside} are not in round {vote.round_id} "
+                f"({len(current.members)} members)",
+            )
         if vote.peer_id in current.members:
             current.votes.setdefault(vote.peer_id, vote)
             self._evaluate(now)
@@ -559,8 +630,15 @@ class CoordinatorState:
         self._evaluate(now)
         if current.outcome is not None:
             return self._past_decision(round_id)
-        go = ready_phase and current.formed
-        return RoundDecision(round_id=round_id, outcome="go" if go else "wait", step=self.step)
+        return self._open_decision(current, ready_phase)
+
+    def _open_decision(self, current: Round, ready_phase: bool) -> RoundDecision:
+        if ready_phase and current.formed:
+            weights = list(current.weights) if current.weights is not None else None
+            return RoundDecision(
+                round_id=current.round_id, outcome="go", step=self.step, weights=weights
+            )
+        return RoundDecision(round_id=current.round_id, outcome="wait", step=self.step)
 
     def _round_for(self, round_id: int) -> Round | None:
         if (
@@ -578,7 +656,13 @@ class CoordinatorState:
                 round_id=round_id, outcome="abort", step=self.step, reason="unknown round"
             )
         return RoundDecision(
-            round_id=round_id, outcome=decision.outcome, step=decision.step, reason=decision.reason
+            round_id=round_id,
+            outcome=decision.outcome,
+            step=decision.step,
+            reason=decision.reason,
+            step_certificate=(
+                self.certificate(decision.step) if decision.outcome == "commit" else None
+            ),
         )
 
     def _evaluate(self, now: float) -> None:
@@ -640,9 +724,17 @@ class CoordinatorState:
         self.deadline.observe_commit(duration)
         self.round_durations.append(duration)
         self.step = current.step + 1
-        total_weight = max((v.total_weight for v in votes), default=0.0)
-        self.samples_committed += round(total_weight)
-        weighted = [(v.weight, v.loss) for v in votes if v.loss is not None and v.weight > 0]
+        # Count what this coordinator recorded, never what the votes claim.
+        weights = current.weights or tuple(0 for _ in current.members)
+        excluded = set(votes[0].excluded_ranks) if votes else set()
+        total_weight = sum(w for rank, w in enumerate(weights) if rank not in excluded)
+        self.samples_committed += total_weight
+        by_member = dict(zip(current.members, weights, strict=True))
+        weighted = [
+            (by_member[v.peer_id], v.loss)
+            for v in votes
+            if v.loss is not None and by_member.get(v.peer_id, 0) > 0
+        ]
         if weighted:
             self.loss = sum(w * loss for w, loss in weighted) / sum(w for w, _ in weighted)
             if self.initial_loss is None:
@@ -650,15 +742,12 @@ class CoordinatorState:
         # Every member sent the same number of bytes per rank-pair; sum what each reported.
         self.bytes_sent += sum(v.bytes_sent for v in votes)
         self.bytes_fp32_equivalent += sum(v.bytes_fp32_equivalent for v in votes)
-        for vote in votes:
-            for rank in vote.excluded_ranks:
-                excluded = current.members[rank] if rank < len(current.members) else f"rank {rank}"
-                log.warning(
-                    "round %d: %s excluded: it sent a non-finite gradient (NaN or Inf)",
-                    current.round_id,
-                    excluded,
-                )
-            break  # every member reports the same exclusions
+        for rank in sorted(excluded):  # every member reports the same exclusions
+            log.warning(
+                "round %d: %s excluded: it sent a non-finite gradient (NaN or Inf)",
+                current.round_id,
+                current.members[rank],
+            )
         for member in current.members:
             record = self.peers.get(member)
             if record is not None:
@@ -672,7 +761,7 @@ class CoordinatorState:
             "step %d committed by round %d: %d samples from %d members in %.2fs, loss %s",
             self.step,
             current.round_id,
-            round(total_weight),
+            total_weight,
             len(votes),
             duration,
             f"{self.loss:.4f}" if self.loss is not None else "n/a",

@@ -86,13 +86,21 @@ class PeerCheckpoints:
         optimizer: torch.optim.Optimizer,
         samples_seen: int,
         data_position: dict[str, Any],
+        step_certificate: str | None = None,
     ) -> bool:
         """Snapshot committed step `step` and queue it for upload; returns at once after
         the CPU copy. Raises CheckpointStorageError when no writer can be made
         (e.g. missing credentials)."""
         writer = self._writer()
         snapshot = snapshot_state(
-            model, optimizer, step, samples_seen, data_position, None, buffers=writer.buffers
+            model,
+            optimizer,
+            step,
+            samples_seen,
+            data_position,
+            None,
+            buffers=writer.buffers,
+            step_certificate=step_certificate,
         )
         accepted = writer.submit(snapshot, step)
         self.last_step, self.last_time = step, time.monotonic()

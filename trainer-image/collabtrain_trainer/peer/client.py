@@ -63,9 +63,10 @@ class CoordinatorClient:
             raise CoordinatorUnavailable(f"{path}: {type(error).__name__}") from error
         if response.status_code == 409:
             raise RejoinRequired(path)
-        if response.status_code == 401:
+        if response.status_code in (401, 403):
             raise PermissionError(
-                "the coordinator refused the join token (401): check the token environment variable"
+                f"the coordinator refused this peer's token ({response.status_code}): check "
+                "the peer token environment variable and that the peer id is the pod's name"
             )
         if response.status_code >= 500:
             raise CoordinatorUnavailable(f"{path}: HTTP {response.status_code}")

@@ -149,7 +149,16 @@ class Peer:
         self.optimizer = make_optimizer(self.params, config.optimizer)
         self.step = 0
         self.hash = param_hash(self.model)
+        self.seed_hash = self.hash  # step 0's state: every peer builds it from the seed
+        # The coordinator's signature of a step (step, certificate), shown when joining a
+        # restarted coordinator with that step.
+        self.certificate: tuple[int, str] | None = None
         self.has_state = False
+        # A state a source serves cannot be much larger than ours: parameters, two Adam
+        # moments and a margin. A larger body is refused before it fills memory.
+        self.max_state_bytes = 4 * sum(
+            t.numel() * t.element_size() for t in self.model.state_dict().values()
+        ) + (16 << 20)
         self.accumulator = Accumulator()
         self.exchange_state = self._fresh_exchange_state()
         self.groups: EpochGroups | None = None
@@ -198,21 +207,30 @@ class Peer:
                 self._snapshot = cached
             return cached
 
-    def _load(
-        self, data: bytes, expected_step: int | None, expected_hash: str | None, origin: str
-    ) -> None:
+    def _load(self, data: bytes, expected_step: int, expected_hash: str, origin: str) -> None:
+        """Load a state from another peer, all or nothing: one that does not parse, is at
+        another step or has another hash leaves this peer's state as it was."""
         with self.state_lock:
-            step = load_state(data, self.model, self.optimizer)
-            loaded_hash = param_hash(self.model)
-            if expected_hash is not None and loaded_hash != expected_hash:
+            backup = serialize_state(self.model, self.optimizer, self.step)
+            try:
+                step = load_state(data, self.model, self.optimizer)
+                loaded_hash = param_hash(self.model)
+                if loaded_hash != expected_hash:
+                    raise StateTransferError(
+                        f"state from {origin} has parameter hash {loaded_hash}, "
+                        f"expected {expected_hash}"
+                    )
+                if step != expected_step:
+                    raise StateTransferError(
+                        f"state from {origin} is at step {step}, expected {expected_step}"
+                    )
+            except Exception as error:
+                load_state(backup, self.model, self.optimizer)
+                if isinstance(error, StateTransferError):
+                    raise
                 raise StateTransferError(
-                    f"state from {origin} has parameter hash {loaded_hash}, "
-                    f"expected {expected_hash}"
-                )
-            if expected_step is not None and step != expected_step:
-                raise StateTransferError(
-                    f"state from {origin} is at step {step}, expected {expected_step}"
-                )
+                    f"state from {origin} does not load: {type(error).__name__}: {error}"[:500]
+                ) from error
             self.step = step
             self.hash = loaded_hash
             self._reset_accumulation()
@@ -221,16 +239,35 @@ class Peer:
         log_context.step = self.step
         log.info("state loaded from %s: step %d, hash %s", origin, step, loaded_hash)
 
-    def _sync_from(self, sources: list[StateSource]) -> bool:
+    def _sync_from(self, sources: list[StateSource], step: int, agreed_hash: str | None) -> bool:
+        """Load `step`'s state from the first source that serves it with the hash the
+        coordinator agreed on (at step 0, the seed's)."""
+        expected = agreed_hash
+        if expected is None and step == 0:
+            expected = self.seed_hash
+        if expected is None:
+            log.warning("no agreed parameter hash for step %d yet; not syncing", step)
+            return False
         for source in sources:
             try:
-                snapshot = fetch_state(source.state_url, self.token)
-                self._load(snapshot.data, snapshot.step, snapshot.param_hash, source.peer_id)
+                snapshot = fetch_state(source.state_url, source.ticket, self.max_state_bytes)
+                self._load(snapshot.data, step, expected, source.peer_id)
                 self.has_state = True
                 return True
             except StateTransferError as error:
                 log.warning("state from %s unusable: %s", source.peer_id, error)
         return False
+
+    def _note_certificate(self, step: int, certificate: str | None) -> None:
+        if step == self.step and certificate is not None:
+            self.certificate = (step, certificate)
+
+    @property
+    def step_certificate(self) -> str | None:
+        """The certificate of the step this peer holds, if it has one."""
+        if self.certificate is None or self.certificate[0] != self.step:
+            return None
+        return self.certificate[1]
 
     # --- membership ------------------------------------------------------------------
 
@@ -244,6 +281,7 @@ class Peer:
                         step=self.step if self.has_state else 0,
                         param_hash=self.hash if self.has_state else None,
                         samples=self.accumulator.samples if self.has_state else 0,
+                        step_certificate=self.step_certificate if self.has_state else None,
                     )
                 )
                 break
@@ -272,6 +310,7 @@ class Peer:
             )
         if not self.has_state:
             self._initial_state(response)
+        self._note_certificate(response.step, response.step_certificate)
         log.info(
             "joined coordinator %s at step %d (own step %d)",
             response.instance,
@@ -281,7 +320,9 @@ class Peer:
         return response
 
     def _initial_state(self, response: JoinResponse) -> None:
-        if response.sync_from and self._sync_from(response.sync_from):
+        if response.sync_from and self._sync_from(
+            response.sync_from, response.step, response.param_hash
+        ):
             return
         # No live peer holds the state: this peer bootstraps the job (a full restart when a
         # checkpoint exists; the coordinator adopts its step from its first report).
@@ -320,6 +361,8 @@ class Peer:
         progress = restored.progress
         with self.state_lock:
             self.step = progress.step
+            if progress.step_certificate is not None:
+                self.certificate = (progress.step, progress.step_certificate)
             self.hash = param_hash(self.model)
             self.samples_seen = progress.samples_seen
             self._reset_accumulation()
@@ -480,6 +523,9 @@ class Peer:
             self._rounds_counter.add(1, {"outcome": "abort"})
             return
 
+        # Average with the weights the coordinator recorded (all members use the same).
+        weights = ready.weights
+        weight = float(weights[assignment.rank] if weights else self.accumulator.samples)
         saved_exchange = self.exchange_state.snapshot()
         result: ExchangeResult | None = None
         reason = ""
@@ -504,9 +550,7 @@ class Peer:
                     self.faults.nan_step = None
                     log.warning("fault injection: sending a NaN gradient")
                     contribution = torch.full_like(contribution, float("nan"))
-                result = average(
-                    contribution, float(self.accumulator.samples), group, self.exchange_state
-                )
+                result = average(contribution, weight, group, self.exchange_state, weights)
             except Exception as error:
                 reason = f"{type(error).__name__}: {error}".splitlines()[0][:300]
                 log.warning("exchange failed in round %d: %s", assignment.round_id, reason)
@@ -519,7 +563,7 @@ class Peer:
             round_id=assignment.round_id,
             ok=result is not None,
             reason=reason,
-            weight=float(self.accumulator.samples),
+            weight=weight,
             total_weight=result.total_weight if result else 0.0,
             loss=self.accumulator.mean_loss,
             excluded_ranks=result.excluded_ranks if result else [],
@@ -556,6 +600,7 @@ class Peer:
         self.faults.maybe_pause("apply", assignment.step)
         with self.tracer.start_as_current_span("apply"):
             self._apply(result.average, assignment.step + 1)
+        self._note_certificate(decision.step, decision.step_certificate)
         self.samples_seen += round(result.total_weight)
         self._rounds_counter.add(1, {"outcome": "commit"})
         self._bytes_counter.add(result.bytes_sent)
@@ -632,6 +677,7 @@ class Peer:
                     self.optimizer,
                     self.samples_seen,
                     self._data_position(),
+                    self.step_certificate,
                 )
             self.pending_checkpoint = CheckpointResult(step=self.step)
         except (CheckpointStorageError, ValueError, RuntimeError) as error:
@@ -714,6 +760,7 @@ class Peer:
             except CoordinatorUnavailable:
                 time.sleep(0.2)
                 continue
+            self._note_certificate(instruction.step, instruction.step_certificate)
             if instruction.draining and self.drain_until is None:
                 self.drain_until = time.monotonic() + self.config.timing.leave_grace_s
                 log.info("the coordinator asked this peer to drain")
@@ -725,7 +772,9 @@ class Peer:
                 self._run_round(instruction.round)
             elif action == "resync":
                 log.info("re-syncing: %s", instruction.reason)
-                if not self._sync_from(instruction.sync_from):
+                if not self._sync_from(
+                    instruction.sync_from, instruction.step, instruction.param_hash
+                ):
                     time.sleep(0.2)
             elif action == "train" and self.drain_until is None:
                 until = time.monotonic() + _REPORT_INTERVAL_S

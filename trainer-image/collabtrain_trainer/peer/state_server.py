@@ -1,22 +1,26 @@
 """Each peer serves its state to newcomers over HTTP; newcomers stream and verify it.
 
-`GET /state` (Bearer token) answers the serialized model and optimizer with headers naming
-the step, the parameter hash and the sha256 of the body; the reader checks the sha256 while
-streaming and the parameter hash after loading. `/metrics` and `/healthz` are open.
+`GET /state` (`Authorization: Bearer <ticket>`, a state ticket the coordinator minted for
+this peer, see `credentials.state_ticket`) answers the serialized model and optimizer with
+headers naming the step, the parameter hash and the sha256 of the body. The reader stops
+at a size bound, checks the sha256 while streaming, and checks the parameter hash after
+loading against the hash the coordinator agreed on, never the one the server claims.
+`/metrics` and `/healthz` are open.
 """
 
 from __future__ import annotations
 
 import hashlib
-import hmac
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import requests
 
+from collabtrain_trainer import credentials
 from collabtrain_trainer.observability import CONTENT_TYPE_LATEST, metrics_text
 from collabtrain_trainer.protocol import TOKEN_HEADER
 
@@ -85,9 +89,14 @@ class StateServer:
 
     def _serve_state(self, handler: BaseHTTPRequestHandler) -> None:
         header = handler.headers.get(TOKEN_HEADER, "")
-        expected = f"Bearer {self._token}".encode()
-        if not hmac.compare_digest(header.encode(), expected):
-            log.warning("refused a state request from %s: wrong token", handler.client_address[0])
+        ticket = header.removeprefix("Bearer ")
+        if not header.startswith("Bearer ") or not credentials.ticket_valid(
+            self._token, ticket, time.time()
+        ):
+            log.warning(
+                "refused a state request from %s: missing, wrong or expired ticket",
+                handler.client_address[0],
+            )
             handler.send_response(401)
             handler.send_header("Content-Length", "0")
             handler.end_headers()
@@ -111,23 +120,38 @@ def make_snapshot(data: bytes, step: int, param_hash: str) -> StateSnapshot:
     )
 
 
-def fetch_state(state_url: str, token: str, timeout_s: float = 30.0) -> StateSnapshot:
-    """Stream a peer's state, checking the body's sha256 as it arrives."""
+def fetch_state(
+    state_url: str, ticket: str, max_bytes: int, timeout_s: float = 30.0
+) -> StateSnapshot:
+    """Stream a peer's state, checking the body's sha256 as it arrives; refuse a body
+    larger than `max_bytes` before reading past it."""
     try:
         with requests.get(
             state_url.rstrip("/") + "/state",
-            headers={TOKEN_HEADER: f"Bearer {token}"},
+            headers={TOKEN_HEADER: f"Bearer {ticket}"},
             stream=True,
             timeout=timeout_s,
+            allow_redirects=False,  # the ticket goes to the source and nowhere else
         ) as response:
             if response.status_code != 200:
                 raise StateTransferError(f"{state_url} answered HTTP {response.status_code}")
             expected_sha = response.headers[SHA256_HEADER]
             step = int(response.headers[STEP_HEADER])
             claimed_hash = response.headers[HASH_HEADER]
+            if int(response.headers.get("Content-Length", 0)) > max_bytes:
+                raise StateTransferError(
+                    f"state from {state_url} is {response.headers['Content-Length']} bytes, "
+                    f"more than the {max_bytes} this model's state can take"
+                )
             digest = hashlib.sha256()
             chunks = []
+            received = 0
             for chunk in response.iter_content(_CHUNK):
+                received += len(chunk)
+                if received > max_bytes:
+                    raise StateTransferError(
+                        f"state from {state_url} exceeds {max_bytes} bytes; stopped reading"
+                    )
                 digest.update(chunk)
                 chunks.append(chunk)
     except (requests.RequestException, KeyError, ValueError) as error:

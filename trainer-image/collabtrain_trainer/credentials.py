@@ -1,0 +1,97 @@
+"""Who may say what: every credential of a job, derived with HMAC-SHA256 from one key.
+
+Torch-free: the operator imports it to mint what the trainer checks.
+
+- The operator holds a master key (a file from the chart's Secret). A job's key is derived
+  from it and the job's namespace, name and uid, so the operator never reads a Secret back:
+  it can always derive again. The coordinator gets the job key (the job's Secret).
+- Each peer gets its own token, derived from the job key and its peer id (the pod's name),
+  in a Secret of its own. The coordinator binds every peer call to the id in the token.
+- The operator's admin token (drain, checkpoint) is derived from the job key; no peer token
+  passes for it.
+- Step certificates: the coordinator signs each step it commits. After it restarts it only
+  adopts a step a peer can show a certificate for, so no peer can forge progress.
+- State tickets: a newcomer fetches state with a ticket the coordinator minted for that
+  source peer (keyed by the source's own token), so the newcomer sends nothing of its own
+  to whatever address a source declared.
+
+A token is `<identity>.<hex MAC>`: `admin.<mac>` or `peer:<peer id>.<mac>`. The identity
+is not secret; the MAC is checked in constant time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import dataclass
+
+ADMIN = "admin"
+_PEER_PREFIX = "peer:"
+
+
+def _mac(key: str | bytes, *parts: str) -> str:
+    key_bytes = key.encode() if isinstance(key, str) else key
+    # NUL separates the parts: no part can contain it, so no two part lists collide.
+    message = "\0".join(("collabtrain", *parts)).encode()
+    return hmac.new(key_bytes, message, hashlib.sha256).hexdigest()
+
+
+def job_key(master_key: bytes, namespace: str, name: str, uid: str) -> str:
+    """The job's key: a job recreated under the same name gets a new one."""
+    return _mac(master_key, "job", namespace, name, uid)
+
+
+def peer_token(job_key: str, peer_id: str) -> str:
+    identity = _PEER_PREFIX + peer_id
+    return f"{identity}.{_mac(job_key, identity)}"
+
+
+def admin_token(job_key: str) -> str:
+    return f"{ADMIN}.{_mac(job_key, ADMIN)}"
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who a valid token speaks for: the operator (admin) or one peer."""
+
+    peer_id: str | None  # None: the admin
+
+    @property
+    def is_admin(self) -> bool:
+        return self.peer_id is None
+
+
+def identify(job_key: str, token: str) -> Identity | None:
+    """The identity a token proves, or None when it proves nothing."""
+    identity, _, mac = token.rpartition(".")
+    if not identity or not hmac.compare_digest(mac, _mac(job_key, identity)):
+        return None
+    if identity == ADMIN:
+        return Identity(peer_id=None)
+    if identity.startswith(_PEER_PREFIX) and len(identity) > len(_PEER_PREFIX):
+        return Identity(peer_id=identity[len(_PEER_PREFIX) :])
+    return None
+
+
+def step_certificate(job_key: str, step: int) -> str:
+    return _mac(job_key, "step", str(step))
+
+
+def step_certified(job_key: str, step: int, certificate: str | None) -> bool:
+    return certificate is not None and hmac.compare_digest(
+        certificate, step_certificate(job_key, step)
+    )
+
+
+def state_ticket(source_token: str, expires_at: int) -> str:
+    """A ticket to fetch state from the peer holding `source_token`, valid until
+    `expires_at` (Unix seconds)."""
+    return f"{expires_at}.{_mac(source_token, 'state', str(expires_at))}"
+
+
+def ticket_valid(own_token: str, ticket: str, now: float) -> bool:
+    """Checked by the source peer with its own token."""
+    expires, _, mac = ticket.partition(".")
+    if not expires.isdigit() or int(expires) < now:
+        return False
+    return hmac.compare_digest(mac, _mac(own_token, "state", expires))
