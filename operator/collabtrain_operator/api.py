@@ -142,7 +142,21 @@ class TrainerSpec(ApiModel):
         default_factory=list, description="Extra environment variables of the peers."
     )
     resources: Resources = Field(
-        default_factory=Resources, description="Resources of each peer's trainer container."
+        default_factory=Resources,
+        description="Resources of each peer's trainer container. cpu and memory that you "
+        "give neither a request nor a limit for are requested at cpu: 1 and memory: 2Gi, "
+        "so that peers are never BestEffort (the first pods a node evicts); your own "
+        "requests and limits always win.",
+    )
+    tmp_size_limit: Quantity = Field(
+        default="1Gi",
+        description="Size limit of the writable /tmp (an emptyDir: the root filesystem is "
+        "read-only); a peer writing more is evicted.",
+    )
+    shm_size_limit: Quantity = Field(
+        default="1Gi",
+        description="Size limit of /dev/shm (memory-backed, counted in the container's "
+        "memory): data loader workers and NCCL use it. Raise it with many loader workers.",
     )
     termination_grace_period_seconds: int = Field(
         default=60,
@@ -369,6 +383,21 @@ class PodOverrides(ApiModel):
     labels: LabelMap = Field(default_factory=dict, description="Extra pod labels.")
 
 
+class NetworkPolicySpec(ApiModel):
+    """The job's NetworkPolicies: its pods accept connections only from each other, the
+    operator and the metrics scraper the operator is installed with, and dial only each
+    other, DNS and the checkpoint endpoint's port."""
+
+    enabled: bool = Field(
+        default=True,
+        description="Create the job's NetworkPolicies (<job>-coordinator, <job>-peers). "
+        "Turn off where the CNI does not enforce them or your own policies govern the "
+        "namespace. Policies are additive: to let peers reach more (a dataset server, an "
+        "OTLP collector), add a NetworkPolicy of your own that selects the job's pods "
+        "(label collabtrain.io/job) rather than turning these off.",
+    )
+
+
 class CoordinatorSpec(ApiModel):
     """The coordinator: membership, step counter, rounds and checkpoint duty."""
 
@@ -441,6 +470,9 @@ class JobSpec(ApiModel):
     )
     pod_overrides: PodOverrides = Field(
         default_factory=PodOverrides, description="Additions to every peer pod."
+    )
+    network_policy: NetworkPolicySpec = Field(
+        default_factory=NetworkPolicySpec, description="The job's network isolation."
     )
 
 

@@ -9,14 +9,15 @@ coordinator), reads the in-memory indices instead of listing, writes the status 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import random
-import secrets
 import time
 from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -26,8 +27,9 @@ from pydantic import ValidationError
 from collabtrain_operator import api, planning, rendering
 from collabtrain_operator.api import JobSpec, JobStatus
 from collabtrain_operator.coordinator_client import CoordinatorClient
-from collabtrain_operator.kube import KubeClient, KubeError, connection_info
+from collabtrain_operator.kube import KubeClient, KubeError, KubeObject, connection_info
 from collabtrain_operator.telemetry import Telemetry
+from collabtrain_trainer import credentials
 from collabtrain_trainer.protocol import CheckpointRequest, CoordinatorStatus, DrainRequest
 
 JOB = {"group": api.GROUP, "version": api.VERSION, "plural": api.PLURAL}
@@ -54,6 +56,80 @@ PARALLEL_POD_CALLS = 32
 
 # ---------------------------------------------------------------------------- settings
 
+# The environment the chart gives the operator.
+MASTER_KEY_FILE_ENV = "COLLABTRAIN_MASTER_KEY_FILE"
+NETWORK_POLICIES_ENV = "COLLABTRAIN_NETWORK_POLICIES"
+OPERATOR_NAMESPACE_ENV = "COLLABTRAIN_OPERATOR_NAMESPACE"
+OPERATOR_POD_LABELS_ENV = "COLLABTRAIN_OPERATOR_POD_LABELS"
+METRICS_FROM_ENV = "COLLABTRAIN_METRICS_FROM"
+# The master key is random, 32 bytes or more (the chart makes 64 characters).
+MIN_MASTER_KEY_BYTES = 32
+
+
+class ConfigurationError(ValueError):
+    """The operator's settings are unusable; the message names the setting."""
+
+
+def read_master_key(path: str | None) -> bytes:
+    """The operator's master key, from the file the chart mounts from its Secret. Every
+    job's key (and through it every credential of the job) is derived from it."""
+    if not path:
+        raise ConfigurationError(
+            f"no master key: set {MASTER_KEY_FILE_ENV} (or --master-key-file) to a file "
+            f"holding at least {MIN_MASTER_KEY_BYTES} random bytes; the Helm chart mounts "
+            "one from its Secret"
+        )
+    try:
+        key = Path(path).read_bytes().strip()
+    except OSError as error:
+        raise ConfigurationError(
+            f"the master key file {path} ({MASTER_KEY_FILE_ENV}) cannot be read: {error.strerror}"
+        ) from None
+    if len(key) < MIN_MASTER_KEY_BYTES:
+        raise ConfigurationError(
+            f"the master key file {path} ({MASTER_KEY_FILE_ENV}) is empty or shorter than "
+            f"{MIN_MASTER_KEY_BYTES} bytes"
+        )
+    return key
+
+
+def _json_env(name: str, default: Any, kind: type) -> Any:
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = json.loads(text)
+    except ValueError as error:
+        raise ConfigurationError(f"{name} is not valid JSON: {error}") from None
+    if not isinstance(value, kind):
+        raise ConfigurationError(f"{name} must be a JSON {kind.__name__}")
+    return value
+
+
+def _bool_env(name: str, default: bool) -> bool:
+    text = os.environ.get(name, "").strip().lower()
+    if not text:
+        return default
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off"):
+        return False
+    raise ConfigurationError(f"{name} must be true or false, not {text!r}")
+
+
+def network_access_from_env() -> rendering.NetworkAccess:
+    labels = _json_env(OPERATOR_POD_LABELS_ENV, {}, dict)
+    metrics_from = _json_env(METRICS_FROM_ENV, [], list)
+    if not all(isinstance(key, str) and isinstance(v, str) for key, v in labels.items()):
+        raise ConfigurationError(f"{OPERATOR_POD_LABELS_ENV} must map label names to strings")
+    if not all(isinstance(peer, dict) for peer in metrics_from):
+        raise ConfigurationError(f"{METRICS_FROM_ENV} must be a list of NetworkPolicyPeers")
+    return rendering.NetworkAccess(
+        operator_namespace=os.environ.get(OPERATOR_NAMESPACE_ENV) or None,
+        operator_labels=labels,
+        metrics_from=tuple(metrics_from),
+    )
+
 
 @dataclass(frozen=True)
 class OperatorOptions:
@@ -64,9 +140,14 @@ class OperatorOptions:
     # Where the operator reaches a job's coordinator. The default is the Service's DNS
     # name; an operator running outside the cluster (tests) points it elsewhere.
     coordinator_url_template: str = "http://{service}.{namespace}.svc:{port}"
+    master_key_file: str | None = None
+    # Render each job's NetworkPolicies (a job may still turn its own off).
+    network_policies: bool = True
+    network_access: rendering.NetworkAccess = field(default_factory=rendering.NetworkAccess)
 
     @classmethod
     def from_env(cls) -> OperatorOptions:
+        """Raises ConfigurationError naming the variable that is wrong."""
         port = os.environ.get("COLLABTRAIN_METRICS_PORT", "8080")
         return cls(
             metrics_port=int(port) if port not in ("", "off") else None,
@@ -76,6 +157,9 @@ class OperatorOptions:
             coordinator_url_template=os.environ.get(
                 "COLLABTRAIN_COORDINATOR_URL_TEMPLATE", cls.coordinator_url_template
             ),
+            master_key_file=os.environ.get(MASTER_KEY_FILE_ENV) or None,
+            network_policies=_bool_env(NETWORK_POLICIES_ENV, True),
+            network_access=network_access_from_env(),
         )
 
     def coordinator_url(self, job: str, namespace: str) -> str:
@@ -92,7 +176,7 @@ class JobMemory:
     """What the operator remembers about one job between passes (lost on restart, which
     is fine: each item is re-derived or merely repeated)."""
 
-    token: str | None = None
+    job_key: str | None = None  # derived from the master key, never read back
     applied: tuple[int, int] | None = None  # (generation, coordinator replicas)
     applied_at: float = 0.0
     invalid: dict[int, str] = field(default_factory=dict)  # generation -> problem
@@ -107,12 +191,15 @@ class JobMemory:
     stale_since: float = 0.0
     coordinator_status: CoordinatorStatus | None = None
     coordinator_polled_at: float = float("-inf")
+    # Peer pods whose token Secret exists (created, or found existing).
+    peer_tokens: set[str] = field(default_factory=set)
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 @dataclass
 class Runtime:
     options: OperatorOptions
+    master_key: bytes
     kube: KubeClient
     http: aiohttp.ClientSession
     coordinator: CoordinatorClient
@@ -135,7 +222,18 @@ def runtime_of(memo: kopf.Memo) -> Runtime:
 
 @kopf.on.startup()
 async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
-    options: OperatorOptions = memo.get("options") or OperatorOptions.from_env()
+    try:
+        options: OperatorOptions = memo.get("options") or OperatorOptions.from_env()
+        master_key = read_master_key(options.master_key_file)
+    except ConfigurationError as error:
+        raise kopf.PermanentError(str(error)) from None
+    if options.network_policies and options.network_access.operator_peer() is None:
+        logging.getLogger(__name__).warning(
+            "%s and %s are not set: the jobs' NetworkPolicies will not let the operator "
+            "reach the coordinators (the chart sets both)",
+            OPERATOR_NAMESPACE_ENV,
+            OPERATOR_POD_LABELS_ENV,
+        )
     # Progress and diff-base live in our own annotations: status belongs to users.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=api.GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
@@ -158,6 +256,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     http = aiohttp.ClientSession()
     memo["runtime"] = Runtime(
         options=options,
+        master_key=master_key,
         kube=kube,
         http=http,
         coordinator=CoordinatorClient(http),
@@ -409,15 +508,17 @@ class Reconciler:
 
         vanished = list(self.memory.vanished.values())
         coordinator_ready = sum(self.coordinators_by_job.get(self.key, [])) > 0
-        token = await self._token()
+        job_key = self._job_key()
+        admin_token = credentials.admin_token(job_key)
         coordinator_url = self.runtime.options.coordinator_url(self.name, self.namespace)
         coordinator_status = await self._coordinator_status(
-            coordinator_url, token, coordinator_ready
+            coordinator_url, admin_token, coordinator_ready
         )
+        pods = list(self.peers_by_job.get(self.key, []))
         observed = planning.Observed(
             now=datetime.now(UTC),
             generation=generation,
-            pods=list(self.peers_by_job.get(self.key, [])),
+            pods=pods,
             node_interruptions={
                 node: next(iter(taints)) for node, taints in self.node_interruptions.items()
             },
@@ -450,11 +551,12 @@ class Reconciler:
         self._forget_awaited(observed, plan.status)
 
         # 2. Then the world.
-        await self._ensure_children(spec, generation, plan)
+        await self._ensure_children(spec, generation, plan, job_key)
         await self._release(plan.release)
-        created = await self._create(spec, generation, plan.create)
+        await self._ensure_peer_tokens(pods, job_key)
+        created = await self._create(spec, generation, plan.create, job_key)
         await self._record_started(created, plan.status, written_version)
-        await self._talk_to_coordinator(spec, plan, coordinator_url, token)
+        await self._talk_to_coordinator(spec, plan, coordinator_url, admin_token)
         self._record(plan)
 
         delay = interval if plan.requeue_after is None else min(interval, plan.requeue_after)
@@ -502,34 +604,36 @@ class Reconciler:
             memory.coordinator_polled_at = time.monotonic()
         return memory.coordinator_status
 
-    async def _token(self) -> str:
-        """The job's join token: generated once into its Secret, read back after a restart."""
-        if self.memory.token is not None:
-            return self.memory.token
-        names = rendering.ChildNames(self.name)
-        token = await self.runtime.kube.read_secret_value(
-            self.namespace, names.token_secret, rendering.TOKEN_KEY
-        )
-        if token is None:
-            token = secrets.token_urlsafe(32)
-            secret = rendering.build_token_secret(self.name, self.namespace, token)
-            kopf.adopt(secret, owner=self.body)
-            if not await self.runtime.kube.create(secret):
-                token = await self.runtime.kube.read_secret_value(
-                    self.namespace, names.token_secret, rendering.TOKEN_KEY
-                )
-        self.memory.token = token
-        return token or ""
+    def _job_key(self) -> str:
+        """The job's key: derived from the operator's master key and the job's identity
+        (a job recreated under the same name gets another), never read from its Secret."""
+        if self.memory.job_key is None:
+            uid = str(self.body.get("metadata", {}).get("uid", ""))
+            self.memory.job_key = credentials.job_key(
+                self.runtime.master_key, self.namespace, self.name, uid
+            )
+        return self.memory.job_key
 
-    async def _ensure_children(self, spec: JobSpec, generation: int, plan: planning.Plan) -> None:
+    def _network_policies_wanted(self, spec: JobSpec) -> bool:
+        return self.runtime.options.network_policies and spec.network_policy.enabled
+
+    async def _ensure_children(
+        self, spec: JobSpec, generation: int, plan: planning.Plan, job_key: str
+    ) -> None:
         kube = self.runtime.kube
         names = rendering.ChildNames(self.name)
         if plan.delete_children:
             for api_version, kind, child_name in (
                 ("apps/v1", "Deployment", names.coordinator),
+                ("policy/v1", "PodDisruptionBudget", names.coordinator),
                 ("v1", "Service", names.coordinator),
                 ("v1", "ConfigMap", names.config_map),
-                ("v1", "Secret", names.token_secret),
+                # The job key's Secret is owned by the Deployment: the garbage collector
+                # deletes it, so the operator needs no delete (which returns the Secret).
+                *(
+                    ("networking.k8s.io/v1", "NetworkPolicy", policy)
+                    for policy in rendering.network_policy_names(self.name)
+                ),
             ):
                 await kube.delete(api_version, kind, self.namespace, child_name)
             kopf.event(
@@ -546,24 +650,89 @@ class Reconciler:
         fresh = time.monotonic() - self.memory.applied_at < CHILDREN_RESYNC_SECONDS
         if self.memory.applied == wanted and fresh:
             return
+        policies = self._network_policies_wanted(spec)
+        if not policies and self.memory.applied != wanted:
+            # Turned off (or first pass since start): none may linger. Not on every
+            # resync: a job without policies costs no writes when nothing changes.
+            for policy in rendering.network_policy_names(self.name):
+                await kube.delete("networking.k8s.io/v1", "NetworkPolicy", self.namespace, policy)
         children = [
+            *(
+                rendering.build_network_policies(
+                    self.name, self.namespace, spec, self.runtime.options.network_access
+                )
+                if policies
+                else []
+            ),
             rendering.build_config_map(self.name, self.namespace, spec),
             rendering.build_coordinator_service(self.name, self.namespace),
+            rendering.build_coordinator_disruption_budget(self.name, self.namespace),
             rendering.build_coordinator_deployment(
                 self.name, self.namespace, spec, replicas=plan.coordinator_replicas
             ),
         ]
         kopf.adopt(children, owner=self.body)
+        applied: dict[str, KubeObject] = {}
         for child in children:
             try:
-                await kube.apply(child)
+                applied[child["kind"]] = await kube.apply(child)
             except KubeError as error:
                 if not error.invalid:
                     raise
                 self._invalid(generation, f"{child['kind']} refused: {error.message}")
                 return
+        # Created, never replaced: one that exists holds the same derived key. Owned by
+        # the Deployment, so it goes when the Deployment goes (the TTL, a hand delete);
+        # the kubelet holds the coordinator's container until the Secret exists.
+        deployment = applied["Deployment"]["metadata"]
+        secret = rendering.build_job_key_secret(
+            self.name,
+            self.namespace,
+            job_key,
+            owner_name=deployment["name"],
+            owner_uid=deployment["uid"],
+        )
+        await kube.create(secret)
         self.memory.applied = wanted
         self.memory.applied_at = time.monotonic()
+
+    async def _create_peer_token(self, pod_name: str, pod_uid: str, job_key: str) -> None:
+        """The peer's own token, in a Secret owned by its pod. Made after the pod (it
+        needs the pod's uid); the kubelet waits for it before it starts the container."""
+        secret = rendering.build_peer_token_secret(
+            self.name,
+            self.namespace,
+            pod_name,
+            pod_uid,
+            credentials.peer_token(job_key, pod_name),
+        )
+        await self.runtime.kube.create(secret)  # exists already: same pod, same token
+        self.memory.peer_tokens.add(pod_name)
+
+    async def _ensure_peer_tokens(self, pods: list[planning.PeerPod], job_key: str) -> None:
+        """Token Secrets of pods that may still need one: after an operator restart, or
+        when creating one failed right after its pod. A pod whose container has started
+        has read its token already, so a restart costs no write for running peers."""
+        missing = [
+            pod
+            for pod in pods
+            if pod.uid
+            and not pod.ended
+            and not pod.container_started
+            and pod.name not in self.memory.peer_tokens
+        ]
+        for pod, outcome in zip(
+            missing,
+            await _bounded(self._create_peer_token(pod.name, pod.uid, job_key) for pod in missing),
+            strict=True,
+        ):
+            if isinstance(outcome, Exception):
+                self.logger.warning(
+                    "creating the token Secret of %s failed (will retry): %s", pod.name, outcome
+                )
+        # Forget pods that are gone (and not just created, which the index may not show).
+        known = {pod.name for pod in pods} | set(self.memory.awaiting)
+        self.memory.peer_tokens &= known
 
     async def _release(self, pods: list[planning.PeerPod]) -> None:
         kube = self.runtime.kube
@@ -581,10 +750,14 @@ class Reconciler:
                 self.logger.warning("releasing a peer pod failed (will retry): %s", outcome)
 
     async def _create(
-        self, spec: JobSpec, generation: int, peers: list[planning.PeerToCreate]
+        self,
+        spec: JobSpec,
+        generation: int,
+        peers: list[planning.PeerToCreate],
+        job_key: str,
     ) -> list[planning.PeerToCreate]:
-        """Create the peers' pods; returns those the API server now has (created or
-        already there)."""
+        """Create the peers' pods, each followed by its token Secret; returns those the
+        API server now has (created or already there)."""
         telemetry = self.runtime.telemetry
 
         async def create(peer: planning.PeerToCreate) -> planning.PeerToCreate:
@@ -597,7 +770,15 @@ class Reconciler:
                 slot_capacity=peer.capacity,
             )
             kopf.adopt(pod, owner=self.body)
-            if await self.runtime.kube.create(pod):
+            created = await self.runtime.kube.create(pod)
+            if created is not None:
+                name, uid = pod["metadata"]["name"], created["metadata"]["uid"]
+                try:
+                    await self._create_peer_token(name, uid, job_key)
+                except (KubeError, aiohttp.ClientError, TimeoutError) as error:
+                    # The pod exists and must be counted as started; the next pass makes
+                    # the Secret (_ensure_peer_tokens) and the kubelet waits for it.
+                    self.logger.warning("creating the token Secret of %s failed: %s", name, error)
                 telemetry.pods_created.add(1, {"capacity": peer.capacity})
                 if peer.replaces_loss_after is not None:
                     telemetry.replacement_latency.record(

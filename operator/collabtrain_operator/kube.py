@@ -7,7 +7,6 @@ cluster, else the kubeconfig) and counts its requests for the operator's metrics
 
 from __future__ import annotations
 
-import base64
 import json
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -28,6 +27,8 @@ _RESOURCES: dict[tuple[str, str], tuple[str, str]] = {
     ("v1", "Secret"): ("/api/v1", "secrets"),
     ("v1", "Service"): ("/api/v1", "services"),
     ("apps/v1", "Deployment"): ("/apis/apps/v1", "deployments"),
+    ("networking.k8s.io/v1", "NetworkPolicy"): ("/apis/networking.k8s.io/v1", "networkpolicies"),
+    ("policy/v1", "PodDisruptionBudget"): ("/apis/policy/v1", "poddisruptionbudgets"),
     (api.API_VERSION, api.KIND): (f"/apis/{api.API_VERSION}", api.PLURAL),
 }
 
@@ -124,7 +125,9 @@ class KubeClient:
             async with session.request(
                 method,
                 self._server + path,
-                data=json.dumps(body) if body is not None else None,
+                # allow_nan=False: the API server takes no NaN or Infinity; better a
+                # ValueError here, naming none of the object, than a 400 for every write.
+                data=json.dumps(body, allow_nan=False) if body is not None else None,
                 headers={"Content-Type": content_type},
                 params=params,
             ) as response:
@@ -149,17 +152,17 @@ class KubeClient:
 
     # --------------------------------------------------------------- object operations
 
-    async def create(self, obj: KubeObject) -> bool:
-        """Create `obj`; False when it exists already (creation is idempotent by name)."""
+    async def create(self, obj: KubeObject) -> KubeObject | None:
+        """Create `obj` and return it as created (with its uid); None when it exists
+        already (creation is idempotent by name)."""
         metadata = obj["metadata"]
         path = object_path(obj["apiVersion"], obj["kind"], metadata["namespace"])
         try:
-            await self.request("POST", path, body=obj)
+            return await self.request("POST", path, body=obj)
         except KubeError as error:
             if error.conflict:
-                return False
+                return None
             raise
-        return True
 
     async def apply(self, obj: KubeObject) -> KubeObject:
         """Server-side apply: create or update the fields this operator owns."""
@@ -212,13 +215,3 @@ class KubeClient:
             "PATCH", path, body=body, content_type="application/merge-patch+json"
         )
         return str(result.get("metadata", {}).get("resourceVersion", ""))
-
-    async def read_secret_value(self, namespace: str, name: str, key: str) -> str | None:
-        try:
-            secret = await self.request("GET", object_path("v1", "Secret", namespace, name))
-        except KubeError as error:
-            if error.status == 404:
-                return None
-            raise
-        encoded = (secret.get("data") or {}).get(key)
-        return base64.b64decode(encoded).decode() if encoded else None

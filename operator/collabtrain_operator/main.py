@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import sys
 
@@ -14,8 +15,10 @@ from collabtrain_operator import handlers  # registers the handlers
 DEFAULT_PEERING = "collabtrain"
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    defaults = handlers.OperatorOptions.from_env()
+def parse_args(
+    argv: list[str] | None, defaults: handlers.OperatorOptions | None = None
+) -> argparse.Namespace:
+    defaults = defaults or handlers.OperatorOptions()
     parser = argparse.ArgumentParser(
         prog="collabtrain-operator",
         description="Reconcile CollaborativeTrainingJobs: a coordinator and spot peers per job.",
@@ -56,20 +59,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=defaults.reconcile_interval_seconds,
         help="seconds between passes over a quiet job (default: %(default)s)",
     )
+    parser.add_argument(
+        "--master-key-file",
+        default=defaults.master_key_file,
+        help="file holding the master key every job's credentials derive from "
+        f"(default: ${handlers.MASTER_KEY_FILE_ENV})",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    arguments = parse_args(argv)
+    try:
+        defaults = handlers.OperatorOptions.from_env()
+        arguments = parse_args(argv, defaults)
+        options = dataclasses.replace(
+            defaults,
+            metrics_port=arguments.metrics_port,
+            reconcile_interval_seconds=arguments.reconcile_interval,
+            master_key_file=arguments.master_key_file,
+        )
+        handlers.read_master_key(options.master_key_file)  # fail now, not in kopf's loop
+    except handlers.ConfigurationError as error:
+        print(f"collabtrain-operator: {error}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=logging.DEBUG if arguments.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
-    options = handlers.OperatorOptions(
-        metrics_port=arguments.metrics_port,
-        reconcile_interval_seconds=arguments.reconcile_interval,
-        coordinator_url_template=handlers.OperatorOptions.from_env().coordinator_url_template,
     )
     asyncio.run(
         kopf.operator(

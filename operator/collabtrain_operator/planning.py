@@ -74,6 +74,10 @@ class PeerPod:
     gone: bool = False
     # When it began to end (disruption, deletion request or exit), if the pod says.
     ended_at: datetime | None = None
+    uid: str = ""
+    # Its container has started (running or terminated): it has read its environment,
+    # so its token Secret is no longer needed to start it.
+    container_started: bool = False
 
     @property
     def ended(self) -> bool:
@@ -103,10 +107,13 @@ def peer_pod_from_body(body: Mapping[str, Any]) -> PeerPod | None:
     scheduled = conditions.get("PodScheduled")
     ready = conditions.get("Ready")
     exit_code = exit_reason = None
+    container_started = False
     # Candidates for when the pod began to end; the earliest is the loss time.
     ended: list[datetime | None] = []
     for container in status.get("containerStatuses") or []:
-        terminated = (container.get("state") or {}).get("terminated")
+        state = container.get("state") or {}
+        container_started = container_started or "running" in state or "terminated" in state
+        terminated = state.get("terminated")
         if terminated is not None:
             exit_code = terminated.get("exitCode")
             exit_reason = terminated.get("reason")
@@ -143,6 +150,8 @@ def peer_pod_from_body(body: Mapping[str, Any]) -> PeerPod | None:
         exit_code=exit_code,
         exit_reason=exit_reason,
         ended_at=min((t for t in ended if t is not None), default=None),
+        uid=metadata.get("uid") or "",
+        container_started=container_started,
     )
 
 

@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from collabtrain_operator import capacity
 from collabtrain_operator.api import (
-    EnvVar,
     JobSpec,
     PodOverrides,
+    Quantity,
     Resources,
+    SecretKeyRef,
     SlotCapacity,
 )
 from collabtrain_trainer.config import (
@@ -39,8 +41,13 @@ CONFIG_DIR = "/etc/collabtrain"
 CONFIG_KEY = "trainer.json"
 CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_KEY}"
 CHECKPOINT_CA_DIR = "/etc/collabtrain-checkpoint-ca"
-TOKEN_KEY = "token"
-TOKEN_ENV = "COLLABTRAIN_TOKEN"
+# Credentials (see collabtrain_trainer.credentials): the coordinator gets the job's key
+# from the job's Secret, each peer its own token from a Secret made for its pod. The
+# rendered trainer config names these same variables.
+JOB_KEY_KEY = "job-key"
+JOB_KEY_ENV = "COLLABTRAIN_JOB_KEY"
+PEER_TOKEN_KEY = "token"
+PEER_TOKEN_ENV = "COLLABTRAIN_PEER_TOKEN"
 ACCESS_KEY_ENV = "AWS_ACCESS_KEY_ID"
 SECRET_KEY_ENV = "AWS_SECRET_ACCESS_KEY"
 TRAINER_COMMAND = "collabtrain-trainer"
@@ -58,6 +65,13 @@ ANNOTATION_CONFIG_HASH = "collabtrain.io/config-hash"
 MANAGED_BY = "collabtrain-operator"
 PEER = "peer"
 COORDINATOR = "coordinator"
+
+# Requests of a peer for what the user gives neither a request nor a limit: a pod
+# without requests is BestEffort, the first a node under pressure evicts.
+DEFAULT_PEER_REQUESTS: dict[str, str] = {"cpu": "1", "memory": "2Gi"}
+# The coordinator's scratch space: it writes little and never uses shared memory much.
+COORDINATOR_TMP_SIZE_LIMIT = "256Mi"
+COORDINATOR_SHM_SIZE_LIMIT = "64Mi"
 
 # Peer pods carry this finalizer so that none disappears before the operator has counted
 # its loss (preemption or failure) in the job's status: the Job controller's
@@ -79,11 +93,22 @@ class ChildNames:
         return f"{self.job}-config"
 
     @property
-    def token_secret(self) -> str:
-        return f"{self.job}-token"
+    def job_key_secret(self) -> str:
+        """The job's key, read by the coordinator only."""
+        return f"{self.job}-job-key"
+
+    @property
+    def peers_policy(self) -> str:
+        """The peers' NetworkPolicy (the coordinator's is named like its Deployment)."""
+        return f"{self.job}-peers"
 
     def peer_pod(self, slot: int, attempt: int) -> str:
         return f"{self.job}-peer-{slot}-{attempt}"
+
+
+def peer_token_secret(pod_name: str) -> str:
+    """The Secret holding one peer pod's own token (owned by that pod)."""
+    return f"{pod_name}-token"
 
 
 def common_labels(job: str, component: str) -> dict[str, str]:
@@ -158,7 +183,8 @@ def trainer_config(job: str, namespace: str, spec: JobSpec) -> TrainerConfig:
         checkpoint=checkpoint,
         coordinator_url=coordinator_url(job, namespace),
         rendezvous_port=COORDINATOR_PORTS["rendezvous"],
-        token_env=TOKEN_ENV,
+        job_key_env=JOB_KEY_ENV,
+        peer_token_env=PEER_TOKEN_ENV,
         timing=_timing(spec.trainer.termination_grace_period_seconds),
     )
 
@@ -193,19 +219,52 @@ def build_config_map(job: str, namespace: str, spec: JobSpec) -> KubeObject:
     }
 
 
-def build_token_secret(job: str, namespace: str, token: str) -> KubeObject:
-    """The join token; the caller generates it once (secrets.token_urlsafe) and never
-    replaces an existing Secret, so peers and coordinator keep agreeing on it."""
+def build_job_key_secret(
+    job: str, namespace: str, job_key: str, *, owner_name: str, owner_uid: str
+) -> KubeObject:
+    """The job's key (credentials.job_key), for the coordinator. The operator derives it
+    again whenever it needs it, so it never reads this Secret back: one that exists
+    already holds the same value. Owned by the coordinator's Deployment (`owner_name`,
+    `owner_uid`), the only reader: deleting the Deployment deletes it."""
     return {
         "apiVersion": "v1",
         "kind": "Secret",
         "metadata": {
-            "name": ChildNames(job).token_secret,
+            "name": ChildNames(job).job_key_secret,
             "namespace": namespace,
-            "labels": common_labels(job, "token"),
+            "labels": common_labels(job, "job-key"),
+            "ownerReferences": [
+                {
+                    "apiVersion": "apps/v1",
+                    "kind": "Deployment",
+                    "name": owner_name,
+                    "uid": owner_uid,
+                }
+            ],
         },
         "type": "Opaque",
-        "stringData": {TOKEN_KEY: token},
+        "stringData": {JOB_KEY_KEY: job_key},
+    }
+
+
+def build_peer_token_secret(
+    job: str, namespace: str, pod_name: str, pod_uid: str, token: str
+) -> KubeObject:
+    """One peer's own token (credentials.peer_token), owned by its pod: the garbage
+    collector deletes it with the pod, so a token never outlives the peer it names."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": peer_token_secret(pod_name),
+            "namespace": namespace,
+            "labels": common_labels(job, "peer-token"),
+            "ownerReferences": [
+                {"apiVersion": "v1", "kind": "Pod", "name": pod_name, "uid": pod_uid}
+            ],
+        },
+        "type": "Opaque",
+        "stringData": {PEER_TOKEN_KEY: token},
     }
 
 
@@ -216,13 +275,28 @@ def _resources(resources: Resources) -> KubeObject:
     return resources.model_dump(by_alias=True, exclude_none=True)
 
 
-def _env(job: str, spec: JobSpec, extra: list[EnvVar]) -> list[KubeObject]:
+def peer_resources(resources: Resources) -> KubeObject:
+    """The user's resources, plus DEFAULT_PEER_REQUESTS for each resource the user gave
+    neither a request nor a limit for (a limit alone makes Kubernetes request as much,
+    and a default request above the user's limit would make the pod invalid)."""
+    rendered = _resources(resources)
+    given = {**(resources.limits or {}), **(resources.requests or {})}
+    missing = {key: value for key, value in DEFAULT_PEER_REQUESTS.items() if key not in given}
+    if missing:
+        rendered["requests"] = {**missing, **(resources.requests or {})}
+    return rendered
+
+
+def _secret_env(variable: str, secret: str, key: str) -> KubeObject:
+    return {"name": variable, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+
+
+def _peer_env(job: str, pod_name: str, spec: JobSpec) -> list[KubeObject]:
+    """A peer's environment: its own token (never the job's key), its identity (the pod's
+    name, which its token names), its address and the S3 credentials."""
     env: list[KubeObject] = [
         {"name": "COLLABTRAIN_JOB", "value": job},
-        {
-            "name": TOKEN_ENV,
-            "valueFrom": {"secretKeyRef": {"name": ChildNames(job).token_secret, "key": TOKEN_KEY}},
-        },
+        _secret_env(PEER_TOKEN_ENV, peer_token_secret(pod_name), PEER_TOKEN_KEY),
         {"name": PEER_ID_ENV, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
     ]
@@ -238,30 +312,44 @@ def _env(job: str, spec: JobSpec, extra: list[EnvVar]) -> list[KubeObject]:
                     "valueFrom": {"secretKeyRef": {"name": credentials.name, "key": key}},
                 }
             )
-    env.extend(variable.model_dump(by_alias=True, exclude_none=True) for variable in extra)
+    env.extend(
+        variable.model_dump(by_alias=True, exclude_none=True) for variable in spec.trainer.env
+    )
     return env
 
 
-def _volumes(job: str, spec: JobSpec) -> tuple[list[KubeObject], list[KubeObject]]:
+def _coordinator_env(job: str) -> list[KubeObject]:
+    """The coordinator's environment: the job's key. No S3 credentials: it never
+    touches the checkpoints (peers write and read them)."""
+    return [
+        {"name": "COLLABTRAIN_JOB", "value": job},
+        _secret_env(JOB_KEY_ENV, ChildNames(job).job_key_secret, JOB_KEY_KEY),
+    ]
+
+
+def _volumes(
+    job: str,
+    *,
+    tmp_size_limit: Quantity,
+    shm_size_limit: Quantity,
+    checkpoint_ca: SecretKeyRef | None = None,
+) -> tuple[list[KubeObject], list[KubeObject]]:
     """Volumes and their mounts: the config, a writable /tmp (the root filesystem is
-    read-only), shared memory for data loaders and NCCL, and the checkpoint CA if any."""
+    read-only), shared memory for data loaders and NCCL, and the checkpoint CA if any.
+    Both emptyDirs are bounded: the kubelet evicts a pod that writes past the limit
+    instead of letting it fill the node's disk (or, for /dev/shm, its memory)."""
     volumes: list[KubeObject] = [
         {"name": "config", "configMap": {"name": ChildNames(job).config_map}},
-        {"name": "tmp", "emptyDir": {}},
-        {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+        {"name": "tmp", "emptyDir": {"sizeLimit": str(tmp_size_limit)}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": str(shm_size_limit)}},
     ]
     mounts: list[KubeObject] = [
         {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
         {"name": "tmp", "mountPath": "/tmp"},
         {"name": "dshm", "mountPath": "/dev/shm"},
     ]
-    if spec.checkpoint is not None and spec.checkpoint.tls.ca_secret_ref is not None:
-        volumes.append(
-            {
-                "name": "checkpoint-ca",
-                "secret": {"secretName": spec.checkpoint.tls.ca_secret_ref.name},
-            }
-        )
+    if checkpoint_ca is not None:
+        volumes.append({"name": "checkpoint-ca", "secret": {"secretName": checkpoint_ca.name}})
         mounts.append({"name": "checkpoint-ca", "mountPath": CHECKPOINT_CA_DIR, "readOnly": True})
     return volumes, mounts
 
@@ -354,15 +442,21 @@ def build_peer_pod(
         LABEL_ATTEMPT: str(attempt),
         LABEL_CAPACITY: slot_capacity,
     }
-    volumes, mounts = _volumes(job, spec)
+    volumes, mounts = _volumes(
+        job,
+        tmp_size_limit=trainer.tmp_size_limit,
+        shm_size_limit=trainer.shm_size_limit,
+        checkpoint_ca=spec.checkpoint.tls.ca_secret_ref if spec.checkpoint is not None else None,
+    )
     command = trainer.command or [TRAINER_COMMAND, PEER, "--config", CONFIG_PATH]
+    pod_name = names.peer_pod(slot, attempt)
     container: KubeObject = {
         "name": "trainer",
         "image": trainer.image,
         "command": list(command),
         "args": list(trainer.args),
-        "env": _env(job, spec, trainer.env),
-        "resources": _resources(trainer.resources),
+        "env": _peer_env(job, pod_name, spec),
+        "resources": peer_resources(trainer.resources),
         "volumeMounts": mounts,
         "securityContext": container_security_context(),
     }
@@ -385,7 +479,7 @@ def build_peer_pod(
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {
-            "name": names.peer_pod(slot, attempt),
+            "name": pod_name,
             "namespace": namespace,
             "finalizers": [PEER_FINALIZER],
             **_pod_metadata(
@@ -408,7 +502,11 @@ def build_coordinator_deployment(
     coordinator = spec.coordinator
     config_json = trainer_config_json(job, namespace, spec)
     labels = common_labels(job, COORDINATOR)
-    volumes, mounts = _volumes(job, spec)
+    volumes, mounts = _volumes(
+        job,
+        tmp_size_limit=COORDINATOR_TMP_SIZE_LIMIT,
+        shm_size_limit=COORDINATOR_SHM_SIZE_LIMIT,
+    )
     probe_path = {"httpGet": {"path": "/healthz", "port": "http"}}
     container: KubeObject = {
         "name": "coordinator",
@@ -418,7 +516,7 @@ def build_coordinator_deployment(
             {"name": name, "containerPort": port, "protocol": "TCP"}
             for name, port in COORDINATOR_PORTS.items()
         ],
-        "env": _env(job, spec, []),
+        "env": _coordinator_env(job),
         "resources": _resources(coordinator.resources),
         "volumeMounts": mounts,
         "securityContext": container_security_context(),
@@ -477,3 +575,143 @@ def build_coordinator_service(job: str, namespace: str) -> KubeObject:
             ],
         },
     }
+
+
+def build_coordinator_disruption_budget(job: str, namespace: str) -> KubeObject:
+    """No voluntary eviction of a healthy coordinator (a node drain, an autoscaler's
+    consolidation). Its restart is clean, but it pauses every peer of the job (rounds
+    stop, peers re-register), and autoscalers would otherwise move it as often as a
+    cheaper packing appears. The price: a drain of its node waits until someone deletes
+    the coordinator's pod (a plain delete is not an eviction; the Deployment starts it
+    elsewhere); managed upgrades force the drain after their own timeout. A coordinator
+    that is not ready protects nothing, so it may always be evicted (AlwaysAllow)."""
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": {
+            "name": ChildNames(job).coordinator,
+            "namespace": namespace,
+            "labels": common_labels(job, COORDINATOR),
+        },
+        "spec": {
+            "maxUnavailable": 0,
+            "selector": {"matchLabels": selector_labels(job, COORDINATOR)},
+            "unhealthyPodEvictionPolicy": "AlwaysAllow",
+        },
+    }
+
+
+# -------------------------------------------------------------------- network policies
+
+# DNS to any address: cluster DNS may be a Service, a node-local cache or the node.
+DNS_PORTS: list[KubeObject] = [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]
+# Every TCP port: gloo's and NCCL's data connections between peers, and each peer's
+# state server, use ephemeral ports.
+ALL_TCP: list[KubeObject] = [{"protocol": "TCP"}]
+
+
+@dataclass(frozen=True)
+class NetworkAccess:
+    """Who outside the job may reach its pods, from the operator's own settings: the
+    operator (its namespace and its pods' labels, given by the chart) and the metrics
+    scraper (NetworkPolicyPeers from the chart's networkPolicy.metricsFrom)."""
+
+    operator_namespace: str | None = None
+    operator_labels: Mapping[str, str] = field(default_factory=dict)
+    metrics_from: Sequence[KubeObject] = ()
+
+    def operator_peer(self) -> KubeObject | None:
+        if not self.operator_namespace or not self.operator_labels:
+            return None
+        return {
+            "namespaceSelector": {
+                "matchLabels": {"kubernetes.io/metadata.name": self.operator_namespace}
+            },
+            "podSelector": {"matchLabels": dict(self.operator_labels)},
+        }
+
+
+def checkpoint_port(spec: JobSpec) -> int | None:
+    """The S3 endpoint's port (the client's default when the endpoint names none)."""
+    if spec.checkpoint is None:
+        return None
+    _, _, port = spec.checkpoint.endpoint.partition(":")
+    if port:
+        return int(port)
+    return 443 if spec.checkpoint.tls.enabled else 80
+
+
+def _tcp(*ports: int) -> list[KubeObject]:
+    return [{"protocol": "TCP", "port": port} for port in ports]
+
+
+def build_network_policies(
+    job: str, namespace: str, spec: JobSpec, access: NetworkAccess
+) -> list[KubeObject]:
+    """The coordinator's and the peers' NetworkPolicies. Within the job every pod may
+    reach every peer (all TCP) and the peers reach the coordinator's ports; the operator
+    reaches the coordinator's HTTP port; the metrics scraper reaches /metrics (the
+    coordinator's HTTP port, and the peers' state servers on their ephemeral ports).
+    Out of the job: DNS, and for peers the checkpoint endpoint's port to any address (a
+    NetworkPolicy can only name addresses, and the endpoint is a host name that may
+    resolve anywhere). Kubelet probes come from the node, which CNIs let through."""
+    names = ChildNames(job)
+    job_pods = {"podSelector": {"matchLabels": {LABEL_JOB: job}}}
+    peers = {"podSelector": {"matchLabels": selector_labels(job, PEER)}}
+    http = COORDINATOR_PORTS["http"]
+    metrics_from = [dict(peer) for peer in access.metrics_from]
+
+    coordinator_ingress: list[KubeObject] = [
+        {"from": [peers], "ports": _tcp(*COORDINATOR_PORTS.values())},
+    ]
+    operator = access.operator_peer()
+    if operator is not None:
+        coordinator_ingress.append({"from": [operator], "ports": _tcp(http)})
+    if metrics_from:
+        coordinator_ingress.append({"from": metrics_from, "ports": _tcp(http)})
+
+    peer_ingress: list[KubeObject] = [{"from": [job_pods], "ports": ALL_TCP}]
+    if metrics_from:
+        peer_ingress.append({"from": metrics_from, "ports": ALL_TCP})
+    peer_egress: list[KubeObject] = [
+        {"to": [job_pods], "ports": ALL_TCP},
+        {"ports": DNS_PORTS},
+    ]
+    s3_port = checkpoint_port(spec)
+    if s3_port is not None:
+        peer_egress.append({"ports": _tcp(s3_port)})
+
+    def policy(
+        name: str, component: str, ingress: list[KubeObject], egress: list[KubeObject]
+    ) -> KubeObject:
+        return {
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": {
+                "name": name,
+                "namespace": namespace,
+                "labels": common_labels(job, component),
+            },
+            "spec": {
+                "podSelector": {"matchLabels": selector_labels(job, component)},
+                "policyTypes": ["Ingress", "Egress"],
+                "ingress": ingress,
+                "egress": egress,
+            },
+        }
+
+    return [
+        policy(
+            names.coordinator,
+            COORDINATOR,
+            coordinator_ingress,
+            # The coordinator dials no one outside the job: peers dial it.
+            [{"to": [peers], "ports": ALL_TCP}, {"ports": DNS_PORTS}],
+        ),
+        policy(names.peers_policy, PEER, peer_ingress, peer_egress),
+    ]
+
+
+def network_policy_names(job: str) -> list[str]:
+    names = ChildNames(job)
+    return [names.coordinator, names.peers_policy]

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -192,3 +194,125 @@ def test_the_operator_imports_no_torch() -> None:
         "assert 'torch' not in sys.modules, 'the operator imported torch'"
     )
     subprocess.run([sys.executable, "-c", probe], check=True, timeout=120)
+
+
+# ------------------------------------------------------------- a coordinator gone bad
+
+
+def serving(text: str, status: int = 200) -> web.Application:
+    app = web.Application()
+
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(text=text, status=status, content_type="application/json")
+
+    app.router.add_get("/status", answer)
+    return app
+
+
+GOOD = '{"job": "demo", "max_steps": 10, "target_batch_size": 64, "step": 3'
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        (GOOD + ', "samples_per_second": null}', "samples_per_second"),
+        (GOOD + ', "samples_per_second": Infinity}', "Infinity"),
+        (GOOD + ', "loss": NaN}', "NaN"),
+        (GOOD + ', "loss": 1e999}', "1e999"),
+        (GOOD + ', "peers": "everyone"}', "peers"),
+        (GOOD, "JSONDecodeError"),  # cut off
+        ('{"job": "demo"}', "max_steps"),
+    ],
+)
+def test_unusable_status_is_no_status_and_one_log_line_without_the_token(
+    text: str, named: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A coordinator whose /status does not parse (a non-finite number, a wrong type)
+    must not wedge the operator: the status is unknown, reconciliation goes on."""
+    secret = "admin.0123456789abcdef"
+
+    async def body(url: str, client: CoordinatorClient) -> None:
+        with caplog.at_level(logging.DEBUG, logger="collabtrain_operator.coordinator_client"):
+            assert await client.status(url, secret) is None
+
+    with_server(serving(text), body)
+    lines = [r.getMessage() for r in caplog.records if r.name.endswith("coordinator_client")]
+    assert len(lines) == 1, lines
+    assert named in lines[0] and "/status" in lines[0]
+    assert caplog.records[-1].levelno == logging.WARNING
+    assert secret not in caplog.text and "0123456789abcdef" not in caplog.text
+
+
+def test_a_good_status_after_a_bad_one_is_read() -> None:
+    answers = [GOOD + ', "samples_per_second": null}', GOOD + "}"]
+    app = web.Application()
+
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(text=answers.pop(0), content_type="application/json")
+
+    app.router.add_get("/status", answer)
+
+    async def body(url: str, client: CoordinatorClient) -> None:
+        assert await client.status(url, TOKEN) is None
+        status = await client.status(url, TOKEN)
+        assert status is not None and status.step == 3
+
+    with_server(app, body)
+
+
+def test_refused_admin_token_is_said_without_the_token(caplog: pytest.LogCaptureFixture) -> None:
+    async def body(url: str, client: CoordinatorClient) -> None:
+        assert await client.status(url, "admin.feedface") is None
+
+    with_server(fake_coordinator([]), body)
+    (record,) = [r for r in caplog.records if r.name.endswith("coordinator_client")]
+    assert record.levelno == logging.WARNING and "401" in record.getMessage()
+    assert "feedface" not in caplog.text
+
+
+# ------------------------------------------------------------------ operator settings
+
+
+def test_master_key_is_read_from_the_file_the_chart_mounts(tmp_path: Path) -> None:
+    key_file = tmp_path / "master-key"
+    key_file.write_text("k" * 64 + "\n")
+    assert handlers.read_master_key(str(key_file)) == b"k" * 64
+
+
+@pytest.mark.parametrize("content", [None, "", "   \n", "short"])
+def test_missing_or_empty_master_key_names_the_variable(
+    tmp_path: Path, content: str | None
+) -> None:
+    key_file = tmp_path / "master-key"
+    if content is not None:
+        key_file.write_text(content)
+    with pytest.raises(handlers.ConfigurationError, match=handlers.MASTER_KEY_FILE_ENV):
+        handlers.read_master_key(str(key_file))
+    with pytest.raises(handlers.ConfigurationError, match="COLLABTRAIN_MASTER_KEY_FILE"):
+        handlers.read_master_key(None)
+
+
+def test_operator_without_master_key_exits_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv(handlers.MASTER_KEY_FILE_ENV, raising=False)
+    assert main.main(["--standalone"]) == 2
+    assert "COLLABTRAIN_MASTER_KEY_FILE" in capsys.readouterr().err
+
+
+def test_network_settings_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(handlers.OPERATOR_NAMESPACE_ENV, "ops")
+    monkeypatch.setenv(handlers.OPERATOR_POD_LABELS_ENV, '{"app": "op"}')
+    monkeypatch.setenv(handlers.METRICS_FROM_ENV, '[{"podSelector": {}}]')
+    monkeypatch.setenv(handlers.NETWORK_POLICIES_ENV, "false")
+    options = handlers.OperatorOptions.from_env()
+    assert options.network_policies is False
+    assert options.network_access.operator_namespace == "ops"
+    assert options.network_access.operator_labels == {"app": "op"}
+    assert options.network_access.metrics_from == ({"podSelector": {}},)
+    monkeypatch.setenv(handlers.METRICS_FROM_ENV, "[{not json")
+    with pytest.raises(handlers.ConfigurationError, match=handlers.METRICS_FROM_ENV):
+        handlers.OperatorOptions.from_env()
+    monkeypatch.setenv(handlers.METRICS_FROM_ENV, "{}")
+    with pytest.raises(handlers.ConfigurationError, match="list"):
+        handlers.OperatorOptions.from_env()

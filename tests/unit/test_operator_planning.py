@@ -526,6 +526,7 @@ def test_peer_pod_from_body() -> None:
     body = {
         "metadata": {
             "name": "demo-peer-3-2",
+            "uid": "u-1",
             "creationTimestamp": "2026-01-01T11:00:00Z",
             "deletionTimestamp": "2026-01-01T11:59:00Z",
             "deletionGracePeriodSeconds": 30,
@@ -582,6 +583,8 @@ def test_peer_pod_from_body() -> None:
         exit_reason="Error",
         # The earliest sign: the deletion was asked for 30 s before its deadline.
         ended_at=datetime(2026, 1, 1, 11, 58, 30, tzinfo=UTC),
+        uid="u-1",
+        container_started=True,  # it ran (and ended): it has read its token
     )
     assert planning.peer_pod_from_body({"metadata": {"name": "x", "labels": {}}}) is None
 

@@ -10,6 +10,7 @@ import pytest
 
 from collabtrain_operator import capacity, rendering
 from collabtrain_operator.api import JobSpec
+from collabtrain_trainer import credentials
 from collabtrain_trainer.config import PEER_ID_ENV, TrainerConfig
 
 NS = "team-a"
@@ -48,7 +49,11 @@ def test_trainer_config_is_the_trainers_model_as_json() -> None:
     assert config.target_batch_size == 512
     assert config.compression.codec == "topk" and config.compression.ratio == 0.05
     assert config.coordinator_url == "http://demo-coordinator.team-a.svc:7000"
-    assert config.token_env == "COLLABTRAIN_TOKEN"
+    # The variables the trainer reads its credentials from are the ones the pods set.
+    assert config.job_key_env == rendering.JOB_KEY_ENV == "COLLABTRAIN_JOB_KEY"
+    assert config.peer_token_env == rendering.PEER_TOKEN_ENV == "COLLABTRAIN_PEER_TOKEN"
+    assert rendering.JOB_KEY_ENV in env_of(coordinator_container())
+    assert rendering.PEER_TOKEN_ENV in env_of(peer()["spec"]["containers"][0])
     assert config.checkpoint is not None
     assert config.checkpoint.secure is False and config.checkpoint.every_steps == 10
 
@@ -60,10 +65,37 @@ def test_leave_grace_fits_in_the_pods_termination_grace_period() -> None:
     assert config.timing.leave_grace_s < 10
 
 
-def test_token_secret() -> None:
-    secret = rendering.build_token_secret("demo", NS, "s3cret")
-    assert secret["metadata"]["name"] == "demo-token"
-    assert secret["stringData"] == {"token": "s3cret"}
+def coordinator_container(spec: JobSpec | None = None) -> dict[str, Any]:
+    deployment = rendering.build_coordinator_deployment("demo", NS, spec or make_spec(), replicas=1)
+    container: dict[str, Any] = deployment["spec"]["template"]["spec"]["containers"][0]
+    return container
+
+
+def test_job_key_secret_is_owned_by_the_coordinator_deployment() -> None:
+    secret = rendering.build_job_key_secret(
+        "demo", NS, "k3y", owner_name="demo-coordinator", owner_uid="d-1"
+    )
+    assert secret["metadata"]["name"] == "demo-job-key"
+    assert secret["stringData"] == {"job-key": "k3y"}
+    (owner,) = secret["metadata"]["ownerReferences"]
+    assert (owner["kind"], owner["name"], owner["uid"]) == ("Deployment", "demo-coordinator", "d-1")
+    # The coordinator reads exactly this Secret and key.
+    env = env_of(coordinator_container())
+    assert env["COLLABTRAIN_JOB_KEY"]["valueFrom"] == {
+        "secretKeyRef": {"name": "demo-job-key", "key": "job-key"}
+    }
+
+
+def test_peer_token_secret_is_owned_by_its_pod_and_names_it() -> None:
+    job_key = credentials.job_key(b"m" * 32, NS, "demo", "uid-1")
+    token = credentials.peer_token(job_key, "demo-peer-2-1")
+    secret = rendering.build_peer_token_secret("demo", NS, "demo-peer-2-1", "p-1", token)
+    assert secret["metadata"]["name"] == "demo-peer-2-1-token"
+    assert secret["metadata"]["labels"]["collabtrain.io/job"] == "demo"
+    (owner,) = secret["metadata"]["ownerReferences"]
+    assert owner == {"apiVersion": "v1", "kind": "Pod", "name": "demo-peer-2-1", "uid": "p-1"}
+    identity = credentials.identify(job_key, secret["stringData"]["token"])
+    assert identity is not None and identity.peer_id == "demo-peer-2-1"
 
 
 def test_peer_pod_identity_command_and_finalizer() -> None:
@@ -88,12 +120,13 @@ def test_peer_pod_identity_command_and_finalizer() -> None:
     ]
 
 
-def test_peer_env_carries_token_from_secret_and_identity_from_the_pod() -> None:
+def test_peer_env_carries_its_own_token_and_identity_from_the_pod() -> None:
     env = env_of(peer()["spec"]["containers"][0])
-    assert env["COLLABTRAIN_TOKEN"]["valueFrom"] == {
-        "secretKeyRef": {"name": "demo-token", "key": "token"}
+    assert env["COLLABTRAIN_PEER_TOKEN"]["valueFrom"] == {
+        "secretKeyRef": {"name": "demo-peer-2-1-token", "key": "token"}
     }
-    assert "value" not in env["COLLABTRAIN_TOKEN"]
+    assert "value" not in env["COLLABTRAIN_PEER_TOKEN"]
+    assert "COLLABTRAIN_JOB_KEY" not in env, "a peer must never hold the job's key"
     assert env["COLLABTRAIN_PEER_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
     assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
 
@@ -222,9 +255,83 @@ def test_checkpoint_credentials_and_ca_reach_the_pod() -> None:
     assert "/etc/collabtrain-checkpoint-ca" in mounts
 
 
-def test_gpu_resources_pass_through() -> None:
+def test_gpu_resources_pass_through_with_default_requests() -> None:
     spec = make_spec(trainer={"image": "x", "resources": {"limits": {"nvidia.com/gpu": 1}}})
-    assert peer(spec)["spec"]["containers"][0]["resources"] == {"limits": {"nvidia.com/gpu": 1}}
+    assert peer(spec)["spec"]["containers"][0]["resources"] == {
+        "limits": {"nvidia.com/gpu": 1},
+        "requests": {"cpu": "1", "memory": "2Gi"},
+    }
+
+
+@pytest.mark.parametrize(
+    ("resources", "expected"),
+    [
+        # Nothing given: requested, so the peer is not BestEffort.
+        ({}, {"requests": {"cpu": "1", "memory": "2Gi"}}),
+        # The user's request wins; the other resource gets the default.
+        ({"requests": {"cpu": "250m"}}, {"requests": {"cpu": "250m", "memory": "2Gi"}}),
+        # A limit alone: Kubernetes requests as much, and 2Gi would exceed the limit.
+        (
+            {"limits": {"memory": "1Gi"}},
+            {"limits": {"memory": "1Gi"}, "requests": {"cpu": "1"}},
+        ),
+        (
+            {"requests": {"cpu": 4, "memory": "16Gi"}},
+            {"requests": {"cpu": 4, "memory": "16Gi"}},
+        ),
+    ],
+)
+def test_default_peer_requests_fill_only_what_the_user_left_open(
+    resources: dict[str, Any], expected: dict[str, Any]
+) -> None:
+    spec = make_spec(trainer={"image": "x", "resources": resources})
+    assert peer(spec)["spec"]["containers"][0]["resources"] == expected
+
+
+def test_scratch_volumes_are_bounded() -> None:
+    def empty_dirs(pod_spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        return {v["name"]: v["emptyDir"] for v in pod_spec["volumes"] if "emptyDir" in v}
+
+    assert empty_dirs(peer()["spec"]) == {
+        "tmp": {"sizeLimit": "1Gi"},
+        "dshm": {"medium": "Memory", "sizeLimit": "1Gi"},
+    }
+    spec = make_spec(trainer={"image": "x", "tmpSizeLimit": "10Gi", "shmSizeLimit": "8Gi"})
+    assert empty_dirs(peer(spec)["spec"]) == {
+        "tmp": {"sizeLimit": "10Gi"},
+        "dshm": {"medium": "Memory", "sizeLimit": "8Gi"},
+    }
+    deployment = rendering.build_coordinator_deployment("demo", NS, spec, replicas=1)
+    coordinator = empty_dirs(deployment["spec"]["template"]["spec"])
+    assert all(volume.get("sizeLimit") for volume in coordinator.values())
+    assert coordinator["tmp"]["sizeLimit"] == rendering.COORDINATOR_TMP_SIZE_LIMIT
+
+
+def test_coordinator_gets_the_job_key_and_no_s3_credentials() -> None:
+    spec = make_spec(
+        checkpoint={
+            "endpoint": "s3.example:443",
+            "bucket": "ckpt",
+            "everySteps": 5,
+            "credentialsSecretRef": {"name": "s3-creds"},
+            "tls": {"caSecretRef": {"name": "s3-ca"}},
+        }
+    )
+    container = coordinator_container(spec)
+    env = env_of(container)
+    assert "AWS_ACCESS_KEY_ID" not in env and "AWS_SECRET_ACCESS_KEY" not in env
+    assert "COLLABTRAIN_PEER_TOKEN" not in env
+    assert env["COLLABTRAIN_JOB_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "demo-job-key"
+    secrets_used = [
+        ref["secretKeyRef"]["name"]
+        for variable in container["env"]
+        if (ref := variable.get("valueFrom")) and "secretKeyRef" in ref
+    ]
+    assert secrets_used == ["demo-job-key"]
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert "/etc/collabtrain-checkpoint-ca" not in mounts
+    # The peers, which read and write checkpoints, keep them.
+    assert "AWS_SECRET_ACCESS_KEY" in env_of(peer(spec)["spec"]["containers"][0])
 
 
 def test_custom_command_and_args() -> None:
