@@ -7,6 +7,7 @@ about what Helm can and cannot create (the operator itself runs in test_operator
 
 from __future__ import annotations
 
+import base64
 import secrets
 import subprocess
 from collections.abc import Iterator
@@ -93,10 +94,13 @@ def test_helm_install_upgrade_and_uninstall_on_a_fresh_cluster(
         assert kinds == sorted(
             [
                 "ClusterKopfPeering",
-                "ClusterRole",
+                "ClusterRole",  # the operator's
+                "ClusterRole",  # aggregated into edit and admin
+                "ClusterRole",  # aggregated into view
                 "ClusterRoleBinding",
                 "CustomResourceDefinition",
                 "Deployment",
+                "Secret",  # the master key
                 "Service",
                 "ServiceAccount",
             ]
@@ -131,6 +135,10 @@ def test_helm_install_upgrade_and_uninstall_on_a_fresh_cluster(
             timeout=60,
         )  # fmt: skip
 
+        master_key = f"{name}-collabtrain-master-key"
+        key_path = "jsonpath={.data.master-key}"
+        key = kubectl("get", "secret", master_key, "-n", namespace, "-o", key_path).stdout
+        assert len(base64.b64decode(key)) >= 32
         helm(
             "upgrade", name, str(CHART), f"--namespace={namespace}", "--reuse-values",
             "--set", "operator.reconcileIntervalSeconds=5",
@@ -142,6 +150,9 @@ def test_helm_install_upgrade_and_uninstall_on_a_fresh_cluster(
             "-o", "jsonpath={.spec.template.spec.containers[0].args}",
         ).stdout  # fmt: skip
         assert "--reconcile-interval=5" in args
+        # The upgrade found the master key and kept it: running jobs keep their keys.
+        after = kubectl("get", "secret", master_key, "-n", namespace, "-o", key_path).stdout
+        assert after == key
         assert exists(kubectl, "crd", JOB_CRD) and exists(kubectl, "clusterkopfpeering", name)
     finally:
         uninstalled = helm(
@@ -151,12 +162,14 @@ def test_helm_install_upgrade_and_uninstall_on_a_fresh_cluster(
     # Kept: deleting the CRD would delete every job in the cluster; crds/ is never removed.
     assert exists(kubectl, "crd", JOB_CRD)
     assert exists(kubectl, "crd", PEERING_CRD)
+    # Kept with the jobs it keys (masterKey.keep); the namespace's deletion takes it.
+    assert exists(kubectl, "secret", f"{name}-collabtrain-master-key", namespace)
 
     def left_behind() -> list[str]:
         return [
             f"{doc['kind']} {doc['metadata']['name']}"
             for doc in objects
-            if doc["kind"] != "CustomResourceDefinition"
+            if doc["kind"] not in ("CustomResourceDefinition", "Secret")
             and exists(
                 kubectl, doc["kind"], doc["metadata"]["name"], doc["metadata"].get("namespace")
             )

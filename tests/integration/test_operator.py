@@ -8,6 +8,7 @@ with a loopback HTTP server standing in for the job's coordinator.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import secrets
@@ -25,6 +26,7 @@ import yaml
 from aiohttp import web
 from kopf.testing import KopfRunner
 
+from collabtrain_trainer import credentials
 from collabtrain_trainer.config import TrainerConfig
 from collabtrain_trainer.protocol import (
     CheckpointRequest,
@@ -43,7 +45,12 @@ CRD = ROOT / "crds" / "collaborativetrainingjobs.collabtrain.io.yaml"
 CHART = ROOT / "charts" / "collabtrain"
 GROUP, VERSION, PLURAL = "collabtrain.io", "v1alpha1", "collaborativetrainingjobs"
 SPOT = {"karpenter.sh/capacity-type": "spot"}
+MASTER_KEY = secrets.token_bytes(24).hex().encode()  # 48 bytes, as the chart's file holds
 ON_DEMAND = {"karpenter.sh/capacity-type": "on-demand"}
+OPERATOR_LABELS = {
+    "app.kubernetes.io/name": "collabtrain",
+    "app.kubernetes.io/component": "operator",
+}
 
 
 def wait_until_equal(
@@ -102,6 +109,9 @@ class FakeCoordinator:
         self.drains: list[DrainRequest] = []
         self.checkpoints: list[CheckpointRequest] = []
         self.status = CoordinatorStatus(job="", max_steps=100, target_batch_size=64, step=7)
+        # Served instead of `status` when set: an answer that breaks the contract.
+        self.raw_status: str | None = None
+        self.authorizations: set[str] = set()  # Authorization headers seen
         self.port = 0
         self._loop = asyncio.new_event_loop()
         self._started = threading.Event()
@@ -109,7 +119,15 @@ class FakeCoordinator:
         self._thread = threading.Thread(target=self._serve, daemon=True)
 
     def _app(self) -> web.Application:
+        @web.middleware
+        async def record(request: web.Request, handler: Any) -> web.StreamResponse:
+            self.authorizations.add(request.headers.get("Authorization", ""))
+            response: web.StreamResponse = await handler(request)
+            return response
+
         async def status(request: web.Request) -> web.Response:
+            if self.raw_status is not None:
+                return web.Response(text=self.raw_status, content_type="application/json")
             return web.json_response(self.status.model_dump(mode="json"))
 
         async def drain(request: web.Request) -> web.Response:
@@ -122,7 +140,7 @@ class FakeCoordinator:
             reply = CheckpointResponse(accepted=True, step=self.status.step)
             return web.json_response(reply.model_dump(mode="json"))
 
-        app = web.Application()
+        app = web.Application(middlewares=[record])
         app.router.add_get("/status", status)
         app.router.add_post("/drain", drain)
         app.router.add_post("/checkpoint", checkpoint)
@@ -168,8 +186,17 @@ def coordinator() -> Iterator[FakeCoordinator]:
 
 @pytest.fixture
 def operator_env(
-    monkeypatch: pytest.MonkeyPatch, kubeconfig: Path, coordinator: FakeCoordinator
+    monkeypatch: pytest.MonkeyPatch,
+    kubeconfig: Path,
+    coordinator: FakeCoordinator,
+    tmp_path: Path,
 ) -> None:
+    key_file = tmp_path / "master-key"
+    key_file.write_bytes(MASTER_KEY + b"\n")
+    monkeypatch.setenv("COLLABTRAIN_MASTER_KEY_FILE", str(key_file))
+    # As the chart sets them: the policies let these pods reach the coordinators.
+    monkeypatch.setenv("COLLABTRAIN_OPERATOR_NAMESPACE", "collabtrain-system")
+    monkeypatch.setenv("COLLABTRAIN_OPERATOR_POD_LABELS", json.dumps(OPERATOR_LABELS))
     monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
     monkeypatch.setenv("COLLABTRAIN_METRICS_PORT", "off")
     monkeypatch.setenv("COLLABTRAIN_RECONCILE_INTERVAL_SECONDS", "1")
@@ -211,6 +238,8 @@ class Cluster:
         self.core: Any = client.CoreV1Api(api_client)
         self.apps: Any = client.AppsV1Api(api_client)
         self.custom: Any = client.CustomObjectsApi(api_client)
+        self.networking: Any = client.NetworkingV1Api(api_client)
+        self.policy: Any = client.PolicyV1Api(api_client)
 
     def create_job(self, name: str, **spec: Any) -> None:
         body = job_manifest(name, **spec)
@@ -224,6 +253,31 @@ class Cluster:
 
     def status(self, name: str) -> dict[str, Any]:
         return dict(self.job(name).get("status") or {})
+
+    def secret(self, name: str) -> Any | None:
+        try:
+            return self.core.read_namespaced_secret(name, self.namespace)
+        except Exception as error:
+            if getattr(error, "status", None) == 404:
+                return None
+            raise
+
+    def secret_value(self, name: str, key: str) -> str:
+        secret = self.secret(name)
+        assert secret is not None, f"Secret {name} missing"
+        return base64.b64decode(secret.data[key]).decode()
+
+    def job_key(self, job: str) -> str:
+        """What the operator derives for `job` (the test knows the master key)."""
+        uid = self.job(job)["metadata"]["uid"]
+        return credentials.job_key(MASTER_KEY, self.namespace, job, uid)
+
+    def network_policy_names(self, job: str) -> list[str]:
+        selector = f"collabtrain.io/job={job}"
+        items = self.networking.list_namespaced_network_policy(
+            self.namespace, label_selector=selector
+        ).items
+        return sorted(p.metadata.name for p in items)
 
     def patch_spec(self, name: str, spec: dict[str, Any]) -> None:
         self.custom.patch_namespaced_custom_object(
@@ -339,27 +393,66 @@ def peers_running(cluster: Cluster, job: str, count: int) -> Callable[[], list[A
 
 
 def test_job_gets_its_children_with_the_right_placement(
-    operator: KopfRunner, cluster: Cluster, nodes: dict[str, list[str]]
+    operator: KopfRunner,
+    cluster: Cluster,
+    nodes: dict[str, list[str]],
+    coordinator: FakeCoordinator,
 ) -> None:
+    # A coordinator whose /status breaks the contract (what a non-finite rate became):
+    # the operator must go on without it, and read the next good answer.
+    coordinator.raw_status = '{"job": "place", "max_steps": 100, "target_batch_size": 64,'
+    coordinator.raw_status += ' "step": 9, "samples_per_second": null}'
     cluster.create_job("place")
     pods = wait_for(peers_running(cluster, "place", 2), "2 running peers", timeout=90)
     assert [p.metadata.name for p in pods] == ["place-peer-0-0", "place-peer-1-0"]
+    job_key = cluster.job_key("place")
     for pod in pods:
+        name = pod.metadata.name
         assert pod.spec.node_name in nodes["spot"], "peers prefer spot nodes"
         assert pod.metadata.owner_references[0].kind == "CollaborativeTrainingJob"
         assert "collabtrain.io/peer-accounting" in pod.metadata.finalizers
         env = {e.name: e for e in pod.spec.containers[0].env}
-        assert env["COLLABTRAIN_TOKEN"].value_from.secret_key_ref.name == "place-token"
+        assert env["COLLABTRAIN_PEER_TOKEN"].value_from.secret_key_ref.name == f"{name}-token"
+        assert "COLLABTRAIN_JOB_KEY" not in env
+        # The peer's own token, in a Secret its pod owns, proving its pod's name.
+        token_secret = cluster.secret(f"{name}-token")
+        assert token_secret is not None
+        (owner,) = token_secret.metadata.owner_references
+        assert (owner.kind, owner.name, owner.uid) == ("Pod", name, pod.metadata.uid)
+        token = cluster.secret_value(f"{name}-token", "token")
+        assert token == credentials.peer_token(job_key, name)
 
     deployment = cluster.apps.read_namespaced_deployment("place-coordinator", cluster.namespace)
     assert deployment.spec.replicas == 1
+    container = deployment.spec.template.spec.containers[0]
+    env = {e.name: e for e in container.env}
+    assert env["COLLABTRAIN_JOB_KEY"].value_from.secret_key_ref.name == "place-job-key"
+    assert not {"AWS_ACCESS_KEY_ID", "COLLABTRAIN_PEER_TOKEN"} & env.keys()
+    # The job's key: derived (never read back), in a Secret the Deployment owns.
+    assert cluster.secret_value("place-job-key", "job-key") == job_key
+    (owner,) = cluster.secret("place-job-key").metadata.owner_references
+    assert (owner.kind, owner.uid) == ("Deployment", deployment.metadata.uid)
     service = cluster.core.read_namespaced_service("place-coordinator", cluster.namespace)
     config_map = cluster.core.read_namespaced_config_map("place-config", cluster.namespace)
     config = TrainerConfig.model_validate(json.loads(config_map.data["trainer.json"]))
     assert config.job == "place"
+    assert (config.job_key_env, config.peer_token_env) == (
+        "COLLABTRAIN_JOB_KEY",
+        "COLLABTRAIN_PEER_TOKEN",
+    )
     # Peers dial every one of these on the Service (HTTP and the rendezvous store).
     assert {p.port for p in service.spec.ports} >= set(config.coordinator_ports().values())
-    assert cluster.core.read_namespaced_secret("place-token", cluster.namespace).data["token"]
+    # The API server accepted the job's NetworkPolicies and the coordinator's budget.
+    assert cluster.network_policy_names("place") == ["place-coordinator", "place-peers"]
+    coordinator_policy = cluster.networking.read_namespaced_network_policy(
+        "place-coordinator", cluster.namespace
+    )
+    assert coordinator_policy.metadata.owner_references[0].name == "place"
+    budget = cluster.policy.read_namespaced_pod_disruption_budget(
+        "place-coordinator", cluster.namespace
+    )
+    assert budget.spec.max_unavailable == 0
+    assert budget.metadata.owner_references[0].kind == "CollaborativeTrainingJob"
 
     def coordinator_pod() -> Any:
         selector = "collabtrain.io/job=place,app.kubernetes.io/component=coordinator"
@@ -371,14 +464,25 @@ def test_job_gets_its_children_with_the_right_placement(
 
     status = wait_for(
         lambda: (s := cluster.status("place")).get("phase") == "Running" and s,
-        "phase Running",
+        "phase Running (with an unreadable coordinator status)",
         timeout=90,
     )
     assert status["peers"]["ready"] == 2 and status["peers"]["desired"] == 2
     assert status["selector"] == "collabtrain.io/job=place,app.kubernetes.io/component=peer"
-    assert status["progress"]["step"] == 7  # read from the coordinator's /status
+    assert status.get("progress", {}).get("step", 0) == 0
     conditions = {c["type"]: c["status"] for c in status["conditions"]}
     assert conditions["Ready"] == "True" and conditions["InvalidSpec"] == "False"
+    coordinator.raw_status = None
+    wait_for(
+        lambda: cluster.status("place").get("progress", {}).get("step") == 7,
+        "the step read from the coordinator's /status once it parses",
+    )
+    # The operator spoke with its admin token, and only with it.
+    assert coordinator.authorizations == {f"Bearer {credentials.admin_token(job_key)}"}
+
+    # A job may turn its NetworkPolicies off: they go.
+    cluster.patch_spec("place", {"networkPolicy": {"enabled": False}})
+    wait_for(lambda: not cluster.network_policy_names("place"), "the NetworkPolicies deleted")
 
 
 def api_requests(metrics: str) -> float:
@@ -454,6 +558,13 @@ def test_preempted_peer_is_drained_replaced_and_counted_as_preemption(
     time.sleep(3)  # nothing more happens
     assert cluster.status("spot")["preemptions"] == 1
     assert cluster.peer_names("spot") == ["spot-peer-0-1", "spot-peer-1-0"]
+    # The victim's token went with its pod (garbage collector); the replacement has its own.
+    wait_for(
+        lambda: cluster.secret(f"{victim.metadata.name}-token") is None,
+        "the victim's token Secret deleted with its pod",
+    )
+    replacement = cluster.secret_value("spot-peer-0-1-token", "token")
+    assert replacement == credentials.peer_token(cluster.job_key("spot"), "spot-peer-0-1")
     wait_for(
         lambda: (
             {"DrainRequested", "PeerPreempted", "PeerReplaced"} <= cluster.event_reasons("spot")
@@ -659,6 +770,43 @@ def test_restarting_the_operator_creates_no_duplicates_and_loses_no_count(
         assert len(cluster.peers("steady", include_deleting=True)) == 3
 
 
+def test_a_peer_token_missing_after_an_operator_stop_is_made_again(
+    crd: None,
+    operator_env: None,
+    nodes: dict[str, list[str]],
+    cluster: Cluster,
+) -> None:
+    """The pod first, then its Secret: an operator stopped between the two leaves a pod
+    without its token; the next one makes it (for pods that have not started yet)."""
+    for name in nodes["spot"]:  # no spot capacity: the peers stay Pending, not started
+        cluster.core.patch_node(name, {"spec": {"unschedulable": True}})
+    capacity = {"providers": ["karpenter"], "spot": "Required"}
+    with running_operator(cluster.namespace):
+        cluster.create_job("crash", capacity=capacity)
+        wait_for(
+            lambda: (
+                cluster.peer_names("crash") == ["crash-peer-0-0", "crash-peer-1-0"]
+                and all(cluster.secret(f"{n}-token") for n in cluster.peer_names("crash"))
+            ),
+            "two pending peers with their tokens",
+            timeout=90,
+        )
+    cluster.core.delete_namespaced_secret("crash-peer-0-0-token", cluster.namespace)
+    assert cluster.secret("crash-peer-0-0-token") is None
+    with running_operator(cluster.namespace):
+        wait_for(
+            lambda: cluster.secret("crash-peer-0-0-token") is not None,
+            "the missing token Secret made again",
+            timeout=60,
+        )
+        token = cluster.secret_value("crash-peer-0-0-token", "token")
+        assert token == credentials.peer_token(cluster.job_key("crash"), "crash-peer-0-0")
+        (pod,) = [p for p in cluster.peers("crash") if p.metadata.name == "crash-peer-0-0"]
+        (owner,) = cluster.secret("crash-peer-0-0-token").metadata.owner_references
+        assert owner.uid == pod.metadata.uid
+        assert cluster.peer_names("crash") == ["crash-peer-0-0", "crash-peer-1-0"]
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
@@ -749,7 +897,9 @@ def test_helm_install_gives_the_operator_exactly_the_permissions_it_needs(
     tmp_path: Path,
 ) -> None:
     """helm install creates the CRD and the operator's objects; the operator then runs
-    as the chart's ServiceAccount, so a verb missing from the ClusterRole fails here."""
+    as the chart's ServiceAccount, with the chart's Role in the one namespace it watches
+    (watchNamespaces), so a verb missing from the RBAC fails here: pods, their token
+    Secrets, the job key's Secret, NetworkPolicies, the budget, status, Events."""
     from kubernetes import client
 
     release = f"ct-{secrets.token_hex(3)}"
@@ -777,6 +927,7 @@ def test_helm_install_gives_the_operator_exactly_the_permissions_it_needs(
         # needs no peering object (test_chart_install.py installs the defaults).
         "--set", "replicaCount=0",
         "--set", "peering.enabled=false",
+        "--set", f"watchNamespaces={{{namespace}}}",
         "--wait", "--timeout=120s",
     )  # fmt: skip
     assert installed.returncode == 0, installed.stderr
@@ -793,6 +944,8 @@ def test_helm_install_gives_the_operator_exactly_the_permissions_it_needs(
         assert pod.containers[0].security_context.read_only_root_filesystem is True
         assert pod.service_account_name == account
         assert core.read_namespaced_service(f"{release}-collabtrain-metrics", namespace)
+        rbac: Any = client.RbacAuthorizationV1Api(api_client)
+        assert rbac.read_namespaced_role(account, namespace).rules
 
         own = service_account_kubeconfig(
             kubectl, kubeconfig, namespace, account, tmp_path / "operator.kubeconfig"
@@ -816,6 +969,12 @@ def test_helm_install_gives_the_operator_exactly_the_permissions_it_needs(
                 "the failed pod released and deleted",
             )
             wait_for(lambda: cluster.status("rbac").get("phase") == "Running", "Running")
+            assert cluster.secret("rbac-job-key") is not None
+            assert cluster.secret("rbac-peer-1-0-token") is not None
+            assert cluster.network_policy_names("rbac") == ["rbac-coordinator", "rbac-peers"]
+            assert cluster.policy.read_namespaced_pod_disruption_budget(
+                "rbac-coordinator", namespace
+            )
     finally:
         uninstalled = helm("uninstall", release, f"--namespace={namespace}", "--wait")
     assert uninstalled.returncode == 0, uninstalled.stderr

@@ -4,6 +4,7 @@ down Deployment)."""
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 from pathlib import Path
@@ -29,9 +30,16 @@ def helm_or_skip() -> Path:
         pytest.skip(f"helm is not provisioned: {error}")
 
 
-def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+def helm(
+    *args: str, check: bool = True, input: str | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [str(helm_or_skip()), *args], capture_output=True, text=True, timeout=120, check=check
+        [str(helm_or_skip()), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=check,
+        input=input,
     )
 
 
@@ -147,9 +155,10 @@ def test_operator_runs_locked_down() -> None:
     assert context["capabilities"] == {"drop": ["ALL"]}
     assert "--peering=collabtrain" in container["args"]
     assert pod["serviceAccountName"] == "ct-collabtrain"
-    # Python and kopf get a writable /tmp on the read-only root filesystem.
+    # Python and kopf get a writable (bounded) /tmp on the read-only root filesystem.
     (tmp,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/tmp"]
-    assert {"name": tmp["name"], "emptyDir": {}} in pod["volumes"]
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    assert volumes[tmp["name"]]["emptyDir"]["sizeLimit"]
 
 
 def test_liveness_probe_asks_where_the_operator_serves() -> None:
@@ -178,30 +187,167 @@ def test_image_values_for_a_locally_loaded_image() -> None:
     assert image.endswith(f":{chart['appVersion']}")
 
 
-def test_cluster_role_lists_exactly_the_verbs_used() -> None:
-    (role,) = by_kind(template(), "ClusterRole")
-    granted = {
+def granted(rules: list[dict[str, Any]]) -> dict[tuple[str, str], list[str]]:
+    return {
         (group, resource): sorted(rule["verbs"])
-        for rule in role["rules"]
+        for rule in rules
         for group in rule["apiGroups"]
         for resource in rule["resources"]
     }
-    assert granted == {
-        ("collabtrain.io", "collaborativetrainingjobs"): ["list", "patch", "watch"],
-        ("collabtrain.io", "collaborativetrainingjobs/status"): ["patch"],
-        ("collabtrain.io", "collaborativetrainingjobs/finalizers"): ["update"],
-        ("", "pods"): ["create", "delete", "list", "patch", "watch"],
-        ("", "nodes"): ["list", "watch"],
-        ("apps", "deployments"): ["create", "delete", "list", "patch", "watch"],
-        ("", "services"): ["create", "delete", "patch"],
-        ("", "configmaps"): ["create", "delete", "patch"],
-        ("", "secrets"): ["create", "delete", "get"],
-        ("", "events"): ["create"],
-        ("apiextensions.k8s.io", "customresourcedefinitions"): ["list", "watch"],
-        ("", "namespaces"): ["list", "watch"],
-        ("kopf.dev", "clusterkopfpeerings"): ["get", "list", "patch", "watch"],
-    }
+
+
+NAMESPACED_GRANTS = {
+    ("collabtrain.io", "collaborativetrainingjobs"): ["list", "patch", "watch"],
+    ("collabtrain.io", "collaborativetrainingjobs/status"): ["patch"],
+    ("collabtrain.io", "collaborativetrainingjobs/finalizers"): ["update"],
+    ("", "pods"): ["create", "delete", "list", "patch", "watch"],
+    ("apps", "deployments"): ["create", "delete", "list", "patch", "watch"],
+    ("", "services"): ["create", "delete", "patch"],
+    ("", "configmaps"): ["create", "delete", "patch"],
+    # Create only: get/list/watch read a Secret, and so do patch and delete (both
+    # answer with the object).
+    ("", "secrets"): ["create"],
+    ("networking.k8s.io", "networkpolicies"): ["create", "delete", "patch"],
+    ("policy", "poddisruptionbudgets"): ["create", "delete", "patch"],
+    ("", "events"): ["create"],
+}
+CLUSTER_GRANTS = {
+    ("", "nodes"): ["list", "watch"],
+    ("apiextensions.k8s.io", "customresourcedefinitions"): ["list", "watch"],
+    ("", "namespaces"): ["list", "watch"],
+    ("kopf.dev", "clusterkopfpeerings"): ["get", "list", "patch", "watch"],
+}
+
+
+def operator_roles(documents: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        doc
+        for doc in documents
+        if doc["kind"] in ("ClusterRole", "Role") and doc["metadata"]["name"] == "ct-collabtrain"
+    ]
+
+
+def test_cluster_role_lists_exactly_the_verbs_used() -> None:
+    (role,) = operator_roles(template())
+    assert role["kind"] == "ClusterRole"
+    assert granted(role["rules"]) == {**NAMESPACED_GRANTS, **CLUSTER_GRANTS}
     assert all("*" not in rule["verbs"] for rule in role["rules"])
+    (binding,) = by_kind(template(), "ClusterRoleBinding")
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "ct-collabtrain", "namespace": "ops"}
+    ]
+
+
+def test_watched_namespaces_get_roles_and_the_cluster_role_keeps_only_cluster_things() -> None:
+    documents = template("--set", "watchNamespaces={team-a,team-b}")
+    roles = operator_roles(documents)
+    (cluster_role,) = [r for r in roles if r["kind"] == "ClusterRole"]
+    assert granted(cluster_role["rules"]) == CLUSTER_GRANTS
+    namespaced = {r["metadata"]["namespace"]: r for r in roles if r["kind"] == "Role"}
+    assert set(namespaced) == {"team-a", "team-b"}
+    for role in namespaced.values():
+        assert granted(role["rules"]) == NAMESPACED_GRANTS
+    bindings = {b["metadata"]["namespace"]: b for b in by_kind(documents, "RoleBinding")}
+    assert set(bindings) == {"team-a", "team-b"}
+    for binding in bindings.values():
+        assert binding["roleRef"] == {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "Role",
+            "name": "ct-collabtrain",
+        }
+        assert binding["subjects"][0]["namespace"] == "ops"
+    # Only names can carry a Role: the operator's glob patterns are refused here.
+    globbed = helm(
+        "template", "ct", str(CHART), *KUBE, "--set", "watchNamespaces={team-*}", check=False
+    )
+    assert globbed.returncode != 0
+
+
+def test_aggregated_roles_let_edit_manage_and_view_read_jobs() -> None:
+    documents = template()
+    aggregated = {
+        doc["metadata"]["name"]: doc
+        for doc in by_kind(documents, "ClusterRole")
+        if doc["metadata"]["name"] != "ct-collabtrain"
+    }
+    assert set(aggregated) == {"ct-collabtrain-edit", "ct-collabtrain-view"}
+    edit, view = aggregated["ct-collabtrain-edit"], aggregated["ct-collabtrain-view"]
+    labels = edit["metadata"]["labels"]
+    assert labels["rbac.authorization.k8s.io/aggregate-to-edit"] == "true"
+    assert labels["rbac.authorization.k8s.io/aggregate-to-admin"] == "true"
+    assert view["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-view"] == "true"
+    edits = granted(edit["rules"])
+    assert "create" in edits[("collabtrain.io", "collaborativetrainingjobs")]
+    assert "update" in edits[("collabtrain.io", "collaborativetrainingjobs/scale")]
+    assert edits[("collabtrain.io", "collaborativetrainingjobs/status")] == ["get"]
+    for verbs in granted(view["rules"]).values():
+        assert verbs == ["get", "list", "watch"]
+    assert not [
+        d
+        for d in by_kind(template("--set", "rbac.aggregateClusterRoles=false"), "ClusterRole")
+        if d["metadata"]["name"] != "ct-collabtrain"
+    ]
+
+
+def operator_pod(*args: str) -> dict[str, Any]:
+    (deployment,) = by_kind(template(*args), "Deployment")
+    pod: dict[str, Any] = deployment["spec"]["template"]["spec"]
+    return pod
+
+
+def test_master_key_is_a_random_secret_mounted_as_a_file() -> None:
+    (secret,) = by_kind(template(), "Secret")
+    assert secret["metadata"]["name"] == "ct-collabtrain-master-key"
+    assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    key = base64.b64decode(secret["data"]["master-key"])
+    assert len(key) >= 32
+    (other,) = by_kind(template(), "Secret")
+    assert base64.b64decode(other["data"]["master-key"]) != key, "not random"
+
+    pod = operator_pod()
+    (container,) = pod["containers"]
+    env = {variable["name"]: variable for variable in container["env"]}
+    path = env["COLLABTRAIN_MASTER_KEY_FILE"]["value"]
+    (mount,) = [m for m in container["volumeMounts"] if path.startswith(m["mountPath"] + "/")]
+    assert mount["readOnly"] is True
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert volume["secret"]["secretName"] == "ct-collabtrain-master-key"
+    assert volume["secret"]["items"] == [
+        {"key": "master-key", "path": path.removeprefix(mount["mountPath"] + "/")}
+    ]
+    assert volume["secret"]["defaultMode"] == 0o440
+    assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"]
+    # Never in the environment.
+    for variable in container["env"]:
+        assert "secretKeyRef" not in variable.get("valueFrom", {}), variable["name"]
+
+    external = template("--set", "masterKey.existingSecret=vault-synced")
+    assert not by_kind(external, "Secret")
+    (deployment,) = by_kind(external, "Deployment")
+    volumes = deployment["spec"]["template"]["spec"]["volumes"]
+    assert {v["name"]: v for v in volumes}["master-key"]["secret"]["secretName"] == "vault-synced"
+
+
+def test_operator_learns_who_may_reach_coordinators() -> None:
+    scraper = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "mon"}}}
+    values = {"networkPolicy": {"metricsFrom": [scraper]}}
+    rendered = helm(
+        "template", "ct", str(CHART), "--namespace", "ops", *KUBE, "-f", "-", check=False,
+        input=yaml.safe_dump(values),
+    )  # fmt: skip
+    assert rendered.returncode == 0, rendered.stderr
+    (deployment,) = by_kind([d for d in yaml.safe_load_all(rendered.stdout) if d], "Deployment")
+    pod = deployment["spec"]["template"]
+    env = {v["name"]: v for v in pod["spec"]["containers"][0]["env"]}
+    labels = json.loads(env["COLLABTRAIN_OPERATOR_POD_LABELS"]["value"])
+    assert labels.items() <= pod["metadata"]["labels"].items()
+    assert labels == deployment["spec"]["selector"]["matchLabels"]
+    namespace = env["COLLABTRAIN_OPERATOR_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"]
+    assert namespace == "metadata.namespace"
+    assert json.loads(env["COLLABTRAIN_METRICS_FROM"]["value"]) == [scraper]
+    assert env["COLLABTRAIN_NETWORK_POLICIES"]["value"] == "true"
+    off = operator_pod("--set", "networkPolicy.enabled=false")["containers"][0]["env"]
+    assert {v["name"]: v for v in off}["COLLABTRAIN_NETWORK_POLICIES"]["value"] == "false"
 
 
 def test_metrics_service_and_watch_namespaces() -> None:

@@ -42,3 +42,8 @@ app.kubernetes.io/part-of: collabtrain
 {{- define "collabtrain.image" -}}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
+
+{{/* The Secret holding the operator's master key (key `master-key`). */}}
+{{- define "collabtrain.masterKeySecret" -}}
+{{- default (printf "%s-master-key" (include "collabtrain.fullname" .)) .Values.masterKey.existingSecret }}
+{{- end }}
