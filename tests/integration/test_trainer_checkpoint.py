@@ -15,6 +15,7 @@ import pytest
 import requests
 
 from collabtrain_trainer.checkpoint import CheckpointReader, restore_state
+from collabtrain_trainer.credentials import admin_token
 from collabtrain_trainer.local import LocalCluster
 from collabtrain_trainer.peer.model_state import make_optimizer, param_hash
 from collabtrain_trainer.protocol import TOKEN_HEADER, CoordinatorStatus
@@ -107,7 +108,7 @@ def test_checkpoints_appear_every_n_steps_and_status_reports_them(
     response = requests.post(
         f"{cluster.config.coordinator_url}/checkpoint",
         json={"reason": "suspend"},
-        headers={TOKEN_HEADER: f"Bearer {cluster.token}"},
+        headers={TOKEN_HEADER: f"Bearer {admin_token(cluster.job_key)}"},
         timeout=5,
     )
     answer = response.json()

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from collabtrain_trainer.credentials import admin_token
 from tests.integration.trainer_fixtures import (
     ClusterFactory,
     applied_steps,
@@ -163,15 +164,15 @@ def test_throttled_peer_weighs_in_with_the_samples_it_processed(
 @pytest.mark.timeout(45, func_only=True)
 def test_wrong_token_is_refused(make_cluster: ClusterFactory) -> None:
     cluster = make_cluster()
-    intruder = cluster.start_peer(env={"COLLABTRAIN_TOKEN": "not-the-token"})
+    intruder = cluster.start_peer(env={cluster.config.peer_token_env: "not-the-token"})
     process = cluster.peers[intruder].process
     process.wait(timeout=30)
     assert process.returncode == 3
-    assert "refused the join token" in cluster.log_text(intruder)
+    assert "refused this peer's token (401)" in cluster.log_text(intruder)
     coordinator_log = cluster.log_text("coordinator")
-    assert "missing or wrong join token" in coordinator_log
+    assert "missing or wrong token" in coordinator_log
     assert "not-the-token" not in coordinator_log
-    assert cluster.token not in coordinator_log
+    assert cluster.job_key not in coordinator_log
 
 
 @pytest.mark.timeout(60, func_only=True)
@@ -235,7 +236,7 @@ def test_drain_request_flushes_the_peer_and_it_leaves(make_cluster: ClusterFacto
     response = requests.post(
         f"{cluster.config.coordinator_url}/drain",
         json={"peers": [drained, "no-such-peer"], "reason": "spot interruption notice"},
-        headers={"Authorization": f"Bearer {cluster.token}"},
+        headers={"Authorization": f"Bearer {admin_token(cluster.job_key)}"},
         timeout=5,
     )
     assert response.ok

@@ -32,7 +32,7 @@ def test_a_peer_without_an_id_refuses_to_start_instead_of_using_the_host_name(
         raise AssertionError("the peer id must not come from the host name")
 
     monkeypatch.setattr(socket, "gethostname", no_host_name)
-    monkeypatch.setenv("COLLABTRAIN_TOKEN", "t")
+    monkeypatch.setenv("COLLABTRAIN_PEER_TOKEN", "t")
     monkeypatch.delenv(PEER_ID_ENV, raising=False)
     monkeypatch.setenv("HOSTNAME", "some-host")
     monkeypatch.setenv("POD_NAME", "not-read-either")

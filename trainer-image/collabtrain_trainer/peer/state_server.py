@@ -84,7 +84,8 @@ class StateServer:
         self._thread.start()
 
     def stop(self) -> None:
-        self._httpd.shutdown()
+        if self._thread.is_alive():  # shutdown() waits forever for a loop never started
+            self._httpd.shutdown()
         self._httpd.server_close()
 
     def _serve_state(self, handler: BaseHTTPRequestHandler) -> None:
