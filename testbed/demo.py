@@ -33,6 +33,7 @@ from typing import Any
 import yaml
 
 from collabtrain_trainer.config import COORDINATOR_HTTP_PORT
+from collabtrain_trainer.credentials import admin_token
 from testbed import images, tools
 from testbed.cluster import ControlPlane, MinioServer
 from testbed.nodes import (
@@ -265,10 +266,10 @@ class LocalCluster:
 
     def coordinator_status(self, namespace: str, name: str) -> dict[str, Any] | None:
         """The coordinator's own /status through its Service (bytes on the wire are only
-        there), with the job's token, as the operator reads it."""
+        there), with the admin token derived from the job's key, as the operator reads it."""
         try:
-            token = self.kubectl(
-                "get", "secret", f"{name}-token", "-n", namespace, "-o", "jsonpath={.data.token}"
+            secret = json.loads(
+                self.kubectl("get", "secret", f"{name}-job-key", "-n", namespace, "-o", "json")
             )
             address = self.kubectl(
                 "get",
@@ -281,9 +282,10 @@ class LocalCluster:
             )
         except TestbedError:  # not created yet
             return None
+        job_key = base64.b64decode(secret["data"]["job-key"]).decode()
         request = urllib.request.Request(
             f"http://{address}:{COORDINATOR_HTTP_PORT}/status",
-            headers={"Authorization": f"Bearer {base64.b64decode(token).decode()}"},
+            headers={"Authorization": f"Bearer {admin_token(job_key)}"},
         )
         with contextlib.suppress(Exception), urllib.request.urlopen(request, timeout=3) as r:
             return dict(json.loads(r.read()))

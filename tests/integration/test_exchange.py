@@ -118,6 +118,18 @@ def three_to_one(rank: int, world: int) -> Outcome:
     return {"result": average(grad, weight, world_group(), ExchangeState(CODECS["none"]))}
 
 
+def inflated_weight(rank: int, world: int) -> Outcome:
+    """The coordinator recorded 32 samples for every rank; rank 1 declares 10^12."""
+    recorded = [32.0] * world
+    state = ExchangeState(CODECS["int8"])
+    grad = gradient("dense", rank, 0, 64)
+    try:
+        average(grad, 1e12 if rank == 1 else 32.0, world_group(), state, recorded)
+    except ValueError as error:
+        return {"refused": str(error), "residual": state.residual}
+    return {"refused": None}
+
+
 def nan_and_bad_weight(rank: int, world: int) -> Outcome:
     state = ExchangeState(CODECS["none"])
     outcomes: Outcome = {}
@@ -315,6 +327,15 @@ def test_non_finite_contributions_are_excluded(tmp_path: Path) -> None:
         nothing = outcome["all_bad"]
         assert nothing.excluded_ranks == [0, 1, 2] and nothing.total_weight == 0.0
         assert not bool(nothing.average.any())
+
+
+def test_a_weight_other_than_the_recorded_one_is_refused_by_every_rank(tmp_path: Path) -> None:
+    outcomes = run(tmp_path, 3, inflated_weight)
+    assert len(outcomes) == 3
+    for outcome in outcomes:
+        assert outcome["refused"] is not None
+        assert "rank 1 declared weight 1e+12" in outcome["refused"]
+        assert outcome["residual"] is None  # refused before any gradient moved
 
 
 # Relative L2 error of one round's average, per codec, on data that codec suits.
