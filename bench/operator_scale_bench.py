@@ -378,6 +378,10 @@ def wait_for(predicate: Callable[[], bool], what: str, timeout: float, every: fl
 
 @contextlib.contextmanager
 def operator_process(kubeconfig: Path, metrics_port: int, log: Path) -> Iterator[ManagedProcess]:
+    # The operator derives every job's credentials from a master key (the chart's Secret).
+    master_key = log.parent / "master-key"
+    master_key.write_text(secrets.token_hex(32))
+    master_key.chmod(0o600)
     process = ManagedProcess(
         "collabtrain-operator",
         [
@@ -385,6 +389,7 @@ def operator_process(kubeconfig: Path, metrics_port: int, log: Path) -> Iterator
             "--standalone",
             "--all-namespaces",
             f"--metrics-port={metrics_port}",
+            f"--master-key-file={master_key}",
             "--liveness=",
         ],
         log,
