@@ -485,6 +485,10 @@ class Reconciler:
     def key(self) -> JobKey:
         return (self.namespace, self.name)
 
+    @property
+    def uid(self) -> str:
+        return str(self.body.get("metadata", {}).get("uid", ""))
+
     async def run_once(self) -> float:
         interval = self.runtime.options.reconcile_interval_seconds
         metadata = self.body.get("metadata", {})
@@ -605,12 +609,11 @@ class Reconciler:
         return memory.coordinator_status
 
     def _job_key(self) -> str:
-        """The job's key: derived from the operator's master key and the job's identity
-        (a job recreated under the same name gets another), never read from its Secret."""
+        """The job's key: derived from the operator's master key and the job's namespace
+        and name (credentials.job_key), never read from its Secret."""
         if self.memory.job_key is None:
-            uid = str(self.body.get("metadata", {}).get("uid", ""))
             self.memory.job_key = credentials.job_key(
-                self.runtime.master_key, self.namespace, self.name, uid
+                self.runtime.master_key, self.namespace, self.name
             )
         return self.memory.job_key
 
@@ -668,7 +671,11 @@ class Reconciler:
             rendering.build_coordinator_service(self.name, self.namespace),
             rendering.build_coordinator_disruption_budget(self.name, self.namespace),
             rendering.build_coordinator_deployment(
-                self.name, self.namespace, spec, replicas=plan.coordinator_replicas
+                self.name,
+                self.namespace,
+                spec,
+                job_uid=self.uid,
+                replicas=plan.coordinator_replicas,
             ),
         ]
         kopf.adopt(children, owner=self.body)
@@ -687,6 +694,7 @@ class Reconciler:
         deployment = applied["Deployment"]["metadata"]
         secret = rendering.build_job_key_secret(
             self.name,
+            self.uid,
             self.namespace,
             job_key,
             owner_name=deployment["name"],
@@ -701,6 +709,7 @@ class Reconciler:
         needs the pod's uid); the kubelet waits for it before it starts the container."""
         secret = rendering.build_peer_token_secret(
             self.name,
+            self.uid,
             self.namespace,
             pod_name,
             pod_uid,
@@ -765,6 +774,7 @@ class Reconciler:
                 self.name,
                 self.namespace,
                 spec,
+                job_uid=self.uid,
                 slot=peer.slot,
                 attempt=peer.attempt,
                 slot_capacity=peer.capacity,

@@ -93,11 +93,6 @@ class ChildNames:
         return f"{self.job}-config"
 
     @property
-    def job_key_secret(self) -> str:
-        """The job's key, read by the coordinator only."""
-        return f"{self.job}-job-key"
-
-    @property
     def peers_policy(self) -> str:
         """The peers' NetworkPolicy (the coordinator's is named like its Deployment)."""
         return f"{self.job}-peers"
@@ -106,9 +101,25 @@ class ChildNames:
         return f"{self.job}-peer-{slot}-{attempt}"
 
 
-def peer_token_secret(pod_name: str) -> str:
-    """The Secret holding one peer pod's own token (owned by that pod)."""
-    return f"{pod_name}-token"
+# The credential Secrets' names end in the job's incarnation (the start of its uid): a
+# job deleted and created again under the same name must not find a Secret of the old
+# one that the garbage collector has not removed yet. The operator never reads Secrets,
+# so a create answered 409 must mean "this very Secret exists already".
+def incarnation(job_uid: str) -> str:
+    tag = job_uid.replace("-", "")[:8]
+    if not tag:
+        raise ValueError("a job's credential Secrets need its uid")
+    return tag
+
+
+def job_key_secret(job: str, job_uid: str) -> str:
+    """The job's key, read by the coordinator only."""
+    return f"{job}-job-key-{incarnation(job_uid)}"
+
+
+def peer_token_secret(pod_name: str, job_uid: str) -> str:
+    """One peer pod's own token (owned by that pod)."""
+    return f"{pod_name}-token-{incarnation(job_uid)}"
 
 
 def common_labels(job: str, component: str) -> dict[str, str]:
@@ -220,7 +231,7 @@ def build_config_map(job: str, namespace: str, spec: JobSpec) -> KubeObject:
 
 
 def build_job_key_secret(
-    job: str, namespace: str, job_key: str, *, owner_name: str, owner_uid: str
+    job: str, job_uid: str, namespace: str, job_key: str, *, owner_name: str, owner_uid: str
 ) -> KubeObject:
     """The job's key (credentials.job_key), for the coordinator. The operator derives it
     again whenever it needs it, so it never reads this Secret back: one that exists
@@ -230,7 +241,7 @@ def build_job_key_secret(
         "apiVersion": "v1",
         "kind": "Secret",
         "metadata": {
-            "name": ChildNames(job).job_key_secret,
+            "name": job_key_secret(job, job_uid),
             "namespace": namespace,
             "labels": common_labels(job, "job-key"),
             "ownerReferences": [
@@ -248,7 +259,7 @@ def build_job_key_secret(
 
 
 def build_peer_token_secret(
-    job: str, namespace: str, pod_name: str, pod_uid: str, token: str
+    job: str, job_uid: str, namespace: str, pod_name: str, pod_uid: str, token: str
 ) -> KubeObject:
     """One peer's own token (credentials.peer_token), owned by its pod: the garbage
     collector deletes it with the pod, so a token never outlives the peer it names."""
@@ -256,7 +267,7 @@ def build_peer_token_secret(
         "apiVersion": "v1",
         "kind": "Secret",
         "metadata": {
-            "name": peer_token_secret(pod_name),
+            "name": peer_token_secret(pod_name, job_uid),
             "namespace": namespace,
             "labels": common_labels(job, "peer-token"),
             "ownerReferences": [
@@ -291,12 +302,12 @@ def _secret_env(variable: str, secret: str, key: str) -> KubeObject:
     return {"name": variable, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
 
 
-def _peer_env(job: str, pod_name: str, spec: JobSpec) -> list[KubeObject]:
+def _peer_env(job: str, job_uid: str, pod_name: str, spec: JobSpec) -> list[KubeObject]:
     """A peer's environment: its own token (never the job's key), its identity (the pod's
     name, which its token names), its address and the S3 credentials."""
     env: list[KubeObject] = [
         {"name": "COLLABTRAIN_JOB", "value": job},
-        _secret_env(PEER_TOKEN_ENV, peer_token_secret(pod_name), PEER_TOKEN_KEY),
+        _secret_env(PEER_TOKEN_ENV, peer_token_secret(pod_name, job_uid), PEER_TOKEN_KEY),
         {"name": PEER_ID_ENV, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
     ]
@@ -318,12 +329,12 @@ def _peer_env(job: str, pod_name: str, spec: JobSpec) -> list[KubeObject]:
     return env
 
 
-def _coordinator_env(job: str) -> list[KubeObject]:
+def _coordinator_env(job: str, job_uid: str) -> list[KubeObject]:
     """The coordinator's environment: the job's key. No S3 credentials: it never
     touches the checkpoints (peers write and read them)."""
     return [
         {"name": "COLLABTRAIN_JOB", "value": job},
-        _secret_env(JOB_KEY_ENV, ChildNames(job).job_key_secret, JOB_KEY_KEY),
+        _secret_env(JOB_KEY_ENV, job_key_secret(job, job_uid), JOB_KEY_KEY),
     ]
 
 
@@ -427,12 +438,13 @@ def build_peer_pod(
     namespace: str,
     spec: JobSpec,
     *,
+    job_uid: str,
     slot: int,
     attempt: int,
     slot_capacity: SlotCapacity,
 ) -> KubeObject:
     """The bare pod of one peer: slot `slot`, attempt `attempt` (a replacement of a lost
-    peer is the next attempt of the same slot)."""
+    peer is the next attempt of the same slot). `job_uid` names its token's Secret."""
     names = ChildNames(job)
     trainer = spec.trainer
     config_json = trainer_config_json(job, namespace, spec)
@@ -455,7 +467,7 @@ def build_peer_pod(
         "image": trainer.image,
         "command": list(command),
         "args": list(trainer.args),
-        "env": _peer_env(job, pod_name, spec),
+        "env": _peer_env(job, job_uid, pod_name, spec),
         "resources": peer_resources(trainer.resources),
         "volumeMounts": mounts,
         "securityContext": container_security_context(),
@@ -494,10 +506,10 @@ def build_peer_pod(
 
 
 def build_coordinator_deployment(
-    job: str, namespace: str, spec: JobSpec, *, replicas: int
+    job: str, namespace: str, spec: JobSpec, *, job_uid: str, replicas: int
 ) -> KubeObject:
     """One coordinator on on-demand capacity. `Recreate`: two coordinators at once would
-    split the membership."""
+    split the membership. `job_uid` names the job key's Secret."""
     names = ChildNames(job)
     coordinator = spec.coordinator
     config_json = trainer_config_json(job, namespace, spec)
@@ -516,7 +528,7 @@ def build_coordinator_deployment(
             {"name": name, "containerPort": port, "protocol": "TCP"}
             for name, port in COORDINATOR_PORTS.items()
         ],
-        "env": _coordinator_env(job),
+        "env": _coordinator_env(job, job_uid),
         "resources": _resources(coordinator.resources),
         "volumeMounts": mounts,
         "securityContext": container_security_context(),

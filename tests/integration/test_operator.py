@@ -26,6 +26,7 @@ import yaml
 from aiohttp import web
 from kopf.testing import KopfRunner
 
+from collabtrain_operator import rendering
 from collabtrain_trainer import credentials
 from collabtrain_trainer.config import TrainerConfig
 from collabtrain_trainer.protocol import (
@@ -269,8 +270,13 @@ class Cluster:
 
     def job_key(self, job: str) -> str:
         """What the operator derives for `job` (the test knows the master key)."""
-        uid = self.job(job)["metadata"]["uid"]
-        return credentials.job_key(MASTER_KEY, self.namespace, job, uid)
+        return credentials.job_key(MASTER_KEY, self.namespace, job)
+
+    def job_key_secret(self, job: str) -> str:
+        return rendering.job_key_secret(job, self.job(job)["metadata"]["uid"])
+
+    def token_secret(self, job: str, pod: str) -> str:
+        return rendering.peer_token_secret(pod, self.job(job)["metadata"]["uid"])
 
     def network_policy_names(self, job: str) -> list[str]:
         selector = f"collabtrain.io/job={job}"
@@ -412,25 +418,28 @@ def test_job_gets_its_children_with_the_right_placement(
         assert pod.metadata.owner_references[0].kind == "CollaborativeTrainingJob"
         assert "collabtrain.io/peer-accounting" in pod.metadata.finalizers
         env = {e.name: e for e in pod.spec.containers[0].env}
-        assert env["COLLABTRAIN_PEER_TOKEN"].value_from.secret_key_ref.name == f"{name}-token"
+        secret_name = cluster.token_secret("place", name)
+        assert env["COLLABTRAIN_PEER_TOKEN"].value_from.secret_key_ref.name == secret_name
         assert "COLLABTRAIN_JOB_KEY" not in env
         # The peer's own token, in a Secret its pod owns, proving its pod's name.
-        token_secret = cluster.secret(f"{name}-token")
+        token_secret = cluster.secret(secret_name)
         assert token_secret is not None
         (owner,) = token_secret.metadata.owner_references
         assert (owner.kind, owner.name, owner.uid) == ("Pod", name, pod.metadata.uid)
-        token = cluster.secret_value(f"{name}-token", "token")
+        token = cluster.secret_value(secret_name, "token")
         assert token == credentials.peer_token(job_key, name)
 
     deployment = cluster.apps.read_namespaced_deployment("place-coordinator", cluster.namespace)
     assert deployment.spec.replicas == 1
     container = deployment.spec.template.spec.containers[0]
     env = {e.name: e for e in container.env}
-    assert env["COLLABTRAIN_JOB_KEY"].value_from.secret_key_ref.name == "place-job-key"
+    key_secret = cluster.job_key_secret("place")
+    assert key_secret.startswith("place-job-key-")
+    assert env["COLLABTRAIN_JOB_KEY"].value_from.secret_key_ref.name == key_secret
     assert not {"AWS_ACCESS_KEY_ID", "COLLABTRAIN_PEER_TOKEN"} & env.keys()
     # The job's key: derived (never read back), in a Secret the Deployment owns.
-    assert cluster.secret_value("place-job-key", "job-key") == job_key
-    (owner,) = cluster.secret("place-job-key").metadata.owner_references
+    assert cluster.secret_value(key_secret, "job-key") == job_key
+    (owner,) = cluster.secret(key_secret).metadata.owner_references
     assert (owner.kind, owner.uid) == ("Deployment", deployment.metadata.uid)
     service = cluster.core.read_namespaced_service("place-coordinator", cluster.namespace)
     config_map = cluster.core.read_namespaced_config_map("place-config", cluster.namespace)
@@ -560,10 +569,10 @@ def test_preempted_peer_is_drained_replaced_and_counted_as_preemption(
     assert cluster.peer_names("spot") == ["spot-peer-0-1", "spot-peer-1-0"]
     # The victim's token went with its pod (garbage collector); the replacement has its own.
     wait_for(
-        lambda: cluster.secret(f"{victim.metadata.name}-token") is None,
+        lambda: cluster.secret(cluster.token_secret("spot", victim.metadata.name)) is None,
         "the victim's token Secret deleted with its pod",
     )
-    replacement = cluster.secret_value("spot-peer-0-1-token", "token")
+    replacement = cluster.secret_value(cluster.token_secret("spot", "spot-peer-0-1"), "token")
     assert replacement == credentials.peer_token(cluster.job_key("spot"), "spot-peer-0-1")
     wait_for(
         lambda: (
@@ -594,6 +603,64 @@ def test_deleting_a_job_deletes_its_children(operator: KopfRunner, cluster: Clus
         "the coordinator deleted",
         90,
     )
+
+
+def test_a_job_created_again_under_its_name_gets_its_own_credentials(
+    operator: KopfRunner, cluster: Cluster
+) -> None:
+    """The operator cannot read a Secret to tell an old one from its own: a job deleted
+    and created again must not take over a credential Secret of the old job that the
+    garbage collector has not removed yet (held here by a finalizer), or the new job's
+    coordinator and peers lose their credentials when it goes."""
+    cluster.create_job("again", replicas=1)
+    wait_for(peers_running(cluster, "again", 1), "the first job's peer", timeout=90)
+    old_secret = cluster.job_key_secret("again")
+    wait_for(lambda: cluster.secret(old_secret) is not None, "the first job's key Secret")
+    hold = {"metadata": {"finalizers": ["test.collabtrain.io/hold"]}}
+    cluster.core.patch_namespaced_secret(old_secret, cluster.namespace, hold)
+    try:
+        cluster.custom.delete_namespaced_custom_object(
+            GROUP, VERSION, cluster.namespace, PLURAL, "again"
+        )
+        wait_for(lambda: not cluster.peers("again", include_deleting=True), "old peers gone")
+
+        def job_gone() -> bool:
+            listed = cluster.custom.list_namespaced_custom_object(
+                GROUP, VERSION, cluster.namespace, PLURAL
+            )
+            return all(job["metadata"]["name"] != "again" for job in listed["items"])
+
+        wait_for(job_gone, "the first job gone")
+        cluster.create_job("again", replicas=1)
+        wait_for(peers_running(cluster, "again", 1), "the second job's peer", timeout=90)
+        new_key, new_secret = cluster.job_key("again"), cluster.job_key_secret("again")
+        wait_for(lambda: cluster.secret(new_secret) is not None, "the second job's key Secret")
+        assert cluster.secret_value(new_secret, "job-key") == new_key
+
+        def coordinator_reads() -> str:
+            deployment = cluster.apps.read_namespaced_deployment(
+                "again-coordinator", cluster.namespace
+            )
+            env = {e.name: e for e in deployment.spec.template.spec.containers[0].env}
+            name: str = env["COLLABTRAIN_JOB_KEY"].value_from.secret_key_ref.name
+            return name
+
+        wait_until_equal(coordinator_reads, new_secret, "the coordinator reading the new key")
+        (peer,) = cluster.peers("again")
+        env = {e.name: e for e in peer.spec.containers[0].env}
+        token_secret = env["COLLABTRAIN_PEER_TOKEN"].value_from.secret_key_ref.name
+        assert cluster.secret_value(token_secret, "token") == credentials.peer_token(
+            new_key, peer.metadata.name
+        )
+        assert cluster.secret(old_secret) is not None, "the leftover was there all along"
+    finally:
+        cluster.core.patch_namespaced_secret(
+            old_secret, cluster.namespace, {"metadata": {"finalizers": None}}
+        )
+    # The leftover goes (its owner is long gone); the new job's credentials stay.
+    wait_for(lambda: cluster.secret(old_secret) is None, "the leftover collected")
+    assert cluster.secret_value(new_secret, "job-key") == new_key
+    assert cluster.secret(token_secret) is not None
 
 
 def test_failures_are_counted_and_too_many_fail_the_job(
@@ -786,23 +853,27 @@ def test_a_peer_token_missing_after_an_operator_stop_is_made_again(
         wait_for(
             lambda: (
                 cluster.peer_names("crash") == ["crash-peer-0-0", "crash-peer-1-0"]
-                and all(cluster.secret(f"{n}-token") for n in cluster.peer_names("crash"))
+                and all(
+                    cluster.secret(cluster.token_secret("crash", n))
+                    for n in cluster.peer_names("crash")
+                )
             ),
             "two pending peers with their tokens",
             timeout=90,
         )
-    cluster.core.delete_namespaced_secret("crash-peer-0-0-token", cluster.namespace)
-    assert cluster.secret("crash-peer-0-0-token") is None
+    missing = cluster.token_secret("crash", "crash-peer-0-0")
+    cluster.core.delete_namespaced_secret(missing, cluster.namespace)
+    assert cluster.secret(missing) is None
     with running_operator(cluster.namespace):
         wait_for(
-            lambda: cluster.secret("crash-peer-0-0-token") is not None,
+            lambda: cluster.secret(missing) is not None,
             "the missing token Secret made again",
             timeout=60,
         )
-        token = cluster.secret_value("crash-peer-0-0-token", "token")
+        token = cluster.secret_value(missing, "token")
         assert token == credentials.peer_token(cluster.job_key("crash"), "crash-peer-0-0")
         (pod,) = [p for p in cluster.peers("crash") if p.metadata.name == "crash-peer-0-0"]
-        (owner,) = cluster.secret("crash-peer-0-0-token").metadata.owner_references
+        (owner,) = cluster.secret(missing).metadata.owner_references
         assert owner.uid == pod.metadata.uid
         assert cluster.peer_names("crash") == ["crash-peer-0-0", "crash-peer-1-0"]
 
@@ -969,8 +1040,8 @@ def test_helm_install_gives_the_operator_exactly_the_permissions_it_needs(
                 "the failed pod released and deleted",
             )
             wait_for(lambda: cluster.status("rbac").get("phase") == "Running", "Running")
-            assert cluster.secret("rbac-job-key") is not None
-            assert cluster.secret("rbac-peer-1-0-token") is not None
+            assert cluster.secret(cluster.job_key_secret("rbac")) is not None
+            assert cluster.secret(cluster.token_secret("rbac", "rbac-peer-1-0")) is not None
             assert cluster.network_policy_names("rbac") == ["rbac-coordinator", "rbac-peers"]
             assert cluster.policy.read_namespaced_pod_disruption_budget(
                 "rbac-coordinator", namespace

@@ -18,6 +18,7 @@ from collabtrain_operator import rendering
 from collabtrain_operator.api import JobSpec
 
 NS = "team-a"
+UID = "0c5e1f2a-7d3b-4c8e-9f10-2b3c4d5e6f70"
 OPERATOR_NS = "collabtrain-system"
 OPERATOR_LABELS = {
     "app.kubernetes.io/name": "collabtrain",
@@ -221,7 +222,9 @@ def test_user_pod_labels_cannot_widen_or_break_the_selectors() -> None:
     spec = make_spec(
         podOverrides={"labels": {"collabtrain.io/job": "other", "app.kubernetes.io/component": "x"}}
     )
-    pod = rendering.build_peer_pod("demo", NS, spec, slot=0, attempt=0, slot_capacity="spot")
+    pod = rendering.build_peer_pod(
+        "demo", NS, spec, job_uid=UID, slot=0, attempt=0, slot_capacity="spot"
+    )
     peer = Endpoint(pod["metadata"]["labels"])
     assert allowed(policies(spec), peer, COORDINATOR, RENDEZVOUS)
 
@@ -233,10 +236,12 @@ def test_coordinator_disruption_budget() -> None:
     spec = budget["spec"]
     assert spec["maxUnavailable"] == 0
     assert spec["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
-    deployment = rendering.build_coordinator_deployment("demo", NS, make_spec(), replicas=1)
+    deployment = rendering.build_coordinator_deployment(
+        "demo", NS, make_spec(), job_uid=UID, replicas=1
+    )
     pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert spec["selector"]["matchLabels"].items() <= pod_labels.items()
     peer = rendering.build_peer_pod(
-        "demo", NS, make_spec(), slot=0, attempt=0, slot_capacity="spot"
+        "demo", NS, make_spec(), job_uid=UID, slot=0, attempt=0, slot_capacity="spot"
     )
     assert not spec["selector"]["matchLabels"].items() <= peer["metadata"]["labels"].items()

@@ -14,6 +14,7 @@ from collabtrain_trainer import credentials
 from collabtrain_trainer.config import PEER_ID_ENV, TrainerConfig
 
 NS = "team-a"
+UID = "0c5e1f2a-7d3b-4c8e-9f10-2b3c4d5e6f70"
 
 
 def make_spec(**fields: Any) -> JobSpec:
@@ -23,7 +24,12 @@ def make_spec(**fields: Any) -> JobSpec:
 
 
 def peer(spec: JobSpec | None = None, **kwargs: Any) -> dict[str, Any]:
-    arguments: dict[str, Any] = {"slot": 2, "attempt": 1, "slot_capacity": "spot"}
+    arguments: dict[str, Any] = {
+        "job_uid": UID,
+        "slot": 2,
+        "attempt": 1,
+        "slot_capacity": "spot",
+    }
     arguments.update(kwargs)
     return rendering.build_peer_pod("demo", NS, spec or make_spec(), **arguments)
 
@@ -66,31 +72,46 @@ def test_leave_grace_fits_in_the_pods_termination_grace_period() -> None:
 
 
 def coordinator_container(spec: JobSpec | None = None) -> dict[str, Any]:
-    deployment = rendering.build_coordinator_deployment("demo", NS, spec or make_spec(), replicas=1)
+    deployment = rendering.build_coordinator_deployment(
+        "demo", NS, spec or make_spec(), job_uid=UID, replicas=1
+    )
     container: dict[str, Any] = deployment["spec"]["template"]["spec"]["containers"][0]
     return container
 
 
 def test_job_key_secret_is_owned_by_the_coordinator_deployment() -> None:
     secret = rendering.build_job_key_secret(
-        "demo", NS, "k3y", owner_name="demo-coordinator", owner_uid="d-1"
+        "demo", UID, NS, "k3y", owner_name="demo-coordinator", owner_uid="d-1"
     )
-    assert secret["metadata"]["name"] == "demo-job-key"
+    assert secret["metadata"]["name"] == "demo-job-key-0c5e1f2a"
     assert secret["stringData"] == {"job-key": "k3y"}
     (owner,) = secret["metadata"]["ownerReferences"]
     assert (owner["kind"], owner["name"], owner["uid"]) == ("Deployment", "demo-coordinator", "d-1")
     # The coordinator reads exactly this Secret and key.
     env = env_of(coordinator_container())
     assert env["COLLABTRAIN_JOB_KEY"]["valueFrom"] == {
-        "secretKeyRef": {"name": "demo-job-key", "key": "job-key"}
+        "secretKeyRef": {"name": "demo-job-key-0c5e1f2a", "key": "job-key"}
     }
 
 
+def test_credential_secrets_are_named_per_incarnation_of_the_job() -> None:
+    """A job deleted and created again under the same name gets Secrets of other names:
+    a leftover of the old one (garbage collection takes time) is never taken for its own,
+    since the operator cannot read a Secret to tell them apart."""
+    again = "9a8b7c6d-0000-4000-8000-000000000000"
+    assert rendering.job_key_secret("demo", UID) != rendering.job_key_secret("demo", again)
+    assert rendering.peer_token_secret("demo-peer-0-0", UID) != rendering.peer_token_secret(
+        "demo-peer-0-0", again
+    )
+    with pytest.raises(ValueError, match="uid"):
+        rendering.job_key_secret("demo", "")
+
+
 def test_peer_token_secret_is_owned_by_its_pod_and_names_it() -> None:
-    job_key = credentials.job_key(b"m" * 32, NS, "demo", "uid-1")
+    job_key = credentials.job_key(b"m" * 32, NS, "demo")
     token = credentials.peer_token(job_key, "demo-peer-2-1")
-    secret = rendering.build_peer_token_secret("demo", NS, "demo-peer-2-1", "p-1", token)
-    assert secret["metadata"]["name"] == "demo-peer-2-1-token"
+    secret = rendering.build_peer_token_secret("demo", UID, NS, "demo-peer-2-1", "p-1", token)
+    assert secret["metadata"]["name"] == "demo-peer-2-1-token-0c5e1f2a"
     assert secret["metadata"]["labels"]["collabtrain.io/job"] == "demo"
     (owner,) = secret["metadata"]["ownerReferences"]
     assert owner == {"apiVersion": "v1", "kind": "Pod", "name": "demo-peer-2-1", "uid": "p-1"}
@@ -123,7 +144,7 @@ def test_peer_pod_identity_command_and_finalizer() -> None:
 def test_peer_env_carries_its_own_token_and_identity_from_the_pod() -> None:
     env = env_of(peer()["spec"]["containers"][0])
     assert env["COLLABTRAIN_PEER_TOKEN"]["valueFrom"] == {
-        "secretKeyRef": {"name": "demo-peer-2-1-token", "key": "token"}
+        "secretKeyRef": {"name": "demo-peer-2-1-token-0c5e1f2a", "key": "token"}
     }
     assert "value" not in env["COLLABTRAIN_PEER_TOKEN"]
     assert "COLLABTRAIN_JOB_KEY" not in env, "a peer must never hold the job's key"
@@ -134,9 +155,9 @@ def test_peer_env_carries_its_own_token_and_identity_from_the_pod() -> None:
 def test_pods_run_unprivileged() -> None:
     for pod_spec in (
         peer()["spec"],
-        rendering.build_coordinator_deployment("demo", NS, make_spec(), replicas=1)["spec"][
-            "template"
-        ]["spec"],
+        rendering.build_coordinator_deployment("demo", NS, make_spec(), job_uid=UID, replicas=1)[
+            "spec"
+        ]["template"]["spec"],
     ):
         assert pod_spec["securityContext"]["runAsNonRoot"] is True
         context = pod_spec["containers"][0]["securityContext"]
@@ -181,7 +202,9 @@ def test_required_spot_placement_ors_the_providers() -> None:
 def test_on_demand_peers_and_the_coordinator_avoid_every_spot_label() -> None:
     on_demand_peer = peer(slot_capacity="on-demand")
     assert on_demand_peer["metadata"]["labels"]["collabtrain.io/capacity"] == "on-demand"
-    deployment = rendering.build_coordinator_deployment("demo", NS, make_spec(), replicas=1)
+    deployment = rendering.build_coordinator_deployment(
+        "demo", NS, make_spec(), job_uid=UID, replicas=1
+    )
     for pod_spec in (on_demand_peer["spec"], deployment["spec"]["template"]["spec"]):
         terms = pod_spec["affinity"]["nodeAffinity"][
             "requiredDuringSchedulingIgnoredDuringExecution"
@@ -301,7 +324,7 @@ def test_scratch_volumes_are_bounded() -> None:
         "tmp": {"sizeLimit": "10Gi"},
         "dshm": {"medium": "Memory", "sizeLimit": "8Gi"},
     }
-    deployment = rendering.build_coordinator_deployment("demo", NS, spec, replicas=1)
+    deployment = rendering.build_coordinator_deployment("demo", NS, spec, job_uid=UID, replicas=1)
     coordinator = empty_dirs(deployment["spec"]["template"]["spec"])
     assert all(volume.get("sizeLimit") for volume in coordinator.values())
     assert coordinator["tmp"]["sizeLimit"] == rendering.COORDINATOR_TMP_SIZE_LIMIT
@@ -321,13 +344,15 @@ def test_coordinator_gets_the_job_key_and_no_s3_credentials() -> None:
     env = env_of(container)
     assert "AWS_ACCESS_KEY_ID" not in env and "AWS_SECRET_ACCESS_KEY" not in env
     assert "COLLABTRAIN_PEER_TOKEN" not in env
-    assert env["COLLABTRAIN_JOB_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "demo-job-key"
+    assert (
+        env["COLLABTRAIN_JOB_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "demo-job-key-0c5e1f2a"
+    )
     secrets_used = [
         ref["secretKeyRef"]["name"]
         for variable in container["env"]
         if (ref := variable.get("valueFrom")) and "secretKeyRef" in ref
     ]
-    assert secrets_used == ["demo-job-key"]
+    assert secrets_used == ["demo-job-key-0c5e1f2a"]
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
     assert "/etc/collabtrain-checkpoint-ca" not in mounts
     # The peers, which read and write checkpoints, keep them.
@@ -342,7 +367,9 @@ def test_custom_command_and_args() -> None:
 
 
 def test_coordinator_deployment_and_service() -> None:
-    deployment = rendering.build_coordinator_deployment("demo", NS, make_spec(), replicas=0)
+    deployment = rendering.build_coordinator_deployment(
+        "demo", NS, make_spec(), job_uid=UID, replicas=0
+    )
     service = rendering.build_coordinator_service("demo", NS)
     assert deployment["metadata"]["name"] == service["metadata"]["name"] == "demo-coordinator"
     assert deployment["spec"]["replicas"] == 0
@@ -369,7 +396,7 @@ def test_service_forwards_every_port_peers_dial() -> None:
         rendering.build_config_map("demo", NS, spec)["data"][rendering.CONFIG_KEY]
     )
     service = rendering.build_coordinator_service("demo", NS)
-    deployment = rendering.build_coordinator_deployment("demo", NS, spec, replicas=1)
+    deployment = rendering.build_coordinator_deployment("demo", NS, spec, job_uid=UID, replicas=1)
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     declared = {p["name"]: p["containerPort"] for p in container["ports"]}
     forwarded = {p["port"]: p["targetPort"] for p in service["spec"]["ports"]}
