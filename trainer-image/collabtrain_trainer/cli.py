@@ -103,11 +103,16 @@ def _peer(args: argparse.Namespace) -> int:
         state_port=args.state_port,
         faults=Faults.from_env(),
     )
+    from collabtrain_trainer.peer.client import RequestRefused
+
     try:
         return peer.run()
     except PermissionError as error:
         logging.getLogger("collabtrain.peer").error("%s", error)
         return 3
+    except RequestRefused as error:
+        logging.getLogger("collabtrain.peer").error("%s", error)
+        return 4
 
 
 def _checkpoint_config(args: argparse.Namespace) -> dict[str, Any] | None:

@@ -3,8 +3,10 @@
 Torch-free: the operator imports it to mint what the trainer checks.
 
 - The operator holds a master key (a file from the chart's Secret). A job's key is derived
-  from it and the job's namespace, name and uid, so the operator never reads a Secret back:
-  it can always derive again. The coordinator gets the job key (the job's Secret).
+  from it and the job's namespace and name, so the operator never reads a Secret back: it
+  can always derive again. The coordinator gets the job key (the job's Secret). Not the
+  job's uid: a job deleted and applied again resumes its checkpoints, whose step
+  certificates must still verify.
 - Each peer gets its own token, derived from the job key and its peer id (the pod's name),
   in a Secret of its own. The coordinator binds every peer call to the id in the token.
 - The operator's admin token (drain, checkpoint) is derived from the job key; no peer token
@@ -36,9 +38,10 @@ def _mac(key: str | bytes, *parts: str) -> str:
     return hmac.new(key_bytes, message, hashlib.sha256).hexdigest()
 
 
-def job_key(master_key: bytes, namespace: str, name: str, uid: str) -> str:
-    """The job's key: a job recreated under the same name gets a new one."""
-    return _mac(master_key, "job", namespace, name, uid)
+def job_key(master_key: bytes, namespace: str, name: str) -> str:
+    """The job's key: the same for a job applied again under the same name, so that it
+    can resume from its checkpoints."""
+    return _mac(master_key, "job", namespace, name)
 
 
 def peer_token(job_key: str, peer_id: str) -> str:

@@ -36,6 +36,11 @@ class CoordinatorUnavailable(Exception):
     """The coordinator cannot be reached right now."""
 
 
+class RequestRefused(Exception):
+    """The coordinator refused what this peer sent (422): a bug or a state it will not
+    accept, such as a step without this job's certificate. Retrying cannot help."""
+
+
 class CoordinatorClient:
     def __init__(self, base_url: str, token: str, *, request_timeout_s: float = 10.0) -> None:
         self.base_url = base_url.rstrip("/")
@@ -68,6 +73,8 @@ class CoordinatorClient:
                 f"the coordinator refused this peer's token ({response.status_code}): check "
                 "the peer token environment variable and that the peer id is the pod's name"
             )
+        if response.status_code == 422:
+            raise RequestRefused(f"the coordinator refused {path}: {response.text[:500]}")
         if response.status_code >= 500:
             raise CoordinatorUnavailable(f"{path}: HTTP {response.status_code}")
         response.raise_for_status()

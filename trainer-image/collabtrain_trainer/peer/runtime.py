@@ -201,13 +201,25 @@ class Peer:
     def _current_snapshot(self) -> StateSnapshot:
         with self.state_lock:
             cached = self._snapshot
-            if cached is None or cached.step != self.step or cached.param_hash != self.hash:
+            if (
+                cached is None
+                or cached.step != self.step
+                or cached.param_hash != self.hash
+                or cached.step_certificate != self.step_certificate
+            ):
                 data = serialize_state(self.model, self.optimizer, self.step)
-                cached = make_snapshot(data, self.step, self.hash)
+                cached = make_snapshot(data, self.step, self.hash, self.step_certificate)
                 self._snapshot = cached
             return cached
 
-    def _load(self, data: bytes, expected_step: int, expected_hash: str, origin: str) -> None:
+    def _load(
+        self,
+        data: bytes,
+        expected_step: int,
+        expected_hash: str,
+        origin: str,
+        certificate: str | None = None,
+    ) -> None:
         """Load a state from another peer, all or nothing: one that does not parse, is at
         another step or has another hash leaves this peer's state as it was."""
         with self.state_lock:
@@ -233,6 +245,8 @@ class Peer:
                 ) from error
             self.step = step
             self.hash = loaded_hash
+            if certificate is not None:
+                self.certificate = (step, certificate)
             self._reset_accumulation()
             # A fresh state starts with zero residual: what others owe is not ours to send.
             self.exchange_state = self._fresh_exchange_state()
@@ -251,7 +265,7 @@ class Peer:
         for source in sources:
             try:
                 snapshot = fetch_state(source.state_url, source.ticket, self.max_state_bytes)
-                self._load(snapshot.data, step, expected, source.peer_id)
+                self._load(snapshot.data, step, expected, source.peer_id, snapshot.step_certificate)
                 self.has_state = True
                 return True
             except StateTransferError as error:

@@ -29,6 +29,10 @@ log = logging.getLogger("collabtrain.peer")
 STEP_HEADER = "X-Collabtrain-Step"
 HASH_HEADER = "X-Collabtrain-Param-Hash"
 SHA256_HEADER = "X-Content-Sha256"
+# The coordinator's certificate of the step (see `credentials`): the newcomer keeps it, so
+# that it can show the step to a restarted coordinator. Not checked here: the coordinator
+# checks it when it matters.
+CERTIFICATE_HEADER = "X-Collabtrain-Step-Certificate"
 _CHUNK = 1 << 16
 
 
@@ -38,6 +42,7 @@ class StateSnapshot:
     step: int
     param_hash: str
     sha256: str
+    step_certificate: str | None = None
 
 
 class StateTransferError(Exception):
@@ -109,15 +114,23 @@ class StateServer:
         handler.send_header(STEP_HEADER, str(snapshot.step))
         handler.send_header(HASH_HEADER, snapshot.param_hash)
         handler.send_header(SHA256_HEADER, snapshot.sha256)
+        if snapshot.step_certificate:
+            handler.send_header(CERTIFICATE_HEADER, snapshot.step_certificate)
         handler.end_headers()
         view = memoryview(snapshot.data)
         for start in range(0, len(view), _CHUNK):
             handler.wfile.write(view[start : start + _CHUNK])
 
 
-def make_snapshot(data: bytes, step: int, param_hash: str) -> StateSnapshot:
+def make_snapshot(
+    data: bytes, step: int, param_hash: str, step_certificate: str | None = None
+) -> StateSnapshot:
     return StateSnapshot(
-        data=data, step=step, param_hash=param_hash, sha256=hashlib.sha256(data).hexdigest()
+        data=data,
+        step=step,
+        param_hash=param_hash,
+        sha256=hashlib.sha256(data).hexdigest(),
+        step_certificate=step_certificate,
     )
 
 
@@ -139,6 +152,7 @@ def fetch_state(
             expected_sha = response.headers[SHA256_HEADER]
             step = int(response.headers[STEP_HEADER])
             claimed_hash = response.headers[HASH_HEADER]
+            certificate = response.headers.get(CERTIFICATE_HEADER)
             if int(response.headers.get("Content-Length", 0)) > max_bytes:
                 raise StateTransferError(
                     f"state from {state_url} is {response.headers['Content-Length']} bytes, "
@@ -160,4 +174,10 @@ def fetch_state(
     if digest.hexdigest() != expected_sha:
         raise StateTransferError(f"state from {state_url} is corrupt: sha256 mismatch")
     data = b"".join(chunks)
-    return StateSnapshot(data=data, step=step, param_hash=claimed_hash, sha256=expected_sha)
+    return StateSnapshot(
+        data=data,
+        step=step,
+        param_hash=claimed_hash,
+        sha256=expected_sha,
+        step_certificate=certificate[:128] if certificate else None,
+    )
