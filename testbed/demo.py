@@ -268,9 +268,18 @@ class LocalCluster:
         """The coordinator's own /status through its Service (bytes on the wire are only
         there), with the admin token derived from the job's key, as the operator reads it."""
         try:
-            secret = json.loads(
-                self.kubectl("get", "secret", f"{name}-job-key", "-n", namespace, "-o", "json")
-            )
+            found = json.loads(
+                self.kubectl(
+                    "get",
+                    "secret",
+                    "-n",
+                    namespace,
+                    "-l",
+                    f"collabtrain.io/job={name},app.kubernetes.io/component=job-key",
+                    "-o",
+                    "json",
+                )
+            )["items"]
             address = self.kubectl(
                 "get",
                 "service",
@@ -282,7 +291,9 @@ class LocalCluster:
             )
         except TestbedError:  # not created yet
             return None
-        job_key = base64.b64decode(secret["data"]["job-key"]).decode()
+        if not found:
+            return None
+        job_key = base64.b64decode(found[0]["data"]["job-key"]).decode()
         request = urllib.request.Request(
             f"http://{address}:{COORDINATOR_HTTP_PORT}/status",
             headers={"Authorization": f"Bearer {admin_token(job_key)}"},
