@@ -229,7 +229,9 @@ def test_full_restart_resumes_step_parameters_and_loss(
     expected_hash = param_hash(task.model)
     assert progress.step == loaded.step >= 12
 
-    second = _start(make_cluster, storage, 2, checkpoint={"every_steps": 4})
+    # The same job again: the same key, as the operator derives it (the checkpoint's step
+    # certificate verifies only with it).
+    second = _start(make_cluster, storage, 2, checkpoint={"every_steps": 4}, job_key=first.job_key)
     resumed = second.wait_for(
         lambda s: s.step >= loaded.step + 3 and s.loss is not None, 60, "training to resume"
     )

@@ -257,7 +257,7 @@ def test_metrics_status_and_structured_logs(make_cluster: ClusterFactory) -> Non
     cluster = make_cluster()
     peer = cluster.start_peer()
     cluster.start_peer()
-    status = wait_for_step(cluster, 3, timeout=40)
+    status = cluster.wait_for(lambda s: len(s.peers) == 2 and s.step >= 3, 40, "two peers")
     assert status.job == "itest" and status.target_batch_size == 64
     coordinator_metrics = requests.get(f"{cluster.config.coordinator_url}/metrics", timeout=5).text
     for name in ("collabtrain_step", "collabtrain_peers", "collabtrain_round_duration_seconds"):

@@ -166,7 +166,7 @@ def test_state_is_served_only_with_a_ticket_for_that_peer_and_within_a_size_boun
 ) -> None:
     cluster = make_cluster(max_steps=200)
     source, other = cluster.start_peer(), cluster.start_peer()
-    wait_for_step(cluster, 2, timeout=60)
+    cluster.wait_for(lambda s: len(s.peers) == 2 and s.step >= 2, 60, "both peers training")
     url = _state_url(cluster, source)
     expires = int(time.time()) + 60
 

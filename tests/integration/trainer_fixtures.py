@@ -60,9 +60,14 @@ def make_cluster(tmp_path: Path, trainer_fork_server: None) -> Iterator[ClusterF
     """Start a coordinator with `fast_config(**overrides)`; every process is killed after."""
     clusters: list[LocalCluster] = []
 
-    def factory(env: dict[str, str] | None = None, **overrides: Any) -> LocalCluster:
+    def factory(
+        env: dict[str, str] | None = None, job_key: str | None = None, **overrides: Any
+    ) -> LocalCluster:
         cluster = LocalCluster(
-            fast_config(**overrides), tmp_path / f"cluster{len(clusters)}", env=env
+            fast_config(**overrides),
+            tmp_path / f"cluster{len(clusters)}",
+            env=env,
+            job_key=job_key,
         )
         clusters.append(cluster)
         cluster.start_coordinator()

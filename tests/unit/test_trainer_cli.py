@@ -59,3 +59,16 @@ def test_the_coordinator_listens_on_the_ports_its_config_names(
 def test_coordinator_ports_default_to_the_shared_constants() -> None:
     ports: dict[str, Any] = TrainerConfig(job="x").coordinator_ports()
     assert ports == {"http": 7000, "rendezvous": 7001}
+
+
+def test_local_runs_of_one_job_share_a_private_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from collabtrain_trainer.local import stored_job_key
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    first = stored_job_key("demo")
+    assert len(first) == 64 and stored_job_key("demo") == first
+    assert stored_job_key("other") != first
+    path = tmp_path / "collabtrain" / "demo.job-key"
+    assert path.stat().st_mode & 0o777 == 0o600

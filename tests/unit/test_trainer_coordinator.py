@@ -546,6 +546,15 @@ def test_a_step_is_adopted_only_with_the_jobs_certificate() -> None:
     h.advance(EXPIRY / 2, keep_alive=("a",))
     assert h.state.step == 0 and not h.state.finished
     assert h.state.status(h.now).step == 0
+    # A peer that restored a checkpoint shows the certificate the writer kept with it.
+    restored = ProgressReport(
+        peer_id="a",
+        step=12,
+        param_hash="h12",
+        step_certificate=credentials.step_certificate(JOB_KEY, 12),
+    )
+    h.state.report(restored, h.now)
+    assert h.state.step == 12
 
 
 def test_commits_count_recorded_samples_and_hand_out_certificates() -> None:

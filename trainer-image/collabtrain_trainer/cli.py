@@ -157,11 +157,13 @@ def _local_config(args: argparse.Namespace) -> TrainerConfig:
 
 
 def _local(args: argparse.Namespace) -> int:
-    from collabtrain_trainer.local import LocalCluster
+    from collabtrain_trainer.local import LocalCluster, stored_job_key
 
     config = _local_config(args)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="collabtrain-local-"))
-    cluster = LocalCluster(config, workdir)
+    # With checkpoints, a later run of the same job resumes them: it needs the same key.
+    job_key = stored_job_key(config.job) if config.checkpoint is not None else None
+    cluster = LocalCluster(config, workdir, job_key=job_key)
     stopping: list[int] = []
 
     def on_signal(signum: int, _: Any) -> None:

@@ -134,17 +134,37 @@ class RunTotals:
         return sum(s.rounds_aborted for s in self.instances.values())
 
 
+def stored_job_key(job: str) -> str:
+    """The job key of local runs of `job`, made once and kept with mode 0600 under
+    `${XDG_STATE_HOME:-~/.local/state}/collabtrain/`, so that a later run of the same job
+    resumes its checkpoints (their step certificates verify only with the same key)."""
+    state_home = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+    path = state_home / "collabtrain" / f"{job}.job-key"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(secrets.token_hex(32))
+    return path.read_text().strip()
+
+
 class LocalCluster:
     def __init__(
-        self, config: TrainerConfig, workdir: Path, *, env: dict[str, str] | None = None
+        self,
+        config: TrainerConfig,
+        workdir: Path,
+        *,
+        env: dict[str, str] | None = None,
+        job_key: str | None = None,
     ) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.store_port = free_port()
         # What the operator does on Kubernetes: the coordinator gets the job key, each
-        # peer its own token, and this runner talks to /status as the admin.
-        self.job_key = secrets.token_hex(32)
+        # peer its own token, and this runner talks to /status as the admin. A run that is
+        # to resume another's checkpoints needs that run's key (see `stored_job_key`).
+        self.job_key = job_key or secrets.token_hex(32)
         self.config = config.model_copy(
             update={
                 "coordinator_url": f"http://127.0.0.1:{self.port}",

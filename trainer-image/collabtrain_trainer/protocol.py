@@ -185,7 +185,10 @@ class CheckpointResult(Model):
 
 class ProgressReport(Model):
     peer_id: PeerId
-    step: Count  # the step its parameters are at (never beyond the committed step)
+    # The step its parameters are at. Beyond the coordinator's step only with the job's
+    # certificate of it (a peer that restored a checkpoint, the coordinator restarted).
+    step: Count
+    step_certificate: Digest | None = None
     param_hash: Digest
     samples: Count = 0  # accumulated toward the next step
     samples_per_second: Rate = 0.0

@@ -390,10 +390,13 @@ class CoordinatorState:
     # --- progress and rounds ---------------------------------------------------------
 
     def report(self, report: ProgressReport, now: float) -> Instruction:
-        if report.step > self.step:
-            # Steps come from commits (or certified joins), never from a peer's word.
+        certified = credentials.step_certified(self.job_key, report.step, report.step_certificate)
+        if report.step > self.step and not certified:
+            # Steps come from commits, never from a peer's word.
             raise InvalidRequest(
-                "step", f"step {report.step} is beyond the committed step {self.step}"
+                "step",
+                f"step {report.step} is beyond the committed step {self.step} and has no "
+                "valid certificate from this job",
             )
         record = self._touch(report.peer_id, now)
         record.step = report.step
@@ -410,6 +413,8 @@ class CoordinatorState:
             self._record_checkpoint(report.peer_id, report.checkpoint, now)
         if report.checkpoint_status is not None:
             self._record_writer_report(report.peer_id, report.checkpoint_status)
+        if report.step > self.step:
+            self._adopt(report.step, f"peer {report.peer_id} holds certified step {report.step}")
         self._record_hash(report.peer_id, report.step, report.param_hash)
         if self.in_sync(record):
             record.syncing_since = None

@@ -339,7 +339,7 @@ class Peer:
         ):
             return
         # No live peer holds the state: this peer bootstraps the job (a full restart when a
-        # checkpoint exists; the coordinator adopts its step from its first report).
+        # checkpoint exists; the coordinator adopts its certified step from its first report).
         if self.checkpoints is not None and self._restore_checkpoint():
             return
         if response.step > 0:
@@ -482,6 +482,7 @@ class Peer:
             ProgressReport(
                 peer_id=self.peer_id,
                 step=self.step,
+                step_certificate=self.step_certificate,
                 param_hash=self.hash,
                 samples=self.accumulator.samples,
                 samples_per_second=self.accumulator.recent_rate,
