@@ -50,10 +50,6 @@ def _coordinator(args: argparse.Namespace) -> int:
     settings = CoordinatorSettings(
         host=args.host,
         port=args.port or ports["http"],
-        store_port=args.store_port or ports["rendezvous"],
-        advertise_host=args.advertise_host
-        or urlparse(config.coordinator_url).hostname
-        or "127.0.0.1",
     )
     return run_coordinator(config, settings)
 
@@ -288,13 +284,6 @@ def build_parser() -> argparse.ArgumentParser:
     coordinator.add_argument(
         "--port", type=int, default=None, help="HTTP port (default: from coordinator_url)"
     )
-    coordinator.add_argument(
-        "--store-port",
-        type=int,
-        default=None,
-        help="rendezvous store port (default: the config's rendezvous_port)",
-    )
-    coordinator.add_argument("--advertise-host", default=None, help="store address peers use")
     coordinator.set_defaults(run=_coordinator)
 
     peer = commands.add_parser("peer", help="run one peer")

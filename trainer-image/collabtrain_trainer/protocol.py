@@ -23,6 +23,7 @@ Peer endpoints:
 - `POST /rounds/ready`      RoundReady -> RoundDecision     (long poll: all members present?)
 - `POST /rounds/vote`       RoundVote -> RoundDecision      (long poll: commit or abort?)
 - `POST /peers/leave`       LeaveRequest -> LeaveResponse
+- `POST /rendezvous`        StoreRequest -> StoreResponse  (a round's process-group store)
 
 A peer unknown to the coordinator (it restarted, or expired the peer) gets 409 with
 `UnknownPeer`; the peer joins again with its step and parameter hash.
@@ -149,8 +150,6 @@ class JoinResponse(Model):
     param_hash: str | None = None  # the agreed hash at `step`, when known
     sync_from: list[StateSource] = Field(default_factory=list)  # empty: start from the seed
     data_shard: int
-    store_host: str
-    store_port: int
     heartbeat_interval_s: float
 
 
@@ -205,9 +204,8 @@ class RoundAssignment(Model):
     members: list[str]  # peer ids, index == rank
     rank: int
     world_size: int
-    # Fresh per epoch, for torch.distributed.PrefixStore. Holds a secret: the rendezvous
-    # store has no authentication, so a key outside the members' knowledge is what keeps
-    # other processes from reading or forging the members' keys.
+    # Fresh per epoch, for torch.distributed.PrefixStore over the coordinator's rendezvous
+    # store (`/rendezvous`), where only this epoch's members may use keys under it.
     store_prefix: str
     deadline_seconds: float  # from the moment the round was formed
 
@@ -268,6 +266,30 @@ class RoundDecision(Model):
     # declares another, so no peer can inflate its say in the average.
     weights: list[int] | None = None
     step_certificate: str | None = None  # "commit": the certificate of the new step
+
+
+StoreKey = Annotated[str, Field(min_length=1, max_length=512)]
+StoreValue = Annotated[str, Field(max_length=1 << 17)]  # base64 of at most 96 KiB
+
+
+class StoreRequest(Model):
+    """One call of torch.distributed's Store interface, for building a round's process
+    group. The store lives in the coordinator behind this authenticated API: only members
+    of the current membership epoch may use it, and only under the epoch's key prefix
+    (`RoundAssignment.store_prefix`)."""
+
+    peer_id: PeerId
+    op: Literal["set", "get", "add", "compare_set", "delete"]
+    keys: list[StoreKey] = Field(min_length=1, max_length=64)
+    value: StoreValue | None = None  # base64: the value to set, compare_set's desired
+    expected: StoreValue | None = None  # base64: compare_set's expected ("" for absent)
+    amount: int = Field(0, ge=-(2**31), le=2**31)  # add
+    wait_seconds: Seconds = 0.0  # get: wait up to this long for every key (at most 10 s)
+
+
+class StoreResponse(Model):
+    values: list[str | None]  # base64 per key; None where the key is absent
+    counter: int | None = None  # add's new value
 
 
 class LeaveRequest(Model):

@@ -1,4 +1,4 @@
-"""The coordinator's HTTP service (aiohttp) and the rendezvous store for process groups."""
+"""The coordinator's HTTP service (aiohttp), with the rendezvous store of process groups."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import signal
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import TypeVar
 
 from aiohttp import web
@@ -19,6 +18,11 @@ from pydantic import BaseModel, ValidationError
 
 from collabtrain_trainer import credentials
 from collabtrain_trainer.config import TrainerConfig
+from collabtrain_trainer.coordinator.rendezvous import (
+    MAX_WAIT_S,
+    RendezvousRefused,
+    RendezvousStore,
+)
 from collabtrain_trainer.coordinator.state import (
     CoordinatorState,
     InvalidRequest,
@@ -43,6 +47,7 @@ from collabtrain_trainer.protocol import (
     RoundDecision,
     RoundReady,
     RoundVote,
+    StoreRequest,
     UnknownPeer,
 )
 
@@ -71,8 +76,6 @@ def identify(header: str | None, job_key: str) -> credentials.Identity | None:
 class CoordinatorSettings:
     host: str
     port: int
-    store_port: int
-    advertise_host: str  # the address peers reach the store at
 
 
 def _auth_middleware(job_key: str) -> Middleware:
@@ -153,10 +156,8 @@ class CoordinatorApp:
             config,
             now=time.monotonic(),
             job_key=job_key,
-            store_host=settings.advertise_host,
-            store_port=settings.store_port,
         )
-        self._store: object | None = None
+        self.rendezvous_store = RendezvousStore()
         self._committed_seen = 0
         meter, _ = setup_telemetry("collabtrain-coordinator", config.job, self.state.instance)
         self._round_seconds = meter.create_histogram(
@@ -205,19 +206,6 @@ class CoordinatorApp:
 
         return callback
 
-    def start_store(self) -> None:
-        # The TCPStore server runs in its own threads; torch is only needed for this.
-        from torch.distributed import TCPStore  # type: ignore[attr-defined]
-
-        self._store = TCPStore(
-            self.settings.host,
-            self.settings.store_port,
-            is_master=True,
-            wait_for_workers=False,
-            timeout=timedelta(seconds=30),
-        )
-        log.info("rendezvous store on %s:%d", self.settings.host, self.settings.store_port)
-
     def make_app(self) -> web.Application:
         app = web.Application(middlewares=[_auth_middleware(self.job_key)])
         app.router.add_get("/healthz", self.healthz)
@@ -231,6 +219,7 @@ class CoordinatorApp:
         app.router.add_post("/peers/leave", self.leave)
         app.router.add_post("/rounds/ready", self.ready)
         app.router.add_post("/rounds/vote", self.vote)
+        app.router.add_post("/rendezvous", self.rendezvous)
         app.cleanup_ctx.append(self._ticker)
         return app
 
@@ -317,6 +306,23 @@ class CoordinatorApp:
             first, lambda: self.state.poll_ready(body.round_id, time.monotonic())
         )
 
+    async def rendezvous(self, request: web.Request) -> web.Response:
+        body = await _parse(request, StoreRequest)
+        store = self.rendezvous_store
+        try:
+            store.authorize(body, self.state.rendezvous_prefix(body.peer_id))
+            answer = store.apply(body)
+            until = time.monotonic() + min(body.wait_seconds, MAX_WAIT_S)
+            # A get waits (bounded) for keys the other members have not set yet.
+            while body.op == "get" and None in answer.values and time.monotonic() < until:
+                await asyncio.sleep(_POLL_INTERVAL_S)
+                store.authorize(body, self.state.rendezvous_prefix(body.peer_id))
+                answer = store.apply(body)
+        except RendezvousRefused as error:
+            log.warning("refused /rendezvous from %s: %s", body.peer_id, error)
+            return web.json_response({"error": str(error)}, status=error.status)
+        return _reply(answer)
+
     async def vote(self, request: web.Request) -> web.Response:
         body = await _parse(request, RoundVote)
         try:
@@ -338,7 +344,6 @@ def run_coordinator(config: TrainerConfig, settings: CoordinatorSettings) -> int
         )
         return 2
     coordinator = CoordinatorApp(config, settings, job_key)
-    coordinator.start_store()
     log.info(
         "coordinator %s for job %s on %s:%d (target batch %d, max steps %d)",
         coordinator.state.instance,

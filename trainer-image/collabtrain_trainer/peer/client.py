@@ -22,6 +22,8 @@ from collabtrain_trainer.protocol import (
     RoundDecision,
     RoundReady,
     RoundVote,
+    StoreRequest,
+    StoreResponse,
     WriterReport,
 )
 
@@ -99,6 +101,13 @@ class CoordinatorClient:
     def leave(self, peer_id: str, reason: str) -> None:
         self._post(
             "/peers/leave", LeaveRequest(peer_id=peer_id, reason=reason), LeaveResponse, timeout=3.0
+        )
+
+    def rendezvous(self, request: StoreRequest) -> StoreResponse:
+        """One call on the coordinator's rendezvous store (a `get` may wait up to
+        `wait_seconds` there). Raises like the other calls; torch sees the exception."""
+        return self._post(
+            "/rendezvous", request, StoreResponse, timeout=self._timeout + request.wait_seconds
         )
 
     def await_ready(self, request: RoundReady, until: float) -> RoundDecision:

@@ -307,10 +307,8 @@ class Peer:
         self.rejoin.clear()
         if self.groups is None:
             self.groups = EpochGroups(
-                response.store_host, response.store_port, default_backend(self.device)
+                self.client.rendezvous, self.peer_id, default_backend(self.device)
             )
-        else:
-            self.groups.retarget(response.store_host, response.store_port)
         if response.data_shard != self.data_shard:
             self.data_shard = response.data_shard
             self.micro_batches = self.committed_micro_batches = 0
