@@ -130,6 +130,21 @@ def inflated_weight(rank: int, world: int) -> Outcome:
     return {"refused": None}
 
 
+def lying_about_nan(rank: int, world: int) -> Outcome:
+    """Rank 1 declares its gradient finite (skipping the check) and sends NaN."""
+    from collabtrain_trainer.averaging import exchange
+
+    grad = gradient("dense", rank, 0, 64)
+    if rank == 1:
+        exchange._status = lambda flat_grad, weight: exchange._OK  # type: ignore[assignment]
+        grad[5] = math.nan
+    try:
+        average(grad, 32.0, world_group(), ExchangeState(CODECS["int8"]))
+    except ValueError as error:
+        return {"refused": str(error)}
+    return {"refused": None}
+
+
 def nan_and_bad_weight(rank: int, world: int) -> Outcome:
     state = ExchangeState(CODECS["none"])
     outcomes: Outcome = {}
@@ -336,6 +351,12 @@ def test_a_weight_other_than_the_recorded_one_is_refused_by_every_rank(tmp_path:
         assert outcome["refused"] is not None
         assert "rank 1 declared weight 1e+12" in outcome["refused"]
         assert outcome["residual"] is None  # refused before any gradient moved
+
+
+def test_a_member_that_hides_a_nan_gets_the_round_refused_everywhere(tmp_path: Path) -> None:
+    outcomes = run(tmp_path, 3, lying_about_nan)
+    assert len(outcomes) == 3
+    assert all(o["refused"] and "not finite" in o["refused"] for o in outcomes), outcomes
 
 
 # Relative L2 error of one round's average, per codec, on data that codec suits.

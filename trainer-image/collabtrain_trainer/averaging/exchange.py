@@ -276,6 +276,11 @@ def average(
     else:
         assert state.codec is not None
         result, sent = _part_round(contribution, state, state.codec, layout, group, device)
+    if not bool(torch.isfinite(result).all()):
+        # A member declared its contribution finite and sent NaN or Inf anyway (or huge
+        # values overflowed): applying it would wreck the model on every member alike.
+        # Raised on every rank, so the round is voted down; the caller restores `state`.
+        raise ValueError("the averaged gradient is not finite; refusing the round")
     return ExchangeResult(
         average=result,
         total_weight=total,
