@@ -71,3 +71,17 @@ def test_local_runs_of_one_job_share_a_private_key(
     assert stored_job_key("other") != first
     path = tmp_path / "collabtrain" / "demo.job-key"
     assert path.stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.parametrize("job", ["../escape", "a/b", "..", ".hidden", "", "dé", "x" * 300])
+def test_a_job_name_that_is_not_a_plain_file_name_gets_no_key_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, job: str
+) -> None:
+    from collabtrain_trainer.local import stored_job_key
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    with pytest.raises(ValueError, match="cannot name its key file") as error:
+        stored_job_key(job)
+    assert repr(job) in str(error.value) and "rename the job" in str(error.value)
+    assert not list(tmp_path.rglob("*.job-key"))
+    assert stored_job_key("demo-1.v2_x")  # a plain name still works

@@ -61,8 +61,6 @@ class Harness:
             make_config(**overrides),
             now=self.now,
             job_key=JOB_KEY,
-            store_host="127.0.0.1",
-            store_port=1,
         )
         self.now += EXPIRY + 0.1  # past the start-up grace
         self.hashes: dict[str, str] = {}
@@ -179,7 +177,7 @@ def _http(
     requests: list[tuple[str, str, str | None, object]],
 ) -> list[tuple[int, dict[str, object] | str]]:
     """Send (method, path, token, json body) to a fresh coordinator app, in order."""
-    settings = CoordinatorSettings(host="127.0.0.1", port=0, store_port=1, advertise_host="x")
+    settings = CoordinatorSettings(host="127.0.0.1", port=0)
     app = CoordinatorApp(make_config(), settings, job_key=JOB_KEY).make_app()
 
     async def scenario() -> list[tuple[int, dict[str, object] | str]]:
@@ -280,7 +278,7 @@ def test_malformed_and_non_finite_fields_get_422_naming_the_field() -> None:
 
 
 def test_the_ticker_survives_a_failing_pass(caplog: pytest.LogCaptureFixture) -> None:
-    settings = CoordinatorSettings(host="127.0.0.1", port=0, store_port=1, advertise_host="x")
+    settings = CoordinatorSettings(host="127.0.0.1", port=0)
     coordinator = CoordinatorApp(make_config(), settings, job_key=JOB_KEY)
     passes: list[float] = []
 
@@ -785,3 +783,195 @@ def test_member_that_must_resync_aborts_the_unformed_round() -> None:
     assert next_round is not None
     assert h.report("c", 0, param_hash="different").action == "resync"
     assert h.state.decisions[next_round.round_id].outcome == "abort"
+
+
+# --- what one peer's word can move ------------------------------------------------------
+
+
+def _finished_with_writer(every_steps: int = 5) -> Harness:
+    """Two peers commit the only step (max_steps 1); "a" is the checkpoint writer and has
+    not written the final checkpoint yet."""
+    h = Harness(
+        max_steps=1,
+        checkpoint={"endpoint": "minio:9000", "bucket": "b", "every_steps": every_steps},
+    )
+    h.join("a")
+    h.join("b")
+    h.report("a", 50)
+    instruction = h.report("b", 50)
+    assert instruction.round is not None
+    for peer in "ab":
+        h.ready(peer, instruction.round.round_id)
+        h.vote(peer, instruction.round.round_id)
+    assert h.state.step == 1 and h.state.checkpoint_writer == "a"
+    return h
+
+
+def test_only_the_writer_reports_checkpoints_and_never_beyond_the_committed_step() -> None:
+    h = _finished_with_writer()
+    assert not h.state.run_complete(h.now)  # waits for the final checkpoint
+    forged = LastCheckpoint(step=2**53, uri="s3://b/forged", time=datetime(2100, 1, 1, tzinfo=UTC))
+    # b is not the writer: neither its results nor its writer reports count, at any step.
+    for step in (2**53, 1):
+        h.state.report(
+            ProgressReport(
+                peer_id="b",
+                step=1,
+                param_hash="h1",
+                checkpoint=CheckpointResult(step=step, uri="s3://b/forged"),
+                checkpoint_status=WriterReport(
+                    last_checkpoint=forged.model_copy(update={"step": step})
+                ),
+            ),
+            h.now,
+        )
+        h.state.heartbeat(
+            Heartbeat(
+                peer_id="b",
+                checkpoint_status=WriterReport(
+                    last_checkpoint=forged.model_copy(update={"step": step})
+                ),
+            ),
+            h.now,
+        )
+    h.state.report(
+        ProgressReport(
+            peer_id="b", step=1, param_hash="h1", checkpoint=CheckpointResult(step=1, error="no")
+        ),
+        h.now,
+    )
+    assert h.state.last_checkpoint is None and h.state.checkpoint_taken_step is None
+    assert h.state.checkpoint_error is None
+    assert not h.state.run_complete(h.now)
+    # The writer cannot report a step beyond the committed one either.
+    h.state.report(
+        ProgressReport(
+            peer_id="a",
+            step=1,
+            param_hash="h1",
+            checkpoint=CheckpointResult(step=2**53, uri="s3://b/forged"),
+            checkpoint_status=WriterReport(last_checkpoint=forged),
+        ),
+        h.now,
+    )
+    assert h.state.last_checkpoint is None and h.state.checkpoint_taken_step is None
+    # Its real final checkpoint counts, with a time no later than the coordinator's clock.
+    h.state.heartbeat(
+        Heartbeat(
+            peer_id="a",
+            checkpoint_status=WriterReport(last_checkpoint=forged.model_copy(update={"step": 1})),
+        ),
+        h.now,
+    )
+    last = h.state.last_checkpoint
+    assert last is not None and last.step == 1 and last.uri == "s3://b/forged"
+    assert last.time <= datetime.now(UTC)
+    assert h.state.run_complete(h.now)
+
+
+def test_only_the_writer_sets_the_checkpoint_error_from_a_result() -> None:
+    h = _finished_with_writer()
+    h.state.report(
+        ProgressReport(
+            peer_id="a", step=1, param_hash="h1", checkpoint=CheckpointResult(step=1, error="full")
+        ),
+        h.now,
+    )
+    assert h.state.checkpoint_error == "full"
+
+
+def test_a_drained_writer_still_reports_the_upload_of_the_snapshot_it_took() -> None:
+    h = _finished_with_writer()
+    h.state.report(
+        ProgressReport(peer_id="a", step=1, param_hash="h1", checkpoint=CheckpointResult(step=1)),
+        h.now,
+    )
+    h.state.drain(DrainRequest(peers=["a"]), h.now)
+    assert h.state.checkpoint_writer == "b"
+    done = LastCheckpoint(step=1, uri="s3://b/unit/step-1", time=datetime.now(UTC))
+    h.state.heartbeat(
+        Heartbeat(peer_id="a", checkpoint_status=WriterReport(last_checkpoint=done)), h.now
+    )
+    assert h.state.last_checkpoint == done
+
+
+def test_a_peer_that_restores_a_checkpoint_reports_it_with_its_certified_step() -> None:
+    h = Harness(checkpoint={"endpoint": "minio:9000", "bucket": "b", "every_steps": 2})
+    h.join("a")  # joined at step 0, then restored step 12 from storage
+    restored = LastCheckpoint(step=12, uri="s3://b/unit/step-12", time=datetime.now(UTC))
+    h.state.report(
+        ProgressReport(
+            peer_id="a",
+            step=12,
+            param_hash="h12",
+            step_certificate=credentials.step_certificate(JOB_KEY, 12),
+            checkpoint_status=WriterReport(last_checkpoint=restored),
+        ),
+        h.now,
+    )
+    assert h.state.step == 12 and h.state.last_checkpoint == restored
+
+
+@pytest.mark.parametrize("first", ["a", "b"])
+def test_a_tie_of_hashes_sends_nobody_to_resync(first: str) -> None:
+    h = Harness()
+    h.join("a")
+    h.join("b")
+    h.report("a", 50)
+    instruction = h.report("b", 50)
+    assert instruction.round is not None
+    for peer in "ab":
+        h.ready(peer, instruction.round.round_id)
+        h.vote(peer, instruction.round.round_id)
+    second = "b" if first == "a" else "a"
+    actions = [
+        h.report(first, 0, param_hash=f"{first}-hash").action,
+        h.report(second, 0, param_hash=f"{second}-hash").action,
+        h.report(first, 0, param_hash=f"{first}-hash").action,
+    ]
+    assert "resync" not in actions
+    assert h.state.reference_hash(1) is None and not h.state.param_hashes_agree
+    # A third peer's hash breaks the tie: the odd one out resyncs from the majority.
+    h.join("c", step=1, param_hash=f"{second}-hash")
+    instruction = h.report(first, 0, param_hash=f"{first}-hash")
+    assert instruction.action == "resync"
+    assert {s.peer_id for s in instruction.sync_from} == {second, "c"}
+
+
+def test_excluded_ranks_count_only_where_every_vote_agrees(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    h, round_id = three_peers_in_a_round()  # a 40, b 30, c 30 samples recorded
+    for peer in "abc":
+        h.ready(peer, round_id)
+    with caplog.at_level(logging.WARNING):
+        for peer, excluded in (("a", [2]), ("b", []), ("c", [])):  # a votes first
+            h.state.vote(
+                RoundVote(peer_id=peer, round_id=round_id, ok=True, excluded_ranks=excluded),
+                h.now,
+            )
+    assert h.state.step == 1 and h.state.samples_committed == 100
+    assert any("disagree on the excluded ranks" in m for m in caplog.messages)
+
+
+def test_ranks_every_vote_excludes_are_not_counted() -> None:
+    h, round_id = three_peers_in_a_round()
+    for peer in "abc":
+        h.ready(peer, round_id)
+    for peer in "abc":
+        h.state.vote(RoundVote(peer_id=peer, round_id=round_id, ok=True, excluded_ranks=[2]), h.now)
+    assert h.state.step == 1 and h.state.samples_committed == 70
+
+
+def test_credentials_that_are_not_ascii_get_401_and_422_not_500() -> None:
+    a = credentials.peer_token(JOB_KEY, "a")
+    join = {"peer_id": "a", "state_url": "http://a:1", "step": 5, "param_hash": "h5"}
+    answers = _http(
+        [
+            ("GET", "/status", "admin.é", None),
+            ("POST", "/peers/join", "peer:a.é", {"peer_id": "a", "state_url": "http://a:1"}),
+            ("POST", "/peers/join", a, {**join, "step_certificate": "é"}),
+        ]
+    )
+    assert [status for status, _ in answers] == [401, 401, 422]
+    assert "step_certificate" in str(answers[2][1])

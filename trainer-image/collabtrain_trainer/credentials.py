@@ -38,6 +38,16 @@ def _mac(key: str | bytes, *parts: str) -> str:
     return hmac.new(key_bytes, message, hashlib.sha256).hexdigest()
 
 
+def _equal(given: str, expected: str) -> bool:
+    """Constant-time comparison of a value from the wire with the one expected. Compares
+    bytes: `hmac.compare_digest` raises TypeError on a str that is not ASCII, and a value
+    that cannot even be encoded (a lone surrogate) is simply not valid."""
+    try:
+        return hmac.compare_digest(given.encode(), expected.encode())
+    except (UnicodeError, TypeError):
+        return False
+
+
 def job_key(master_key: bytes, namespace: str, name: str) -> str:
     """The job's key: the same for a job applied again under the same name, so that it
     can resume from its checkpoints."""
@@ -67,7 +77,13 @@ class Identity:
 def identify(job_key: str, token: str) -> Identity | None:
     """The identity a token proves, or None when it proves nothing."""
     identity, _, mac = token.rpartition(".")
-    if not identity or not hmac.compare_digest(mac, _mac(job_key, identity)):
+    if not identity:
+        return None
+    try:
+        expected = _mac(job_key, identity)
+    except UnicodeError:  # an identity no token was ever minted for
+        return None
+    if not _equal(mac, expected):
         return None
     if identity == ADMIN:
         return Identity(peer_id=None)
@@ -81,9 +97,7 @@ def step_certificate(job_key: str, step: int) -> str:
 
 
 def step_certified(job_key: str, step: int, certificate: str | None) -> bool:
-    return certificate is not None and hmac.compare_digest(
-        certificate, step_certificate(job_key, step)
-    )
+    return certificate is not None and _equal(certificate, step_certificate(job_key, step))
 
 
 def state_ticket(source_token: str, expires_at: int) -> str:
@@ -95,6 +109,10 @@ def state_ticket(source_token: str, expires_at: int) -> str:
 def ticket_valid(own_token: str, ticket: str, now: float) -> bool:
     """Checked by the source peer with its own token."""
     expires, _, mac = ticket.partition(".")
-    if not expires.isdigit() or int(expires) < now:
+    # ASCII digits only ("²".isdigit() is True, int("²") raises), and few of them (int()
+    # refuses thousands of digits).
+    if not (expires.isascii() and expires.isdigit() and len(expires) <= 20):
         return False
-    return hmac.compare_digest(mac, _mac(own_token, "state", expires))
+    if int(expires) < now:
+        return False
+    return _equal(mac, _mac(own_token, "state", expires))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import re
 import secrets
 import signal
 import socket
@@ -134,10 +135,20 @@ class RunTotals:
         return sum(s.rounds_aborted for s in self.instances.values())
 
 
+_PLAIN_FILE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}")
+
+
 def stored_job_key(job: str) -> str:
     """The job key of local runs of `job`, made once and kept with mode 0600 under
     `${XDG_STATE_HOME:-~/.local/state}/collabtrain/`, so that a later run of the same job
-    resumes its checkpoints (their step certificates verify only with the same key)."""
+    resumes its checkpoints (their step certificates verify only with the same key).
+
+    The job's name becomes the file's name, so it must be a plain file name."""
+    if not _PLAIN_FILE_NAME.fullmatch(job):
+        raise ValueError(
+            f"job name {job!r} cannot name its key file: use at most 200 letters, digits, "
+            "'.', '_' and '-', not starting with '.' (rename the job in its config)"
+        )
     state_home = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
     path = state_home / "collabtrain" / f"{job}.job-key"
     path.parent.mkdir(parents=True, exist_ok=True)

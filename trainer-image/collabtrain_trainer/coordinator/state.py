@@ -129,8 +129,6 @@ class CoordinatorState:
         *,
         now: float,
         job_key: str,
-        store_host: str,
-        store_port: int,
         instance: str | None = None,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
@@ -139,8 +137,6 @@ class CoordinatorState:
         self.wall_clock = wall_clock  # state tickets expire in Unix time
         self.timing = config.timing
         self.instance = instance or secrets.token_hex(4)
-        self.store_host = store_host
-        self.store_port = store_port
         self.started_at = now
         # After a restart, give peers time to re-register before forming a round.
         self.rounds_not_before = now + self.timing.peer_expiry_s
@@ -152,7 +148,6 @@ class CoordinatorState:
         self.epoch = 0
         self.epoch_members: tuple[str, ...] = ()
         self.epoch_usable = False  # the last epoch's process group is still healthy
-        self.epoch_secret = ""
         self.last_abort_at = float("-inf")
         self.rounds_aborted = 0
         self.deadline = AdaptiveDeadline(
@@ -182,6 +177,13 @@ class CoordinatorState:
         # Staleness counts from here until a checkpoint is known (the step this instance
         # started from, so a restarted coordinator does not call a fresh run stale).
         self.checkpoint_base_step = 0
+        # The step this instance last adopted from its peers instead of committing it: any
+        # peer may report a checkpoint it restored from up to here (see `_vouched`).
+        self.restored_step = 0
+        # Snapshots the writer of the time said it took, by step: that peer may report the
+        # upload done later, even when it is no longer the writer (it drains).
+        self.snapshot_takers: dict[int, str] = {}
+        self.ignored_checkpoints: set[tuple[str, int]] = set()  # reported, not vouched for
         self.round_durations: list[float] = []
 
     # --- queries ---------------------------------------------------------------------
@@ -211,11 +213,16 @@ class CoordinatorState:
         return record is not None and now - record.last_seen <= self.timing.peer_expiry_s
 
     def reference_hash(self, step: int) -> str | None:
-        """The hash most peers reported at `step` (the earliest on a tie)."""
+        """The hash most peers reported at `step`; None without a strict plurality. On a
+        tie nobody is told to resync for a hash difference: breaking it by who reported
+        first would let a liar who reports first send the honest peers to itself."""
         reported = self.hashes.get(step)
         if not reported:
             return None
-        return Counter(reported.values()).most_common(1)[0][0]
+        ranked = Counter(reported.values()).most_common(2)
+        if len(ranked) > 1 and ranked[0][1] == ranked[1][1]:
+            return None
+        return ranked[0][0]
 
     def in_sync(self, record: PeerRecord) -> bool:
         """At the current step with the agreed parameters. A member of the round that just
@@ -248,6 +255,16 @@ class CoordinatorState:
             )
             for r in candidates
         ]
+
+    @property
+    def epoch_prefix(self) -> str:
+        """The rendezvous store's key prefix of the current membership epoch."""
+        return f"collabtrain/{self.instance}/epoch{self.epoch}/"
+
+    def rendezvous_prefix(self, peer_id: str) -> str | None:
+        """The prefix `peer_id` may use in the rendezvous store: its epoch's, if it is a
+        member of the current one."""
+        return self.epoch_prefix if peer_id in self.epoch_members else None
 
     def certificate(self, step: int) -> str | None:
         return credentials.step_certificate(self.job_key, step) if step > 0 else None
@@ -313,8 +330,6 @@ class CoordinatorState:
             param_hash=self.reference_hash(self.step),
             sync_from=self.sources(now, exclude=request.peer_id),
             data_shard=record.data_shard,
-            store_host=self.store_host,
-            store_port=self.store_port,
             heartbeat_interval_s=self.timing.heartbeat_interval_s,
         )
 
@@ -382,6 +397,7 @@ class CoordinatorState:
         else:
             log.warning("adopting step %d (was %d): %s", step, self.step, why)
         self.step = step
+        self.restored_step = step
         if self.last_checkpoint is None:
             self.checkpoint_base_step = step
         if self.round is not None and self.round.outcome is None:
@@ -409,12 +425,13 @@ class CoordinatorState:
             record.draining = True
             self.draining.add(report.peer_id)
             self._choose_checkpoint_writer(now)
+        if report.step > self.step:
+            self._adopt(report.step, f"peer {report.peer_id} holds certified step {report.step}")
+        # After the adoption: a restored peer reports the checkpoint of the step it showed.
         if report.checkpoint is not None:
             self._record_checkpoint(report.peer_id, report.checkpoint, now)
         if report.checkpoint_status is not None:
             self._record_writer_report(report.peer_id, report.checkpoint_status)
-        if report.step > self.step:
-            self._adopt(report.step, f"peer {report.peer_id} holds certified step {report.step}")
         self._record_hash(report.peer_id, report.step, report.param_hash)
         if self.in_sync(record):
             record.syncing_since = None
@@ -556,14 +573,12 @@ class CoordinatorState:
             self.epoch += 1
             self.epoch_members = member_ids
             self.epoch_usable = True
-            # Only the members learn it (their assignment): see RoundAssignment.store_prefix.
-            self.epoch_secret = secrets.token_hex(16)
         deadline = self.deadline.seconds
         self.round = Round(
             round_id=self.next_round_id,
             step=self.step,
             epoch=self.epoch,
-            store_prefix=f"collabtrain/{self.instance}/epoch{self.epoch}/{self.epoch_secret}/",
+            store_prefix=self.epoch_prefix,
             members=member_ids,
             created_at=now,
             deadline_at=now + deadline,
@@ -592,8 +607,11 @@ class CoordinatorState:
         current.ready.add(request.peer_id)
         if current.formed and current.weights is None:
             # Every member is here and trains no more until the round ends: what it last
-            # reported is what it holds. Capped at the target batch, so that no member
-            # outweighs everyone else put together by reporting samples it never trained.
+            # reported is what it holds. Capped at the target batch: one member's weight in
+            # a round is at most the target batch, however many samples it claims. That
+            # bounds what a member gains by reporting samples it never trained; it does not
+            # stop one member from outweighing all the others put together (the others'
+            # weights can sum to less than the target batch).
             cap = self.config.target_batch_size
             current.weights = tuple(
                 min(self.peers[m].samples, cap) if m in self.peers else 0 for m in current.members
@@ -731,7 +749,7 @@ class CoordinatorState:
         self.step = current.step + 1
         # Count what this coordinator recorded, never what the votes claim.
         weights = current.weights or tuple(0 for _ in current.members)
-        excluded = set(votes[0].excluded_ranks) if votes else set()
+        excluded = self._agreed_exclusions(current, votes)
         total_weight = sum(w for rank, w in enumerate(weights) if rank not in excluded)
         self.samples_committed += total_weight
         by_member = dict(zip(current.members, weights, strict=True))
@@ -747,7 +765,7 @@ class CoordinatorState:
         # Every member sent the same number of bytes per rank-pair; sum what each reported.
         self.bytes_sent += sum(v.bytes_sent for v in votes)
         self.bytes_fp32_equivalent += sum(v.bytes_fp32_equivalent for v in votes)
-        for rank in sorted(excluded):  # every member reports the same exclusions
+        for rank in sorted(excluded):
             log.warning(
                 "round %d: %s excluded: it sent a non-finite gradient (NaN or Inf)",
                 current.round_id,
@@ -772,6 +790,22 @@ class CoordinatorState:
             f"{self.loss:.4f}" if self.loss is not None else "n/a",
         )
 
+    def _agreed_exclusions(self, current: Round, votes: list[RoundVote]) -> set[int]:
+        """The ranks every vote excluded: no one member's word decides what is counted.
+        Honest members all exclude the same ranks; a disagreement is logged."""
+        if not votes:
+            return set()
+        claimed = [set(v.excluded_ranks) for v in votes]
+        agreed = set.intersection(*claimed)
+        if any(c != agreed for c in claimed):
+            log.warning(
+                "round %d: members disagree on the excluded ranks (%s); counting only %s",
+                current.round_id,
+                ", ".join(f"{v.peer_id}: {sorted(c)}" for v, c in zip(votes, claimed, strict=True)),
+                sorted(agreed),
+            )
+        return agreed
+
     # --- checkpoints -----------------------------------------------------------------
 
     def _choose_checkpoint_writer(self, now: float) -> None:
@@ -789,28 +823,84 @@ class CoordinatorState:
         self.checkpoint_writer = chosen
 
     def _record_checkpoint(self, peer_id: str, result: CheckpointResult, now: float) -> None:
+        """The writer took, wrote or failed a checkpoint. Only the current writer's word,
+        and only of a step this coordinator holds: another peer could otherwise stop the
+        periodic checkpoints, hide staleness or end the run before its last checkpoint."""
+        if peer_id != self.checkpoint_writer or result.step > self.step:
+            log.warning(
+                "ignored a checkpoint result of step %d from %s (writer %s, step %d)",
+                result.step,
+                peer_id,
+                self.checkpoint_writer or "none",
+                self.step,
+            )
+            return
         if self.checkpoint_due_step == result.step:
             self.checkpoint_due_step = None
-        if not result.error:
-            self.checkpoint_taken_step = max(self.checkpoint_taken_step or 0, result.step)
         if result.error:
             self.checkpoint_error = result.error
             log.error("checkpoint of step %d by %s failed: %s", result.step, peer_id, result.error)
-        elif result.uri:
+            return
+        self.checkpoint_taken_step = max(self.checkpoint_taken_step or 0, result.step)
+        self.snapshot_takers[result.step] = peer_id
+        for old in sorted(self.snapshot_takers)[:-_HASH_HISTORY]:
+            del self.snapshot_takers[old]
+        if result.uri:
             self.checkpoint_error = None
             self._note_checkpoint(
-                LastCheckpoint(step=result.step, uri=result.uri, time=datetime.now(UTC))
+                LastCheckpoint(step=result.step, uri=result.uri, time=self._wall_time())
             )
 
+    def _wall_time(self) -> datetime:
+        return datetime.fromtimestamp(self.wall_clock(), UTC)
+
+    def _vouched(self, peer_id: str, step: int) -> bool:
+        """Whether `peer_id` may tell of a complete checkpoint of `step`: never beyond the
+        committed step; the current writer; the peer that took that snapshot as the writer
+        (its upload finishes later); any peer for a step up to the one this coordinator
+        adopted after a restart (the checkpoint a peer restored from)."""
+        if step > self.step:
+            return False
+        return (
+            peer_id == self.checkpoint_writer
+            or self.snapshot_takers.get(step) == peer_id
+            or step <= self.restored_step
+        )
+
     def _note_checkpoint(self, checkpoint: LastCheckpoint) -> None:
-        """Keep the newest complete checkpoint any peer reported (never move back)."""
+        """Keep the newest complete checkpoint reported (never move back), with a time no
+        later than this coordinator's clock."""
+        reported = checkpoint.time
+        if reported.tzinfo is None:
+            reported = reported.replace(tzinfo=UTC)
+        stamped = min(reported, self._wall_time())
+        if stamped != checkpoint.time or stamped.tzinfo != checkpoint.time.tzinfo:
+            checkpoint = checkpoint.model_copy(update={"time": stamped})
         if self.last_checkpoint is None or checkpoint.step > self.last_checkpoint.step:
             self.last_checkpoint = checkpoint
         self.checkpoint_taken_step = max(self.checkpoint_taken_step or 0, checkpoint.step)
 
     def _record_writer_report(self, peer_id: str, report: WriterReport) -> None:
-        if report.last_checkpoint is not None:
-            self._note_checkpoint(report.last_checkpoint)
+        last = report.last_checkpoint
+        known = self.last_checkpoint.step if self.last_checkpoint is not None else -1
+        if last is not None and self._vouched(peer_id, last.step):
+            self._note_checkpoint(last)
+        elif (
+            last is not None
+            and last.step > known
+            # Repeated with every heartbeat: said once per peer and step.
+            and (peer_id, last.step) not in self.ignored_checkpoints
+        ):
+            if len(self.ignored_checkpoints) > 1024:
+                self.ignored_checkpoints.clear()
+            self.ignored_checkpoints.add((peer_id, last.step))
+            log.warning(
+                "ignored %s's report of a checkpoint of step %d (writer %s, step %d)",
+                peer_id,
+                last.step,
+                self.checkpoint_writer or "none",
+                self.step,
+            )
         # Only the current writer's troubles describe the checkpoints being written now.
         if peer_id == self.checkpoint_writer:
             if report.stale != self.checkpoint_writer_stale or (

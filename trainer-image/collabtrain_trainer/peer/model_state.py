@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 from typing import Any
@@ -66,8 +67,22 @@ def serialize_state(model: nn.Module, optimizer: torch.optim.Optimizer, step: in
 
 
 def load_state(data: bytes, model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
-    """Load what `serialize_state` wrote into the model and optimizer; return its step."""
+    """Load what `serialize_state` wrote into the model and optimizer; return its step.
+
+    The optimizer keeps its own hyperparameters (lr, betas, weight decay, ...: everything
+    in a param group but its parameters): they come from the job's config, and the
+    parameter hash that vouches for a source's state does not cover them, so a source
+    could otherwise set them (say lr=1e6). Only the per-parameter state (moments) is the
+    source's."""
     state: dict[str, Any] = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    own = [
+        {key: copy.deepcopy(value) for key, value in group.items() if key != "params"}
+        for group in optimizer.param_groups
+    ]
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
+    for group, settings in zip(optimizer.param_groups, own, strict=True):
+        for key in [k for k in group if k != "params" and k not in settings]:
+            del group[key]  # a setting only the source had
+        group.update(settings)
     return int(state["step"])

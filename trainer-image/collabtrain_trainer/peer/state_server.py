@@ -14,11 +14,12 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import requests
+import urllib3
 
 from collabtrain_trainer import credentials
 from collabtrain_trainer.observability import CONTENT_TYPE_LATEST, metrics_text
@@ -135,16 +136,24 @@ def make_snapshot(
 
 
 def fetch_state(
-    state_url: str, ticket: str, max_bytes: int, timeout_s: float = 30.0
+    state_url: str,
+    ticket: str,
+    max_bytes: int,
+    timeout_s: float = 30.0,
+    deadline_s: float = 120.0,
 ) -> StateSnapshot:
     """Stream a peer's state, checking the body's sha256 as it arrives; refuse a body
-    larger than `max_bytes` before reading past it."""
+    larger than `max_bytes` before reading past it, and give up on a source that has not
+    sent it all within `deadline_s` (`timeout_s` bounds each read only: a source
+    trickling a byte per read would otherwise hold the newcomer forever)."""
+    give_up_at = time.monotonic() + deadline_s
     try:
         with requests.get(
             state_url.rstrip("/") + "/state",
             headers={TOKEN_HEADER: f"Bearer {ticket}"},
             stream=True,
-            timeout=timeout_s,
+            # No single read outlasts the deadline either.
+            timeout=(timeout_s, min(timeout_s, deadline_s)),
             allow_redirects=False,  # the ticket goes to the source and nowhere else
         ) as response:
             if response.status_code != 200:
@@ -161,7 +170,12 @@ def fetch_state(
             digest = hashlib.sha256()
             chunks = []
             received = 0
-            for chunk in response.iter_content(_CHUNK):
+            for chunk in _chunks(response):
+                if time.monotonic() > give_up_at:
+                    raise StateTransferError(
+                        f"state from {state_url} not received within {deadline_s:g}s "
+                        f"({received} bytes so far); giving up on this source"
+                    )
                 received += len(chunk)
                 if received > max_bytes:
                     raise StateTransferError(
@@ -169,7 +183,7 @@ def fetch_state(
                     )
                 digest.update(chunk)
                 chunks.append(chunk)
-    except (requests.RequestException, KeyError, ValueError) as error:
+    except (requests.RequestException, urllib3.exceptions.HTTPError, KeyError, ValueError) as error:
         raise StateTransferError(f"fetching state from {state_url} failed: {error}") from error
     if digest.hexdigest() != expected_sha:
         raise StateTransferError(f"state from {state_url} is corrupt: sha256 mismatch")
@@ -181,3 +195,16 @@ def fetch_state(
         sha256=expected_sha,
         step_certificate=certificate[:128] if certificate else None,
     )
+
+
+def _chunks(response: requests.Response) -> Iterator[bytes]:
+    """The body as it arrives: each chunk is what one read of the socket returned (at most
+    `_CHUNK` bytes), so the caller sees time pass even when the source sends a byte at a
+    time. (`iter_content` waits for a whole chunk before it yields.)"""
+    raw = response.raw
+    read1 = getattr(raw, "read1", None)
+    if read1 is None:  # urllib3 before 2.1: whole chunks
+        yield from response.iter_content(_CHUNK)
+        return
+    while chunk := read1(_CHUNK):
+        yield chunk
