@@ -158,7 +158,11 @@ def _local(args: argparse.Namespace) -> int:
     config = _local_config(args)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="collabtrain-local-"))
     # With checkpoints, a later run of the same job resumes them: it needs the same key.
-    job_key = stored_job_key(config.job) if config.checkpoint is not None else None
+    try:
+        job_key = stored_job_key(config.job) if config.checkpoint is not None else None
+    except ValueError as error:
+        print(error, file=sys.stderr)
+        return 2
     cluster = LocalCluster(config, workdir, job_key=job_key)
     stopping: list[int] = []
 
