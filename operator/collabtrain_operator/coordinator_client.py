@@ -74,6 +74,21 @@ def _describe(error: Exception) -> str:
     return f"{type(error).__name__}: {str(error)[:200]}"
 
 
+async def _read_bounded(response: aiohttp.ClientResponse, limit: int) -> bytes | None:
+    """The whole body, read to its end; None as soon as it is known to exceed `limit`
+    bytes (by its Content-Length, or while reading), without reading the rest.
+    (`StreamReader.read(n)` is no substitute: it returns what is buffered so far, so a
+    body that arrives in several pieces would be cut short.)"""
+    if response.content_length is not None and response.content_length > limit:
+        return None
+    body = bytearray()
+    async for chunk in response.content.iter_chunked(64 * 1024):
+        body += chunk
+        if len(body) > limit:
+            return None
+    return bytes(body)
+
+
 class CoordinatorClient:
     def __init__(self, session: aiohttp.ClientSession, *, timeout_seconds: float = 3.0) -> None:
         self._session = session
@@ -124,13 +139,13 @@ class CoordinatorClient:
                 if response.status != 200:
                     logger.debug("coordinator %s %s answered %s", method, url, response.status)
                     return None
-                body = await response.content.read(MAX_RESPONSE_BYTES + 1)
+                body = await _read_bounded(response, MAX_RESPONSE_BYTES)
         except (aiohttp.ClientError, TimeoutError) as error:
             # The URL and the error type only: the token must never reach a log.
             logger.debug("coordinator %s %s unreachable: %s", method, url, type(error).__name__)
             return None
         try:
-            if len(body) > MAX_RESPONSE_BYTES:
+            if body is None:
                 raise MalformedAnswer(f"the answer is larger than {MAX_RESPONSE_BYTES} bytes")
             return parse_answer(body.decode("utf-8"), response_model)
         except (ValueError, ValidationError) as error:  # JSON, UTF-8 and model errors

@@ -220,6 +220,33 @@ def runtime_of(memo: kopf.Memo) -> Runtime:
     return runtime
 
 
+def warn_if_operator_shut_out(options: OperatorOptions) -> None:
+    """One warning at start-up when the jobs' NetworkPolicies will not let the operator
+    in: without its namespace and pod labels they name no operator pods. Not an error:
+    runs outside the chart (the bench, a local run) have neither, and a CNI that does not
+    enforce NetworkPolicy lets the operator through anyway."""
+    if not options.network_policies or options.network_access.operator_peer() is not None:
+        return
+    missing = [
+        variable
+        for variable, value in (
+            (OPERATOR_NAMESPACE_ENV, options.network_access.operator_namespace),
+            (OPERATOR_POD_LABELS_ENV, options.network_access.operator_labels),
+        )
+        if not value
+    ]
+    logging.getLogger(__name__).warning(
+        "%s not set: the jobs' NetworkPolicies will let no operator pod reach the "
+        "coordinators, so on a CNI that enforces NetworkPolicy the operator cannot read "
+        "a coordinator's /status (progress, completion) nor ask it to drain or checkpoint. "
+        "Set %s and %s (the Helm chart sets both), or %s=false",
+        " and ".join(missing),
+        OPERATOR_NAMESPACE_ENV,
+        OPERATOR_POD_LABELS_ENV,
+        NETWORK_POLICIES_ENV,
+    )
+
+
 @kopf.on.startup()
 async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     try:
@@ -227,13 +254,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
         master_key = read_master_key(options.master_key_file)
     except ConfigurationError as error:
         raise kopf.PermanentError(str(error)) from None
-    if options.network_policies and options.network_access.operator_peer() is None:
-        logging.getLogger(__name__).warning(
-            "%s and %s are not set: the jobs' NetworkPolicies will not let the operator "
-            "reach the coordinators (the chart sets both)",
-            OPERATOR_NAMESPACE_ENV,
-            OPERATOR_POD_LABELS_ENV,
-        )
+    warn_if_operator_shut_out(options)
     # Progress and diff-base live in our own annotations: status belongs to users.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=api.GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
@@ -675,6 +696,7 @@ class Reconciler:
                 self.namespace,
                 spec,
                 job_uid=self.uid,
+                key_fingerprint=rendering.key_fingerprint(job_key),
                 replicas=plan.coordinator_replicas,
             ),
         ]
@@ -688,9 +710,11 @@ class Reconciler:
                     raise
                 self._invalid(generation, f"{child['kind']} refused: {error.message}")
                 return
-        # Created, never replaced: one that exists holds the same derived key. Owned by
-        # the Deployment, so it goes when the Deployment goes (the TTL, a hand delete);
-        # the kubelet holds the coordinator's container until the Secret exists.
+        # Created, never replaced: one that exists holds the same derived key (its name
+        # carries the key's fingerprint, so a new master key makes a new Secret, which
+        # the Deployment just applied refers to). Owned by the Deployment, so it goes
+        # when the Deployment goes (the TTL, a hand delete); the kubelet holds the
+        # coordinator's container until the Secret exists.
         deployment = applied["Deployment"]["metadata"]
         secret = rendering.build_job_key_secret(
             self.name,

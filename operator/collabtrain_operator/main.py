@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if arguments.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
+    # With --namespace kopf would peer through namespaced KopfPeering objects; the start-up
+    # handler (handlers.configure) keeps peering on the chart's ClusterKopfPeering.
     asyncio.run(
         kopf.operator(
             clusterwide=not arguments.namespace,

@@ -7,6 +7,7 @@ is decided here, so that it can be tested without a cluster.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -112,13 +113,33 @@ def incarnation(job_uid: str) -> str:
     return tag
 
 
-def job_key_secret(job: str, job_uid: str) -> str:
-    """The job's key, read by the coordinator only."""
-    return f"{job}-job-key-{incarnation(job_uid)}"
+def key_fingerprint(job_key: str) -> str:
+    """Eight hex digits that tell one job key from another without revealing it (an HMAC
+    keyed by the job key, of a message no credential is a MAC of)."""
+    return hmac.new(job_key.encode(), b"fingerprint", hashlib.sha256).hexdigest()[:8]
+
+
+def job_key_secret(job: str, job_uid: str, key_fingerprint: str) -> str:
+    """The job's key, read by the coordinator only. The name ends in the key's
+    fingerprint: the job key is derived from the operator's master key, and when that
+    key is replaced, the job's key changes with it. The operator can neither read nor
+    replace a Secret, so a new key must be a new Secret: the coordinator Deployment's
+    environment then names the new one, and the changed pod template rolls it. The old
+    Secret stays, unused, until the Deployment is deleted (its owner: the garbage
+    collector then takes both)."""
+    if not key_fingerprint:
+        raise ValueError("a job key's Secret needs the key's fingerprint")
+    return f"{job}-job-key-{incarnation(job_uid)}-{key_fingerprint}"
 
 
 def peer_token_secret(pod_name: str, job_uid: str) -> str:
-    """One peer pod's own token (owned by that pod)."""
+    """One peer pod's own token (owned by that pod). No key fingerprint in the name: it
+    follows a new master key by itself, since each pod has a name of its own (slot and
+    attempt) and a pod made after the change gets a Secret made with the new job key. A
+    pod's spec cannot change, so a pod made before the change keeps the token it has
+    (or, if its Secret was not made yet, gets one of the new key under the name it
+    already refers to); with the new key the coordinator refuses the old tokens, those
+    peers end, and the operator replaces them (each counted as a failure)."""
     return f"{pod_name}-token-{incarnation(job_uid)}"
 
 
@@ -235,13 +256,14 @@ def build_job_key_secret(
 ) -> KubeObject:
     """The job's key (credentials.job_key), for the coordinator. The operator derives it
     again whenever it needs it, so it never reads this Secret back: one that exists
-    already holds the same value. Owned by the coordinator's Deployment (`owner_name`,
-    `owner_uid`), the only reader: deleting the Deployment deletes it."""
+    already holds the same value (its name carries the key's fingerprint). Owned by the
+    coordinator's Deployment (`owner_name`, `owner_uid`), the only reader: deleting the
+    Deployment deletes it."""
     return {
         "apiVersion": "v1",
         "kind": "Secret",
         "metadata": {
-            "name": job_key_secret(job, job_uid),
+            "name": job_key_secret(job, job_uid, key_fingerprint(job_key)),
             "namespace": namespace,
             "labels": common_labels(job, "job-key"),
             "ownerReferences": [
@@ -329,12 +351,12 @@ def _peer_env(job: str, job_uid: str, pod_name: str, spec: JobSpec) -> list[Kube
     return env
 
 
-def _coordinator_env(job: str, job_uid: str) -> list[KubeObject]:
+def _coordinator_env(job: str, job_uid: str, key_fingerprint: str) -> list[KubeObject]:
     """The coordinator's environment: the job's key. No S3 credentials: it never
     touches the checkpoints (peers write and read them)."""
     return [
         {"name": "COLLABTRAIN_JOB", "value": job},
-        _secret_env(JOB_KEY_ENV, job_key_secret(job, job_uid), JOB_KEY_KEY),
+        _secret_env(JOB_KEY_ENV, job_key_secret(job, job_uid, key_fingerprint), JOB_KEY_KEY),
     ]
 
 
@@ -506,10 +528,11 @@ def build_peer_pod(
 
 
 def build_coordinator_deployment(
-    job: str, namespace: str, spec: JobSpec, *, job_uid: str, replicas: int
+    job: str, namespace: str, spec: JobSpec, *, job_uid: str, key_fingerprint: str, replicas: int
 ) -> KubeObject:
     """One coordinator on on-demand capacity. `Recreate`: two coordinators at once would
-    split the membership. `job_uid` names the job key's Secret."""
+    split the membership. `job_uid` and `key_fingerprint` (of the job key) name the job
+    key's Secret."""
     names = ChildNames(job)
     coordinator = spec.coordinator
     config_json = trainer_config_json(job, namespace, spec)
@@ -528,7 +551,7 @@ def build_coordinator_deployment(
             {"name": name, "containerPort": port, "protocol": "TCP"}
             for name, port in COORDINATOR_PORTS.items()
         ],
-        "env": _coordinator_env(job, job_uid),
+        "env": _coordinator_env(job, job_uid, key_fingerprint),
         "resources": _resources(coordinator.resources),
         "volumeMounts": mounts,
         "securityContext": container_security_context(),
@@ -620,6 +643,22 @@ DNS_PORTS: list[KubeObject] = [{"protocol": "UDP", "port": 53}, {"protocol": "TC
 # Every TCP port: gloo's and NCCL's data connections between peers, and each peer's
 # state server, use ephemeral ports.
 ALL_TCP: list[KubeObject] = [{"protocol": "TCP"}]
+# Where the checkpoint endpoint may be: any address but the link-local ones, where the
+# clouds' instance metadata services answer (169.254.169.254, fd00:ec2::254 on AWS) and
+# hand out the node's credentials. IPv6 too, for IPv6 and dual-stack clusters: AWS's
+# IPv6 metadata address is a unique-local one, excluded alone (a cluster's own IPv6
+# addresses are often unique-local too). Any pod as well: a CNI may not apply ipBlocks
+# to pods (Cilium does not), and the endpoint may be a MinIO in the cluster.
+METADATA_EXCLUDED_V4 = ("169.254.0.0/16",)
+METADATA_EXCLUDED_V6 = ("fe80::/10", "fd00:ec2::254/128")
+
+
+def _anywhere_but_metadata() -> list[KubeObject]:
+    return [
+        {"ipBlock": {"cidr": "0.0.0.0/0", "except": list(METADATA_EXCLUDED_V4)}},
+        {"ipBlock": {"cidr": "::/0", "except": list(METADATA_EXCLUDED_V6)}},
+        {"namespaceSelector": {}},
+    ]
 
 
 @dataclass(frozen=True)
@@ -664,9 +703,10 @@ def build_network_policies(
     reach every peer (all TCP) and the peers reach the coordinator's ports; the operator
     reaches the coordinator's HTTP port; the metrics scraper reaches /metrics (the
     coordinator's HTTP port, and the peers' state servers on their ephemeral ports).
-    Out of the job: DNS, and for peers the checkpoint endpoint's port to any address (a
-    NetworkPolicy can only name addresses, and the endpoint is a host name that may
-    resolve anywhere). Kubelet probes come from the node, which CNIs let through."""
+    Out of the job: DNS, and for peers the checkpoint endpoint's port to any address but
+    the link-local ones of the cloud metadata services (a NetworkPolicy can only name
+    addresses, and the endpoint is a host name that may resolve anywhere). Kubelet probes
+    come from the node, which CNIs let through."""
     names = ChildNames(job)
     job_pods = {"podSelector": {"matchLabels": {LABEL_JOB: job}}}
     peers = {"podSelector": {"matchLabels": selector_labels(job, PEER)}}
@@ -691,7 +731,7 @@ def build_network_policies(
     ]
     s3_port = checkpoint_port(spec)
     if s3_port is not None:
-        peer_egress.append({"ports": _tcp(s3_port)})
+        peer_egress.append({"to": _anywhere_but_metadata(), "ports": _tcp(s3_port)})
 
     def policy(
         name: str, component: str, ingress: list[KubeObject], egress: list[KubeObject]

@@ -71,8 +71,8 @@ def test_helm_install_upgrade_and_uninstall_on_a_fresh_cluster(
         return result
 
     # Fresh as far as the chart's kinds go: no peering CRD (the regression: Helm cannot
-    # map a ClusterKopfPeering whose CRD is a template of the same release). Nothing in
-    # the test bed uses kopf peering; the operator runs standalone in the other tests.
+    # map a ClusterKopfPeering whose CRD is a template of the same release). No other
+    # test needs it left in place: test_operator.py's helm install brings it back.
     kubectl("delete", "crd", PEERING_CRD, "--ignore-not-found", "--wait=true")
     if exists(kubectl, "crd", JOB_CRD):
         # Applied by another test: hand it over the way the chart's README documents.

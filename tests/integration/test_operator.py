@@ -207,10 +207,12 @@ def operator_env(
 
 
 @contextmanager
-def running_operator(namespace: str) -> Iterator[KopfRunner]:
+def running_operator(namespace: str, peering: str | None = None) -> Iterator[KopfRunner]:
+    """The operator watching `namespace` only: standalone, or with the chart's
+    ClusterKopfPeering object `peering`."""
     args = [
         "run",
-        "--standalone",
+        f"--peering={peering}" if peering else "--standalone",
         f"--namespace={namespace}",
         "-m",
         "collabtrain_operator.handlers",
@@ -273,7 +275,8 @@ class Cluster:
         return credentials.job_key(MASTER_KEY, self.namespace, job)
 
     def job_key_secret(self, job: str) -> str:
-        return rendering.job_key_secret(job, self.job(job)["metadata"]["uid"])
+        fingerprint = rendering.key_fingerprint(self.job_key(job))
+        return rendering.job_key_secret(job, self.job(job)["metadata"]["uid"], fingerprint)
 
     def token_secret(self, job: str, pod: str) -> str:
         return rendering.peer_token_secret(pod, self.job(job)["metadata"]["uid"])
@@ -492,6 +495,32 @@ def test_job_gets_its_children_with_the_right_placement(
     # A job may turn its NetworkPolicies off: they go.
     cluster.patch_spec("place", {"networkPolicy": {"enabled": False}})
     wait_for(lambda: not cluster.network_policy_names("place"), "the NetworkPolicies deleted")
+
+
+def test_network_policies_with_a_checkpoint_endpoint_are_accepted(cluster: Cluster) -> None:
+    """The peers' egress to the checkpoint endpoint names address blocks (all but the
+    link-local ones of the cloud metadata services, IPv4 and IPv6) and all pods: the API
+    server validates CIDRs and their exceptions, so it must accept what is rendered."""
+    from collabtrain_operator.api import JobSpec
+
+    body = job_manifest(
+        "s3", checkpoint={"endpoint": "s3.example.com", "bucket": "ckpt", "everySteps": 5}
+    )
+    spec = JobSpec.model_validate(body["spec"])
+    access = rendering.NetworkAccess(
+        operator_namespace="collabtrain-system", operator_labels=OPERATOR_LABELS
+    )
+    for policy in rendering.build_network_policies("s3", cluster.namespace, spec, access):
+        accepted = cluster.networking.create_namespaced_network_policy(
+            cluster.namespace, policy, dry_run="All"
+        )
+        if policy["metadata"]["name"] == "s3-peers":
+            (s3_rule,) = [rule for rule in accepted.spec.egress if rule.to and len(rule.to) == 3]
+            blocks = {peer.ip_block.cidr: peer.ip_block._except for peer in s3_rule.to[:2]}
+            assert blocks == {
+                "0.0.0.0/0": ["169.254.0.0/16"],
+                "::/0": ["fe80::/10", "fd00:ec2::254/128"],
+            }
 
 
 def api_requests(metrics: str) -> float:
@@ -970,7 +999,10 @@ def test_helm_install_gives_the_operator_exactly_the_permissions_it_needs(
     """helm install creates the CRD and the operator's objects; the operator then runs
     as the chart's ServiceAccount, with the chart's Role in the one namespace it watches
     (watchNamespaces), so a verb missing from the RBAC fails here: pods, their token
-    Secrets, the job key's Secret, NetworkPolicies, the budget, status, Events."""
+    Secrets, the job key's Secret, NetworkPolicies, the budget, status, Events. With
+    peering on, as the chart installs it: watching one namespace must not make kopf
+    look for namespaced KopfPeering objects, which the chart neither ships nor grants
+    (kopf would pause every watch, waiting for their CRD)."""
     from kubernetes import client
 
     release = f"ct-{secrets.token_hex(3)}"
@@ -994,10 +1026,10 @@ def test_helm_install_gives_the_operator_exactly_the_permissions_it_needs(
     )  # fmt: skip
     installed = helm(
         "install", release, str(CHART), f"--namespace={namespace}",
-        # No image to run here: the operator runs in-process below, standalone, so it
-        # needs no peering object (test_chart_install.py installs the defaults).
+        # No image to run here: the operator runs in-process below, with the chart's
+        # peering object (a name of its own, for isolation).
         "--set", "replicaCount=0",
-        "--set", "peering.enabled=false",
+        "--set", f"peering.name={release}",
         "--set", f"watchNamespaces={{{namespace}}}",
         "--wait", "--timeout=120s",
     )  # fmt: skip
@@ -1017,12 +1049,18 @@ def test_helm_install_gives_the_operator_exactly_the_permissions_it_needs(
         assert core.read_namespaced_service(f"{release}-collabtrain-metrics", namespace)
         rbac: Any = client.RbacAuthorizationV1Api(api_client)
         assert rbac.read_namespaced_role(account, namespace).rules
+        custom: Any = client.CustomObjectsApi(api_client)
+        assert not [
+            crd.metadata.name
+            for crd in extensions.list_custom_resource_definition().items
+            if crd.spec.group == "kopf.dev" and crd.spec.scope == "Namespaced"
+        ], "a namespaced KopfPeering CRD would hide a wrong peering mode"
 
         own = service_account_kubeconfig(
             kubectl, kubeconfig, namespace, account, tmp_path / "operator.kubeconfig"
         )
         monkeypatch.setenv("KUBECONFIG", str(own))
-        with running_operator(namespace):
+        with running_operator(namespace, peering=release):
             cluster.create_job("rbac")
             pods = wait_for(peers_running(cluster, "rbac", 2), "2 running peers", timeout=90)
             cluster.preempt(pods[0].metadata.name, pods[0].spec.node_name)
@@ -1046,6 +1084,11 @@ def test_helm_install_gives_the_operator_exactly_the_permissions_it_needs(
             assert cluster.policy.read_namespaced_pod_disruption_budget(
                 "rbac-coordinator", namespace
             )
+            # The operator announces itself in the chart's ClusterKopfPeering object.
+            peering = custom.get_cluster_custom_object(
+                "kopf.dev", "v1", "clusterkopfpeerings", release
+            )
+            assert peering.get("status"), "the operator never touched the chart's peering"
     finally:
         uninstalled = helm("uninstall", release, f"--namespace={namespace}", "--wait")
     assert uninstalled.returncode == 0, uninstalled.stderr

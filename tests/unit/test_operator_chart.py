@@ -10,10 +10,11 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import kopf
 import pytest
 import yaml
 
-from collabtrain_operator import crdgen
+from collabtrain_operator import crdgen, handlers, main
 
 CHART = Path(__file__).resolve().parents[2] / "charts" / "collabtrain"
 # The test bed's Kubernetes; helm would otherwise assume its own default.
@@ -261,6 +262,49 @@ def test_watched_namespaces_get_roles_and_the_cluster_role_keeps_only_cluster_th
         "template", "ct", str(CHART), *KUBE, "--set", "watchNamespaces={team-*}", check=False
     )
     assert globbed.returncode != 0
+
+
+def test_the_peering_the_chart_ships_is_the_one_the_operator_uses_in_namespaces(
+    tmp_path: Path,
+) -> None:
+    """With watchNamespaces the operator runs namespaced (--namespace), where kopf would
+    peer through namespaced KopfPeering objects; the chart ships the ClusterKopfPeering
+    CRD, object and permissions only. The operator, started with the chart's arguments,
+    must look for exactly what the chart ships."""
+    from kopf._cogs.structs import references
+    from kopf._core.engines import peering
+
+    from tests.unit.test_operator_handlers import start_up
+
+    documents = template("--set", "watchNamespaces={team-a,team-b}")
+    (deployment,) = by_kind(documents, "Deployment")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    arguments = main.parse_args(container["args"])
+    assert arguments.namespace == ["team-a", "team-b"] and not arguments.standalone
+
+    # kopf.operator(namespaces=...) sets namespaced peering; then the start-up handler.
+    settings = kopf.OperatorSettings()
+    settings.peering.clusterwide = False
+    key_file = tmp_path / "master-key"
+    key_file.write_text("k" * 64)
+    start_up(handlers.OperatorOptions(metrics_port=None, master_key_file=str(key_file)), settings)
+    selectors = list(peering.guess_selectors(settings=settings))
+
+    (crd,) = yaml.safe_load_all((CHART / "crds" / "clusterkopfpeerings.kopf.dev.yaml").read_text())
+    (version,) = crd["spec"]["versions"]
+    shipped = references.Resource(
+        group=crd["spec"]["group"],
+        version=version["name"],
+        plural=crd["spec"]["names"]["plural"],
+        kind=crd["spec"]["names"]["kind"],
+        namespaced=crd["spec"]["scope"] == "Namespaced",
+    )
+    assert any(selector.check(shipped) for selector in selectors), selectors
+    (peering_object,) = by_kind(documents, "ClusterKopfPeering")
+    assert peering_object["metadata"]["name"] == arguments.peering
+    (cluster_role,) = [r for r in operator_roles(documents) if r["kind"] == "ClusterRole"]
+    verbs = granted(cluster_role["rules"])[(shipped.group, shipped.plural)]
+    assert {"get", "list", "watch", "patch"} <= set(verbs)
 
 
 def test_aggregated_roles_let_edit_manage_and_view_read_jobs() -> None:

@@ -16,7 +16,7 @@ import kopf
 import pytest
 from aiohttp import web
 
-from collabtrain_operator import handlers, kube, main
+from collabtrain_operator import coordinator_client, handlers, kube, main
 from collabtrain_operator.coordinator_client import CoordinatorClient
 from collabtrain_trainer.protocol import (
     CheckpointRequest,
@@ -258,6 +258,70 @@ def test_a_good_status_after_a_bad_one_is_read() -> None:
         assert status is not None and status.step == 3
 
     with_server(app, body)
+
+
+def streaming(text: str, *, pieces: int, content_length: bool = False) -> web.Application:
+    """/status that sends `text` in `pieces` writes, each flushed and followed by a pause,
+    so the client sees it arrive in parts (chunked, unless `content_length`)."""
+    data = text.encode()
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        if content_length:
+            response.content_length = len(data)
+        await response.prepare(request)
+        size = -(-len(data) // pieces)
+        for start in range(0, len(data), size):
+            await response.write(data[start : start + size])
+            await asyncio.sleep(0.02)
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_get("/status", answer)
+    return app
+
+
+def large_status(peers: int) -> str:
+    body = CoordinatorStatus(
+        job="demo",
+        max_steps=10,
+        target_batch_size=64,
+        step=3,
+        peers=[f"demo-peer-{slot}-{slot % 7}" for slot in range(peers)],
+    )
+    return body.model_dump_json()
+
+
+@pytest.mark.parametrize("content_length", [False, True])
+def test_a_large_status_sent_in_pieces_is_read_to_its_end(content_length: bool) -> None:
+    """A status of a big job (here 123 KB) arrives in several TCP reads: the client must
+    read to the end of the body, not take what is buffered after the first read."""
+    text = large_status(6000)
+    assert 100_000 < len(text) < 4 * 1024 * 1024
+
+    async def body(url: str, client: CoordinatorClient) -> None:
+        status = await client.status(url, TOKEN)
+        assert status is not None, "a complete, valid status was taken as unusable"
+        assert len(status.peers) == 6000
+
+    with_server(streaming(text, pieces=8, content_length=content_length), body)
+
+
+@pytest.mark.parametrize("content_length", [False, True])
+def test_a_status_over_the_size_cap_is_refused(
+    content_length: bool, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Past the cap the answer is unusable, whether its length is declared or not."""
+    monkeypatch.setattr(coordinator_client, "MAX_RESPONSE_BYTES", 50_000)
+    text = large_status(6000)
+
+    async def body(url: str, client: CoordinatorClient) -> None:
+        with caplog.at_level(logging.WARNING, logger="collabtrain_operator.coordinator_client"):
+            assert await client.status(url, TOKEN) is None
+
+    with_server(streaming(text, pieces=8, content_length=content_length), body)
+    assert "larger than 50000 bytes" in caplog.text
 
 
 def test_refused_admin_token_is_said_without_the_token(caplog: pytest.LogCaptureFixture) -> None:

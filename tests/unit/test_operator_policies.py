@@ -8,6 +8,7 @@ operator renders, so each case below is a connection someone may try.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +20,7 @@ from collabtrain_operator.api import JobSpec
 
 NS = "team-a"
 UID = "0c5e1f2a-7d3b-4c8e-9f10-2b3c4d5e6f70"
+FP = "0123abcd"  # the job key's fingerprint
 OPERATOR_NS = "collabtrain-system"
 OPERATOR_LABELS = {
     "app.kubernetes.io/name": "collabtrain",
@@ -36,6 +38,7 @@ class Endpoint:
 
     labels: Mapping[str, str] = field(default_factory=dict)
     namespace: str | None = NS
+    address: str = "10.0.0.1"
 
 
 PEER = Endpoint(rendering.common_labels("demo", "peer"))
@@ -46,7 +49,12 @@ NEIGHBOUR = Endpoint({"app": "something-else"})
 OPERATOR = Endpoint(OPERATOR_LABELS, OPERATOR_NS)
 IMPOSTOR = Endpoint(OPERATOR_LABELS, "team-b")  # the operator's labels, another namespace
 PROMETHEUS = Endpoint({"app.kubernetes.io/name": "prometheus"}, "monitoring")
-INTERNET = Endpoint({}, None)
+INTERNET = Endpoint({}, None, "52.216.8.1")
+INTERNET_V6 = Endpoint({}, None, "2600:1f18:4000::1")
+# Cloud instance metadata services (they hand out the node's credentials).
+METADATA = Endpoint({}, None, "169.254.169.254")  # AWS, GCP, Azure, ...
+METADATA_AWS_V6 = Endpoint({}, None, "fd00:ec2::254")
+LINK_LOCAL_V6 = Endpoint({}, None, "fe80::a9fe:a9fe")
 
 
 def _labels_match(selector: Mapping[str, Any], labels: Mapping[str, str]) -> bool:
@@ -54,8 +62,23 @@ def _labels_match(selector: Mapping[str, Any], labels: Mapping[str, str]) -> boo
     return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
 
 
+def _block_matches(block: Mapping[str, Any], other: Endpoint) -> bool:
+    """An address outside the cluster in the block. Pods never match: CNIs differ on
+    whether an ipBlock applies to pod addresses (Cilium's does not), so a rule meant for
+    pods must select them."""
+    if other.namespace is not None:
+        return False
+    address = ipaddress.ip_address(other.address)
+    cidr = ipaddress.ip_network(block["cidr"])
+    if address.version != cidr.version or address not in cidr:
+        return False
+    return not any(address in ipaddress.ip_network(x) for x in block.get("except", []))
+
+
 def _peer_matches(peer: Mapping[str, Any], policy_ns: str, other: Endpoint) -> bool:
-    assert "ipBlock" not in peer
+    if "ipBlock" in peer:
+        assert set(peer) == {"ipBlock"}, peer
+        return _block_matches(peer["ipBlock"], other)
     if other.namespace is None:
         return False
     if "namespaceSelector" in peer:
@@ -189,9 +212,34 @@ def test_who_reaches_whom(
 def test_peers_reach_the_checkpoint_endpoints_port_anywhere() -> None:
     rendered = policies(make_spec(checkpoint=CHECKPOINT))
     assert allowed(rendered, PEER, INTERNET, 9000)
+    assert allowed(rendered, PEER, INTERNET_V6, 9000)
     assert allowed(rendered, PEER, NEIGHBOUR, 9000)  # MinIO in the cluster, by its Service
+    other_namespace = Endpoint({"app": "minio"}, "storage")
+    assert allowed(rendered, PEER, other_namespace, 9000)
     assert not allowed(rendered, PEER, INTERNET, 443)
     assert not allowed(rendered, COORDINATOR, INTERNET, 9000), "the coordinator never uses S3"
+
+
+@pytest.mark.parametrize("endpoint", [METADATA, METADATA_AWS_V6, LINK_LOCAL_V6])
+@pytest.mark.parametrize(
+    ("checkpoint_endpoint", "tls", "port"),
+    [
+        ("s3.example.com", False, 80),
+        ("s3.example.com", True, 443),
+        ("minio.storage:9000", True, 9000),
+    ],
+)
+def test_peers_never_reach_the_cloud_metadata_service(
+    endpoint: Endpoint, checkpoint_endpoint: str, tls: bool, port: int
+) -> None:
+    """The checkpoint endpoint's port "anywhere" must not include the instance metadata
+    service, which hands a pod that reaches it the node's cloud credentials (plain S3
+    without a port is port 80, the metadata service's own)."""
+    checkpoint = {**CHECKPOINT, "endpoint": checkpoint_endpoint, "tls": {"enabled": tls}}
+    rendered = policies(make_spec(checkpoint=checkpoint))
+    assert allowed(rendered, PEER, INTERNET, port)
+    assert not allowed(rendered, PEER, endpoint, port)
+    assert not allowed(rendered, COORDINATOR, endpoint, port)
 
 
 @pytest.mark.parametrize(
@@ -237,7 +285,7 @@ def test_coordinator_disruption_budget() -> None:
     assert spec["maxUnavailable"] == 0
     assert spec["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
     deployment = rendering.build_coordinator_deployment(
-        "demo", NS, make_spec(), job_uid=UID, replicas=1
+        "demo", NS, make_spec(), job_uid=UID, key_fingerprint=FP, replicas=1
     )
     pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert spec["selector"]["matchLabels"].items() <= pod_labels.items()

@@ -15,6 +15,9 @@ from collabtrain_trainer.config import PEER_ID_ENV, TrainerConfig
 
 NS = "team-a"
 UID = "0c5e1f2a-7d3b-4c8e-9f10-2b3c4d5e6f70"
+JOB_KEY = credentials.job_key(b"m" * 32, NS, "demo")
+FP = rendering.key_fingerprint(JOB_KEY)
+KEY_SECRET = f"demo-job-key-0c5e1f2a-{FP}"
 
 
 def make_spec(**fields: Any) -> JobSpec:
@@ -73,7 +76,7 @@ def test_leave_grace_fits_in_the_pods_termination_grace_period() -> None:
 
 def coordinator_container(spec: JobSpec | None = None) -> dict[str, Any]:
     deployment = rendering.build_coordinator_deployment(
-        "demo", NS, spec or make_spec(), job_uid=UID, replicas=1
+        "demo", NS, spec or make_spec(), job_uid=UID, key_fingerprint=FP, replicas=1
     )
     container: dict[str, Any] = deployment["spec"]["template"]["spec"]["containers"][0]
     return container
@@ -81,16 +84,16 @@ def coordinator_container(spec: JobSpec | None = None) -> dict[str, Any]:
 
 def test_job_key_secret_is_owned_by_the_coordinator_deployment() -> None:
     secret = rendering.build_job_key_secret(
-        "demo", UID, NS, "k3y", owner_name="demo-coordinator", owner_uid="d-1"
+        "demo", UID, NS, JOB_KEY, owner_name="demo-coordinator", owner_uid="d-1"
     )
-    assert secret["metadata"]["name"] == "demo-job-key-0c5e1f2a"
-    assert secret["stringData"] == {"job-key": "k3y"}
+    assert secret["metadata"]["name"] == KEY_SECRET
+    assert secret["stringData"] == {"job-key": JOB_KEY}
     (owner,) = secret["metadata"]["ownerReferences"]
     assert (owner["kind"], owner["name"], owner["uid"]) == ("Deployment", "demo-coordinator", "d-1")
     # The coordinator reads exactly this Secret and key.
     env = env_of(coordinator_container())
     assert env["COLLABTRAIN_JOB_KEY"]["valueFrom"] == {
-        "secretKeyRef": {"name": "demo-job-key-0c5e1f2a", "key": "job-key"}
+        "secretKeyRef": {"name": KEY_SECRET, "key": "job-key"}
     }
 
 
@@ -99,12 +102,49 @@ def test_credential_secrets_are_named_per_incarnation_of_the_job() -> None:
     a leftover of the old one (garbage collection takes time) is never taken for its own,
     since the operator cannot read a Secret to tell them apart."""
     again = "9a8b7c6d-0000-4000-8000-000000000000"
-    assert rendering.job_key_secret("demo", UID) != rendering.job_key_secret("demo", again)
+    assert rendering.job_key_secret("demo", UID, FP) != rendering.job_key_secret("demo", again, FP)
     assert rendering.peer_token_secret("demo-peer-0-0", UID) != rendering.peer_token_secret(
         "demo-peer-0-0", again
     )
     with pytest.raises(ValueError, match="uid"):
-        rendering.job_key_secret("demo", "")
+        rendering.job_key_secret("demo", "", FP)
+
+
+def test_a_new_master_key_gives_a_new_job_key_secret_that_the_coordinator_reads() -> None:
+    """The operator can neither read nor replace a Secret: when its master key changes,
+    the job's key must go into a Secret of another name, and the coordinator's pod
+    template must name that one (so the Deployment rolls onto the new key)."""
+    old_key = credentials.job_key(b"m" * 32, NS, "demo")
+    new_key = credentials.job_key(b"n" * 32, NS, "demo")
+    names = []
+    for job_key in (old_key, new_key):
+        secret = rendering.build_job_key_secret(
+            "demo", UID, NS, job_key, owner_name="demo-coordinator", owner_uid="d-1"
+        )
+        deployment = rendering.build_coordinator_deployment(
+            "demo",
+            NS,
+            make_spec(),
+            job_uid=UID,
+            key_fingerprint=rendering.key_fingerprint(job_key),
+            replicas=1,
+        )
+        env = env_of(deployment["spec"]["template"]["spec"]["containers"][0])
+        assert env["COLLABTRAIN_JOB_KEY"]["valueFrom"]["secretKeyRef"] == {
+            "name": secret["metadata"]["name"],
+            "key": rendering.JOB_KEY_KEY,
+        }
+        assert secret["stringData"][rendering.JOB_KEY_KEY] == job_key
+        names.append(secret["metadata"]["name"])
+    assert names[0] != names[1]
+    assert all(name.startswith("demo-job-key-0c5e1f2a-") for name in names)
+    # The same key always gives the same name (a create answered 409 holds this key),
+    # and the name shows nothing of the key.
+    assert rendering.key_fingerprint(old_key) == rendering.key_fingerprint(old_key)
+    assert len(rendering.key_fingerprint(old_key)) == 8
+    assert rendering.key_fingerprint(old_key) not in old_key
+    with pytest.raises(ValueError, match="fingerprint"):
+        rendering.job_key_secret("demo", UID, "")
 
 
 def test_peer_token_secret_is_owned_by_its_pod_and_names_it() -> None:
@@ -155,9 +195,9 @@ def test_peer_env_carries_its_own_token_and_identity_from_the_pod() -> None:
 def test_pods_run_unprivileged() -> None:
     for pod_spec in (
         peer()["spec"],
-        rendering.build_coordinator_deployment("demo", NS, make_spec(), job_uid=UID, replicas=1)[
-            "spec"
-        ]["template"]["spec"],
+        rendering.build_coordinator_deployment(
+            "demo", NS, make_spec(), job_uid=UID, key_fingerprint=FP, replicas=1
+        )["spec"]["template"]["spec"],
     ):
         assert pod_spec["securityContext"]["runAsNonRoot"] is True
         context = pod_spec["containers"][0]["securityContext"]
@@ -203,7 +243,7 @@ def test_on_demand_peers_and_the_coordinator_avoid_every_spot_label() -> None:
     on_demand_peer = peer(slot_capacity="on-demand")
     assert on_demand_peer["metadata"]["labels"]["collabtrain.io/capacity"] == "on-demand"
     deployment = rendering.build_coordinator_deployment(
-        "demo", NS, make_spec(), job_uid=UID, replicas=1
+        "demo", NS, make_spec(), job_uid=UID, key_fingerprint=FP, replicas=1
     )
     for pod_spec in (on_demand_peer["spec"], deployment["spec"]["template"]["spec"]):
         terms = pod_spec["affinity"]["nodeAffinity"][
@@ -324,7 +364,9 @@ def test_scratch_volumes_are_bounded() -> None:
         "tmp": {"sizeLimit": "10Gi"},
         "dshm": {"medium": "Memory", "sizeLimit": "8Gi"},
     }
-    deployment = rendering.build_coordinator_deployment("demo", NS, spec, job_uid=UID, replicas=1)
+    deployment = rendering.build_coordinator_deployment(
+        "demo", NS, spec, job_uid=UID, key_fingerprint=FP, replicas=1
+    )
     coordinator = empty_dirs(deployment["spec"]["template"]["spec"])
     assert all(volume.get("sizeLimit") for volume in coordinator.values())
     assert coordinator["tmp"]["sizeLimit"] == rendering.COORDINATOR_TMP_SIZE_LIMIT
@@ -344,15 +386,13 @@ def test_coordinator_gets_the_job_key_and_no_s3_credentials() -> None:
     env = env_of(container)
     assert "AWS_ACCESS_KEY_ID" not in env and "AWS_SECRET_ACCESS_KEY" not in env
     assert "COLLABTRAIN_PEER_TOKEN" not in env
-    assert (
-        env["COLLABTRAIN_JOB_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "demo-job-key-0c5e1f2a"
-    )
+    assert env["COLLABTRAIN_JOB_KEY"]["valueFrom"]["secretKeyRef"]["name"] == KEY_SECRET
     secrets_used = [
         ref["secretKeyRef"]["name"]
         for variable in container["env"]
         if (ref := variable.get("valueFrom")) and "secretKeyRef" in ref
     ]
-    assert secrets_used == ["demo-job-key-0c5e1f2a"]
+    assert secrets_used == [KEY_SECRET]
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
     assert "/etc/collabtrain-checkpoint-ca" not in mounts
     # The peers, which read and write checkpoints, keep them.
@@ -368,7 +408,7 @@ def test_custom_command_and_args() -> None:
 
 def test_coordinator_deployment_and_service() -> None:
     deployment = rendering.build_coordinator_deployment(
-        "demo", NS, make_spec(), job_uid=UID, replicas=0
+        "demo", NS, make_spec(), job_uid=UID, key_fingerprint=FP, replicas=0
     )
     service = rendering.build_coordinator_service("demo", NS)
     assert deployment["metadata"]["name"] == service["metadata"]["name"] == "demo-coordinator"
@@ -396,7 +436,9 @@ def test_service_forwards_every_port_peers_dial() -> None:
         rendering.build_config_map("demo", NS, spec)["data"][rendering.CONFIG_KEY]
     )
     service = rendering.build_coordinator_service("demo", NS)
-    deployment = rendering.build_coordinator_deployment("demo", NS, spec, job_uid=UID, replicas=1)
+    deployment = rendering.build_coordinator_deployment(
+        "demo", NS, spec, job_uid=UID, key_fingerprint=FP, replicas=1
+    )
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     declared = {p["name"]: p["containerPort"] for p in container["ports"]}
     forwarded = {p["port"]: p["targetPort"] for p in service["spec"]["ports"]}
