@@ -25,7 +25,6 @@ from collabtrain_operator.api import (
 from collabtrain_trainer.config import (
     COORDINATOR_HTTP_PORT,
     PEER_ID_ENV,
-    RENDEZVOUS_PORT,
     CheckpointConfig,
     CompressionConfig,
     OptimizerConfig,
@@ -37,7 +36,7 @@ KubeObject = dict[str, Any]
 
 # The coordinator's ports, named: its container declares them, its Service forwards them,
 # and the trainer config rendered below tells peers to dial exactly these.
-COORDINATOR_PORTS: dict[str, int] = {"http": COORDINATOR_HTTP_PORT, "rendezvous": RENDEZVOUS_PORT}
+COORDINATOR_PORTS: dict[str, int] = {"http": COORDINATOR_HTTP_PORT}
 CONFIG_DIR = "/etc/collabtrain"
 CONFIG_KEY = "trainer.json"
 CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_KEY}"
@@ -214,7 +213,6 @@ def trainer_config(job: str, namespace: str, spec: JobSpec) -> TrainerConfig:
         ),
         checkpoint=checkpoint,
         coordinator_url=coordinator_url(job, namespace),
-        rendezvous_port=COORDINATOR_PORTS["rendezvous"],
         job_key_env=JOB_KEY_ENV,
         peer_token_env=PEER_TOKEN_ENV,
         timing=_timing(spec.trainer.termination_grace_period_seconds),

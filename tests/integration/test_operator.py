@@ -452,7 +452,7 @@ def test_job_gets_its_children_with_the_right_placement(
         "COLLABTRAIN_JOB_KEY",
         "COLLABTRAIN_PEER_TOKEN",
     )
-    # Peers dial every one of these on the Service (HTTP and the rendezvous store).
+    # Peers dial every one of these on the Service.
     assert {p.port for p in service.spec.ports} >= set(config.coordinator_ports().values())
     # The API server accepted the job's NetworkPolicies and the coordinator's budget.
     assert cluster.network_policy_names("place") == ["place-coordinator", "place-peers"]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import time
 from pathlib import Path
 
@@ -130,10 +129,6 @@ def test_the_rendezvous_store_serves_only_the_epochs_members(
         *(credentials.peer_token(cluster.job_key, p).split(".")[1] for p in peers),
     ]
     assert not any(secret in metrics for secret in secrets_of_the_job)
-
-    # No unauthenticated store listens any more (torch's TCPStore lets anyone list keys).
-    with pytest.raises(OSError):
-        socket.create_connection(("127.0.0.1", cluster.config.rendezvous_port), timeout=2)
 
     prefix = f"collabtrain/{before.instance}/epoch{before.membership_epoch}/"
     read = {"op": "get", "keys": [prefix + "0"]}

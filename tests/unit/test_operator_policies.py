@@ -153,7 +153,8 @@ def policies(spec: JobSpec | None = None, access: rendering.NetworkAccess = ACCE
     return rendering.build_network_policies("demo", NS, spec or make_spec(), access)
 
 
-HTTP, RENDEZVOUS = rendering.COORDINATOR_PORTS["http"], rendering.COORDINATOR_PORTS["rendezvous"]
+HTTP = rendering.COORDINATOR_PORTS["http"]
+UNUSED = 7001  # torch's TCPStore port, before the store moved behind the HTTP API
 
 
 def test_two_policies_named_after_the_job_isolate_both_directions() -> None:
@@ -169,29 +170,30 @@ def test_two_policies_named_after_the_job_isolate_both_directions() -> None:
 @pytest.mark.parametrize(
     ("source", "destination", "port", "protocol", "expected"),
     [
-        # Peers reach the coordinator's HTTP API and rendezvous store, and nothing else.
+        # Peers reach the coordinator's HTTP API (it keeps the rendezvous store too), and
+        # nothing else.
         (PEER, COORDINATOR, HTTP, "TCP", True),
-        (PEER, COORDINATOR, RENDEZVOUS, "TCP", True),
+        (PEER, COORDINATOR, UNUSED, "TCP", False),
         (PEER, COORDINATOR, 22, "TCP", False),
         # Peers reach each other on any TCP port (gloo, state servers: ephemeral ports).
         (PEER, OTHER_PEER, 45817, "TCP", True),
         (PEER, OTHER_PEER, 45817, "UDP", False),
         # The operator reaches the coordinator's HTTP API only; not the store, not peers.
         (OPERATOR, COORDINATOR, HTTP, "TCP", True),
-        (OPERATOR, COORDINATOR, RENDEZVOUS, "TCP", False),
+        (OPERATOR, COORDINATOR, UNUSED, "TCP", False),
         (OPERATOR, PEER, 45817, "TCP", False),
         (IMPOSTOR, COORDINATOR, HTTP, "TCP", False),
         # Other pods, in the namespace or in another job, reach nothing of the job.
-        (NEIGHBOUR, COORDINATOR, RENDEZVOUS, "TCP", False),
+        (NEIGHBOUR, COORDINATOR, UNUSED, "TCP", False),
         (NEIGHBOUR, COORDINATOR, HTTP, "TCP", False),
         (NEIGHBOUR, PEER, 45817, "TCP", False),
-        (OTHER_JOBS_PEER, COORDINATOR, RENDEZVOUS, "TCP", False),
+        (OTHER_JOBS_PEER, COORDINATOR, UNUSED, "TCP", False),
         (OTHER_JOBS_PEER, PEER, 45817, "TCP", False),
         (PEER, OTHER_JOBS_PEER, 45817, "TCP", False),  # the peer's own egress refuses
         # The metrics scraper reads /metrics: the coordinator's HTTP port, the peers'
         # state servers (ephemeral ports).
         (PROMETHEUS, COORDINATOR, HTTP, "TCP", True),
-        (PROMETHEUS, COORDINATOR, RENDEZVOUS, "TCP", False),
+        (PROMETHEUS, COORDINATOR, UNUSED, "TCP", False),
         (PROMETHEUS, PEER, 45817, "TCP", True),
         # Out of the job: DNS for both; the coordinator nothing else.
         (PEER, INTERNET, 53, "UDP", True),
@@ -274,7 +276,7 @@ def test_user_pod_labels_cannot_widen_or_break_the_selectors() -> None:
         "demo", NS, spec, job_uid=UID, slot=0, attempt=0, slot_capacity="spot"
     )
     peer = Endpoint(pod["metadata"]["labels"])
-    assert allowed(policies(spec), peer, COORDINATOR, RENDEZVOUS)
+    assert allowed(policies(spec), peer, COORDINATOR, HTTP)
 
 
 def test_coordinator_disruption_budget() -> None:

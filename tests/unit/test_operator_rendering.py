@@ -416,10 +416,7 @@ def test_coordinator_deployment_and_service() -> None:
     assert deployment["spec"]["strategy"] == {"type": "Recreate"}
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     assert container["command"][:2] == ["collabtrain-trainer", "coordinator"]
-    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {
-        "http": 7000,
-        "rendezvous": 7001,
-    }
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"http": 7000}
     assert container["readinessProbe"]["httpGet"]["path"] == "/healthz"
     selector = deployment["spec"]["selector"]["matchLabels"]
     assert service["spec"]["selector"] == selector
@@ -429,7 +426,8 @@ def test_coordinator_deployment_and_service() -> None:
 
 def test_service_forwards_every_port_peers_dial() -> None:
     """Peers reach the coordinator through its Service, at the ports the rendered trainer
-    config names (HTTP and the rendezvous store): each must be a Service port whose target
+    config names (the HTTP API, which keeps the rendezvous store too): each must be a
+    Service port whose target
     is a port the coordinator container declares. A ClusterIP forwards nothing else."""
     spec = make_spec()
     config = TrainerConfig.model_validate_json(
@@ -445,14 +443,12 @@ def test_service_forwards_every_port_peers_dial() -> None:
 
     assert urlparse(config.coordinator_url).hostname == "demo-coordinator.team-a.svc"
     dialed = config.coordinator_ports()
-    assert {"http", "rendezvous"} <= dialed.keys()
+    assert dialed.keys() == {"http"}
     for name, port in dialed.items():
         assert port in forwarded, f"peers dial {name} on port {port}, the Service lacks it"
         target = forwarded[port]
         container_port = declared.get(target) if isinstance(target, str) else target
         assert container_port == port, f"Service port {port} forwards to {target!r}"
-    # The coordinator listens where the config says (its CLI reads these same ports).
-    assert config.rendezvous_port == declared["rendezvous"]
 
 
 def test_peer_id_comes_from_the_pod_name() -> None:

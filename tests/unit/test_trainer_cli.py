@@ -19,7 +19,6 @@ def config_path(tmp_path: Path) -> Path:
     config = TrainerConfig(
         job="demo",
         coordinator_url="http://demo-coordinator.team-a.svc:7000",
-        rendezvous_port=7123,
     )
     path.write_text(config.model_dump_json())
     return path
@@ -57,7 +56,7 @@ def test_the_coordinator_listens_on_the_ports_its_config_names(
 
 def test_coordinator_ports_default_to_the_shared_constants() -> None:
     ports: dict[str, Any] = TrainerConfig(job="x").coordinator_ports()
-    assert ports == {"http": 7000, "rendezvous": 7001}
+    assert ports == {"http": 7000}
 
 
 def test_local_runs_of_one_job_share_a_private_key(

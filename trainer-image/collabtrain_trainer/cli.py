@@ -1,6 +1,6 @@
 """`collabtrain-trainer`: the coordinator, a peer, or a whole local run.
 
-    collabtrain-trainer coordinator --config trainer.json [--port 7000] [--store-port 7001]
+    collabtrain-trainer coordinator --config trainer.json [--port 7000]
     collabtrain-trainer peer --config trainer.json [--peer-id NAME]   # or $COLLABTRAIN_PEER_ID
     collabtrain-trainer local --peers 3 --task tinylm --max-steps 20 --codec none \\
         [--respawn] [--summary summary.json] \\

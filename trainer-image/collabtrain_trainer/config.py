@@ -11,11 +11,10 @@ from urllib.parse import urlparse
 
 from pydantic import BaseModel, ConfigDict, Field
 
-# The coordinator's two listening ports. Peers dial both on the coordinator's address
-# (the Service on Kubernetes), so whatever fronts the coordinator must forward both:
-# `TrainerConfig.coordinator_ports()` is the list to check against.
+# The coordinator's listening port: its HTTP API, which also keeps the rendezvous store
+# that process groups meet at. Whatever fronts the coordinator (the Service on Kubernetes)
+# must forward what `TrainerConfig.coordinator_ports()` lists.
 COORDINATOR_HTTP_PORT = 7000
-RENDEZVOUS_PORT = 7001  # the torch.distributed TCPStore that process groups meet at
 
 # Where a peer finds its own identity: the pod's name, through the downward API. Never the
 # host name, which Kubernetes cuts to 63 characters and which need not be unique.
@@ -100,8 +99,6 @@ class TrainerConfig(StrictModel):
     compression: CompressionConfig = Field(default_factory=CompressionConfig)
     checkpoint: CheckpointConfig | None = None
     coordinator_url: str = f"http://127.0.0.1:{COORDINATOR_HTTP_PORT}"
-    # The coordinator's rendezvous store, on the host of `coordinator_url`.
-    rendezvous_port: int = Field(default=RENDEZVOUS_PORT, ge=1, le=65535)
     # Credentials come from the environment, never from this file (see credentials.py):
     # the coordinator reads the job's key (the job's Secret), a peer its own token (a
     # Secret of its own, minted by the operator for its pod).
@@ -117,4 +114,4 @@ class TrainerConfig(StrictModel):
         """Every port peers dial on the coordinator's host, by the name of what listens."""
         url = urlparse(self.coordinator_url)
         http = url.port or (443 if url.scheme == "https" else 80)
-        return {"http": http, "rendezvous": self.rendezvous_port}
+        return {"http": http}

@@ -171,7 +171,6 @@ class LocalCluster:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
-        self.store_port = free_port()
         # What the operator does on Kubernetes: the coordinator gets the job key, each
         # peer its own token, and this runner talks to /status as the admin. A run that is
         # to resume another's checkpoints needs that run's key (see `stored_job_key`).
@@ -179,7 +178,6 @@ class LocalCluster:
         self.config = config.model_copy(
             update={
                 "coordinator_url": f"http://127.0.0.1:{self.port}",
-                "rendezvous_port": self.store_port,
             }
         )
         self.config_path = workdir / "trainer.json"
