@@ -274,3 +274,28 @@ def test_metrics_status_and_structured_logs(make_cluster: ClusterFactory) -> Non
     assert all(line["job"] == "itest" and line["peer"] == peer for line in lines)
     applied = [line for line in lines if "applied" in line["msg"]]
     assert applied and all("step" in line and "round" in line for line in applied)
+
+
+@pytest.mark.timeout(90, func_only=True)
+def test_a_peer_hung_while_heartbeating_does_not_stall_the_others(
+    make_cluster: ClusterFactory, tmp_path: Path
+) -> None:
+    """Its training thread hangs in a round (a wedged collective, a GPU hang) while its
+    heartbeat thread goes on: the others leave it out after one missed deadline."""
+    cluster = make_cluster()
+    survivors = [cluster.start_peer(), cluster.start_peer()]
+    marker = tmp_path / "hung"
+    hung = cluster.start_peer(
+        faults={"pause_phase": "formation", "pause_step": 3, "marker": str(marker)}
+    )
+    wait_for_file(marker, 40, cluster)
+    stalled_at = cluster.status()
+    assert stalled_at is not None
+    status = cluster.wait_for(
+        lambda s: s.step >= stalled_at.step + 5, 45, "the others to commit five more steps"
+    )
+    assert hung in status.peers, "the hung peer still heartbeats: it is live, not expired"
+    assert "let the deadline pass" in cluster.log_text("coordinator")
+    assert_each_step_committed_once(cluster)
+    assert_hashes_agree(cluster)
+    assert all(cluster.peers[p].process.poll() is None for p in survivors)

@@ -975,3 +975,29 @@ def test_credentials_that_are_not_ascii_get_401_and_422_not_500() -> None:
     )
     assert [status for status, _ in answers] == [401, 401, 422]
     assert "step_certificate" in str(answers[2][1])
+
+
+def test_a_member_that_hangs_while_heartbeating_is_left_out_until_it_reports() -> None:
+    """Liveness by progress (issue 14): c's training thread hangs in formation while its
+    heartbeat thread goes on. After one missed deadline the others form rounds without
+    it; its next report brings it back."""
+    h, round_id = three_peers_in_a_round()
+    h.ready("a", round_id)
+    h.ready("b", round_id)
+    h.advance(10.1, keep_alive=("a", "b", "c"))  # past the deadline; c still heartbeats
+    assert h.state.decisions[round_id].outcome == "abort"
+    assert "c" in h.state.live_peers(h.now)
+    h.now += 0.1
+    h.report("a", 50)
+    instruction = h.report("b", 50)
+    assert instruction.round is not None and instruction.round.members == ["a", "b"]
+    for peer in "ab":
+        h.ready(peer, instruction.round.round_id)
+        h.vote(peer, instruction.round.round_id)
+    assert h.state.step == 1
+    # c recovers: its report (at the old step) sends it to re-sync, then it is eligible.
+    h.report("a", 0, param_hash="h1")
+    h.report("b", 0, param_hash="h1")
+    assert h.report("c", 0, step=0).action == "resync"
+    h.report("c", 0, step=1, param_hash="h1")
+    assert [r.peer_id for r in h.state.eligible(h.now)] == ["a", "b", "c"]

@@ -92,6 +92,11 @@ class PeerRecord:
     draining: bool = False
     # Since when it has been fetching state; rounds wait for it (bounded) so it catches up.
     syncing_since: float | None = None
+    # It let a round's deadline pass (never got ready, or never voted). Heartbeats come
+    # from their own thread and prove nothing about training: a peer whose training
+    # thread hangs keeps heartbeating. It is left out of rounds until it reports again,
+    # which only its training thread does.
+    missed_round: bool = False
 
 
 @dataclass
@@ -272,7 +277,11 @@ class CoordinatorState:
     def eligible(self, now: float) -> list[PeerRecord]:
         """Peers that would be members of a round formed now."""
         return sorted(
-            (r for r in self.peers.values() if self.is_live(r.peer_id, now) and self.in_sync(r)),
+            (
+                r
+                for r in self.peers.values()
+                if self.is_live(r.peer_id, now) and self.in_sync(r) and not r.missed_round
+            ),
             key=lambda r: (r.joined_at, r.peer_id),
         )
 
@@ -415,6 +424,9 @@ class CoordinatorState:
                 "valid certificate from this job",
             )
         record = self._touch(report.peer_id, now)
+        if record.missed_round:
+            log.info("peer %s reports again: back in the rounds", report.peer_id)
+            record.missed_round = False
         record.step = report.step
         record.param_hash = report.param_hash
         record.samples = report.samples
@@ -716,6 +728,16 @@ class CoordinatorState:
                 for m in current.members
                 if m not in (current.votes if current.formed else current.ready)
             ]
+            for member in missing:
+                if member in self.peers:
+                    self.peers[member].missed_round = True
+            if missing:
+                log.warning(
+                    "round %d: %s let the deadline pass; left out of rounds until they "
+                    "report again",
+                    current.round_id,
+                    ", ".join(missing),
+                )
             self._decide(
                 current,
                 "abort",
