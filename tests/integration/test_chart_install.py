@@ -100,6 +100,7 @@ def test_helm_install_upgrade_and_uninstall_on_a_fresh_cluster(
                 "ClusterRoleBinding",
                 "CustomResourceDefinition",
                 "Deployment",
+                "NetworkPolicy",  # the operator's own
                 "Secret",  # the master key
                 "Service",
                 "ServiceAccount",

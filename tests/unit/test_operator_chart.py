@@ -412,3 +412,32 @@ def test_schema_refuses_typos_and_replicas_without_peering() -> None:
         check=False,
     )  # fmt: skip
     assert unsafe.returncode != 0
+
+
+def test_the_operator_pod_has_a_network_policy_that_reaches_what_it_needs() -> None:
+    from collabtrain_operator import rendering
+    from collabtrain_operator.api import JobSpec
+
+    documents = template("--set", "networkPolicy.metricsFrom[0].podSelector.matchLabels.app=prom")
+    (policy,) = by_kind(documents, "NetworkPolicy")
+    (deployment,) = by_kind(documents, "Deployment")
+    operator_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= operator_labels.items()
+    assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    ingress_ports = [p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]]
+    assert ingress_ports == [8081, 8080]  # the liveness probe; /metrics for the scraper only
+    assert policy["spec"]["ingress"][1]["from"] == [
+        {"podSelector": {"matchLabels": {"app": "prom"}}}
+    ]
+    egress = policy["spec"]["egress"]
+    assert [p["port"] for p in egress[1]["ports"]] == [443, 6443]
+    # The rule towards coordinators selects the pods the operator renders for them.
+    spec = JobSpec.model_validate({"replicas": 1, "trainer": {"image": "r/t:1"}})
+    coordinator = rendering.build_coordinator_deployment(
+        "demo", "team-a", spec, job_uid="u" * 16, key_fingerprint="f" * 8, replicas=1
+    )
+    coordinator_labels = coordinator["spec"]["template"]["metadata"]["labels"]
+    (to,) = egress[2]["to"]
+    assert to["podSelector"]["matchLabels"].items() <= coordinator_labels.items()
+    assert [p["port"] for p in egress[2]["ports"]] == [rendering.COORDINATOR_PORTS["http"]]
+    assert not by_kind(template("--set", "networkPolicy.enabled=false"), "NetworkPolicy")
