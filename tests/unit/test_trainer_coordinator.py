@@ -129,6 +129,17 @@ class Harness:
     def ready(self, peer_id: str, round_id: int) -> str:
         return self.state.ready(RoundReady(peer_id=peer_id, round_id=round_id), self.now).outcome
 
+    def commit(self, peers: str, samples: int = 50) -> None:
+        """Each of `peers` (one letter each) reports `samples`; the round that forms
+        with them commits."""
+        instruction = None
+        for peer in peers:
+            instruction = self.report(peer, samples)
+        assert instruction is not None and instruction.round is not None
+        for peer in peers:
+            self.ready(peer, instruction.round.round_id)
+            self.vote(peer, instruction.round.round_id)
+
 
 def three_peers_in_a_round() -> tuple[Harness, int]:
     h = Harness()
@@ -797,12 +808,7 @@ def _finished_with_writer(every_steps: int = 5) -> Harness:
     )
     h.join("a")
     h.join("b")
-    h.report("a", 50)
-    instruction = h.report("b", 50)
-    assert instruction.round is not None
-    for peer in "ab":
-        h.ready(peer, instruction.round.round_id)
-        h.vote(peer, instruction.round.round_id)
+    h.commit("ab")
     assert h.state.step == 1 and h.state.checkpoint_writer == "a"
     return h
 
@@ -917,12 +923,7 @@ def test_a_tie_of_hashes_sends_nobody_to_resync(first: str) -> None:
     h = Harness()
     h.join("a")
     h.join("b")
-    h.report("a", 50)
-    instruction = h.report("b", 50)
-    assert instruction.round is not None
-    for peer in "ab":
-        h.ready(peer, instruction.round.round_id)
-        h.vote(peer, instruction.round.round_id)
+    h.commit("ab")
     second = "b" if first == "a" else "a"
     actions = [
         h.report(first, 0, param_hash=f"{first}-hash").action,
