@@ -152,6 +152,11 @@ def common_labels(job: str, component: str) -> dict[str, str]:
     }
 
 
+def child_metadata(job: str, component: str, name: str, namespace: str) -> KubeObject:
+    """Name, namespace and the common labels of one of a job's children."""
+    return {"name": name, "namespace": namespace, "labels": common_labels(job, component)}
+
+
 def selector_labels(job: str, component: str) -> dict[str, str]:
     return {LABEL_JOB: job, LABEL_COMPONENT: component}
 
@@ -240,11 +245,7 @@ def build_config_map(job: str, namespace: str, spec: JobSpec) -> KubeObject:
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": {
-            "name": ChildNames(job).config_map,
-            "namespace": namespace,
-            "labels": common_labels(job, "config"),
-        },
+        "metadata": child_metadata(job, "config", ChildNames(job).config_map, namespace),
         "data": {CONFIG_KEY: trainer_config_json(job, namespace, spec)},
     }
 
@@ -261,9 +262,9 @@ def build_job_key_secret(
         "apiVersion": "v1",
         "kind": "Secret",
         "metadata": {
-            "name": job_key_secret(job, job_uid, key_fingerprint(job_key)),
-            "namespace": namespace,
-            "labels": common_labels(job, "job-key"),
+            **child_metadata(
+                job, "job-key", job_key_secret(job, job_uid, key_fingerprint(job_key)), namespace
+            ),
             "ownerReferences": [
                 {
                     "apiVersion": "apps/v1",
@@ -287,9 +288,7 @@ def build_peer_token_secret(
         "apiVersion": "v1",
         "kind": "Secret",
         "metadata": {
-            "name": peer_token_secret(pod_name, job_uid),
-            "namespace": namespace,
-            "labels": common_labels(job, "peer-token"),
+            **child_metadata(job, "peer-token", peer_token_secret(pod_name, job_uid), namespace),
             "ownerReferences": [
                 {"apiVersion": "v1", "kind": "Pod", "name": pod_name, "uid": pod_uid}
             ],
@@ -595,11 +594,7 @@ def build_coordinator_service(job: str, namespace: str) -> KubeObject:
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": {
-            "name": ChildNames(job).coordinator,
-            "namespace": namespace,
-            "labels": common_labels(job, COORDINATOR),
-        },
+        "metadata": child_metadata(job, COORDINATOR, ChildNames(job).coordinator, namespace),
         "spec": {
             "selector": selector_labels(job, COORDINATOR),
             "ports": [
@@ -621,11 +616,7 @@ def build_coordinator_disruption_budget(job: str, namespace: str) -> KubeObject:
     return {
         "apiVersion": "policy/v1",
         "kind": "PodDisruptionBudget",
-        "metadata": {
-            "name": ChildNames(job).coordinator,
-            "namespace": namespace,
-            "labels": common_labels(job, COORDINATOR),
-        },
+        "metadata": child_metadata(job, COORDINATOR, ChildNames(job).coordinator, namespace),
         "spec": {
             "maxUnavailable": 0,
             "selector": {"matchLabels": selector_labels(job, COORDINATOR)},
@@ -737,11 +728,7 @@ def build_network_policies(
         return {
             "apiVersion": "networking.k8s.io/v1",
             "kind": "NetworkPolicy",
-            "metadata": {
-                "name": name,
-                "namespace": namespace,
-                "labels": common_labels(job, component),
-            },
+            "metadata": child_metadata(job, component, name, namespace),
             "spec": {
                 "podSelector": {"matchLabels": selector_labels(job, component)},
                 "policyTypes": ["Ingress", "Egress"],

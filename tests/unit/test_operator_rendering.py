@@ -293,15 +293,19 @@ def test_user_required_affinity_is_anded_with_ours() -> None:
     assert labels["collabtrain.io/job"] == "demo" and labels["team"] == "a"
 
 
+# Checkpoints with credentials and a CA: what reaches the peers and not the coordinator.
+CHECKPOINT_WITH_SECRETS = {
+    "endpoint": "s3.example:443",
+    "bucket": "ckpt",
+    "everyMinutes": 5,
+    "credentialsSecretRef": {"name": "s3-creds"},
+    "tls": {"caSecretRef": {"name": "s3-ca"}},
+}
+
+
 def test_checkpoint_credentials_and_ca_reach_the_pod() -> None:
     spec = make_spec(
-        checkpoint={
-            "endpoint": "s3.example:443",
-            "bucket": "ckpt",
-            "everyMinutes": 5,
-            "credentialsSecretRef": {"name": "s3-creds"},
-            "tls": {"caSecretRef": {"name": "s3-ca"}},
-        },
+        checkpoint=CHECKPOINT_WITH_SECRETS,
         trainer={"image": "x", "env": [{"name": "EXTRA", "value": "1"}]},
     )
     container = peer(spec)["spec"]["containers"][0]
@@ -373,15 +377,7 @@ def test_scratch_volumes_are_bounded() -> None:
 
 
 def test_coordinator_gets_the_job_key_and_no_s3_credentials() -> None:
-    spec = make_spec(
-        checkpoint={
-            "endpoint": "s3.example:443",
-            "bucket": "ckpt",
-            "everySteps": 5,
-            "credentialsSecretRef": {"name": "s3-creds"},
-            "tls": {"caSecretRef": {"name": "s3-ca"}},
-        }
-    )
+    spec = make_spec(checkpoint=CHECKPOINT_WITH_SECRETS)
     container = coordinator_container(spec)
     env = env_of(container)
     assert "AWS_ACCESS_KEY_ID" not in env and "AWS_SECRET_ACCESS_KEY" not in env
