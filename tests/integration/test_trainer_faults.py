@@ -12,6 +12,7 @@ import pytest
 import requests
 
 from collabtrain_trainer.credentials import admin_token
+from tests.integration.faulty_peer import faults_env
 from tests.integration.trainer_fixtures import (
     ClusterFactory,
     applied_steps,
@@ -40,9 +41,9 @@ def test_peer_killed_in_any_phase_costs_only_its_contribution(
     faults = (
         {}
         if phase == "accumulating"
-        else {"pause_phase": phase, "pause_step": 3, "marker": str(marker)}
+        else faults_env(pause_phase=phase, pause_step=3, marker=str(marker))
     )
-    victim = cluster.start_peer(faults=faults)
+    victim = cluster.start_peer(env=faults)
     cluster.wait_for(lambda s: victim in s.peers and s.step >= 3, 40, "the victim to take part")
     if phase != "accumulating":
         wait_for_file(marker, 20, cluster)
@@ -126,7 +127,7 @@ def test_throttled_peer_weighs_in_with_the_samples_it_processed(
     # tinylm: computing dominates, so a peer at a third of the speed processes fewer samples.
     cluster = make_cluster(task="tinylm", target_batch_size=192, micro_batch_size=8, max_steps=1000)
     fast = [cluster.start_peer(), cluster.start_peer()]
-    slow = cluster.start_peer(faults={"slowdown": 3.0})
+    slow = cluster.start_peer(env=faults_env(slowdown=3.0))
     start = cluster.wait_for(lambda s: len(s.peers) == 3, 40, "three peers")
     wait_for_step(cluster, start.step + 8, timeout=40)
     contributed = {
@@ -186,7 +187,7 @@ def test_nan_sending_peer_is_excluded_and_the_others_step_is_unaffected(
     first = cluster.status()
     assert first is not None
     bad_step = first.step + 3
-    sender = cluster.start_peer(faults={"nan_step": bad_step})
+    sender = cluster.start_peer(env=faults_env(nan_step=bad_step))
     until = time.monotonic() + 30
     while "sending a NaN gradient" not in cluster.log_text(sender):
         assert time.monotonic() < until, "the NaN sender never took part in a round"
@@ -286,7 +287,7 @@ def test_a_peer_hung_while_heartbeating_does_not_stall_the_others(
     survivors = [cluster.start_peer(), cluster.start_peer()]
     marker = tmp_path / "hung"
     hung = cluster.start_peer(
-        faults={"pause_phase": "formation", "pause_step": 3, "marker": str(marker)}
+        env=faults_env(pause_phase="formation", pause_step=3, marker=str(marker))
     )
     wait_for_file(marker, 40, cluster)
     stalled_at = cluster.status()

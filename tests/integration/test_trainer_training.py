@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.integration import faulty_peer
 from tests.integration.trainer_fixtures import (
     ClusterFactory,
     applied_steps,
@@ -69,7 +70,7 @@ def test_local_cli_trains_tinylm_with_falling_loss_and_agreeing_hashes(tmp_path:
 
 @dataclass
 class StepDump:
-    """What a peer wrote about one committed step (COLLABTRAIN_DUMP_DIR)."""
+    """What a peer wrote about one committed step (faulty_peer.DUMP_DIR_ENV)."""
 
     peer: str
     step: int
@@ -109,7 +110,7 @@ def test_committed_step_equals_the_sample_weighted_mean(
     dump_dir.mkdir()
     lr = 0.05
     cluster = make_cluster(
-        env={"COLLABTRAIN_DUMP_DIR": str(dump_dir)},
+        env={faulty_peer.DUMP_DIR_ENV: str(dump_dir)},
         optimizer={"name": "sgd", "lr": lr},
         min_peers=3,
     )

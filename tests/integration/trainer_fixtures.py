@@ -14,6 +14,7 @@ import pytest
 
 from collabtrain_trainer.config import TrainerConfig
 from collabtrain_trainer.local import LocalCluster, warm_up
+from tests.integration import faulty_peer
 
 ClusterFactory = Callable[..., LocalCluster]
 
@@ -68,6 +69,7 @@ def make_cluster(tmp_path: Path, trainer_fork_server: None) -> Iterator[ClusterF
             tmp_path / f"cluster{len(clusters)}",
             env=env,
             job_key=job_key,
+            peer_main=faulty_peer.main,  # unchanged unless a test asks for faults
         )
         clusters.append(cluster)
         cluster.start_coordinator()

@@ -82,7 +82,7 @@ def _peer(args: argparse.Namespace) -> int:
     threads = os.environ.get("COLLABTRAIN_TORCH_THREADS")
     if threads:
         torch.set_num_threads(int(threads))
-    from collabtrain_trainer.peer.runtime import Faults, Peer
+    from collabtrain_trainer.peer.runtime import Peer
 
     # Outside a pod (no $POD_IP) the address the host name resolves to.
     advertise = (
@@ -97,7 +97,6 @@ def _peer(args: argparse.Namespace) -> int:
         advertise_host=advertise,
         bind_host=args.bind_host,
         state_port=args.state_port,
-        faults=Faults.from_env(),
     )
     from collabtrain_trainer.peer.client import RequestRefused
 

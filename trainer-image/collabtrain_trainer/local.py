@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,7 +52,16 @@ def warm_up() -> None:
     process.join()
 
 
-def _child_main(args: list[str], env: dict[str, str], log_path: str) -> None:
+def _cli_main(args: list[str]) -> int:
+    from collabtrain_trainer.cli import main
+
+    return main(args)
+
+
+CommandMain = Callable[[list[str]], int]
+
+
+def _child_main(args: list[str], env: dict[str, str], log_path: str, command: CommandMain) -> None:
     """Runs in the forked child: its own session, its own log, the given environment."""
     os.setsid()
     log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -62,17 +72,17 @@ def _child_main(args: list[str], env: dict[str, str], log_path: str) -> None:
     sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
     os.environ.clear()
     os.environ.update(env)
-    from collabtrain_trainer.cli import main
-
-    sys.exit(main(args))
+    sys.exit(command(args))
 
 
 class ChildProcess:
     """A `cli` command in a process forked from the preloaded fork server."""
 
-    def __init__(self, args: list[str], env: dict[str, str], log_path: Path) -> None:
+    def __init__(
+        self, args: list[str], env: dict[str, str], log_path: Path, command: CommandMain = _cli_main
+    ) -> None:
         self._process = _context.Process(
-            target=_child_main, args=(args, env, str(log_path)), daemon=False
+            target=_child_main, args=(args, env, str(log_path), command), daemon=False
         )
         self._process.start()
         assert self._process.pid is not None
@@ -104,7 +114,6 @@ class PeerProcess:
     peer_id: str
     process: ChildProcess
     log_path: Path
-    faults: dict[str, Any] = field(default_factory=dict)
     counted: bool = False  # its exit has been accounted for
 
 
@@ -167,8 +176,12 @@ class LocalCluster:
         *,
         env: dict[str, str] | None = None,
         job_key: str | None = None,
+        peer_main: CommandMain = _cli_main,
     ) -> None:
+        """`peer_main` runs a peer's command line in its process (a module-level function,
+        so that the fork server can import it); the default is the trainer's CLI."""
         self.workdir = workdir
+        self.peer_main = peer_main
         workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         # What the operator does on Kubernetes: the coordinator gets the job key, each
@@ -200,12 +213,9 @@ class LocalCluster:
 
     # --- processes -------------------------------------------------------------------
 
-    def _spawn(self, args: list[str], log_path: Path, env: dict[str, str]) -> ChildProcess:
-        return ChildProcess(args, env, log_path)
-
     def start_coordinator(self) -> None:
         self.coordinator_starts += 1
-        self.coordinator = self._spawn(
+        self.coordinator = ChildProcess(
             [
                 "coordinator",
                 "--config",
@@ -213,8 +223,8 @@ class LocalCluster:
                 "--host",
                 "127.0.0.1",
             ],
-            self.workdir / "coordinator.log",
-            self.coordinator_env,
+            env=self.coordinator_env,
+            log_path=self.workdir / "coordinator.log",
         )
 
     def wait_coordinator(self, timeout: float = 30.0) -> None:
@@ -236,19 +246,16 @@ class LocalCluster:
             _kill_group(self.coordinator, signal.SIGKILL)
             self.coordinator.wait()
 
-    def start_peer(
-        self, faults: dict[str, Any] | None = None, env: dict[str, str] | None = None
-    ) -> str:
+    def start_peer(self, env: dict[str, str] | None = None) -> str:
         self.peers_started += 1
         peer_id = f"peer-{self.peers_started}"
-        peer_env = {**self.env, self.config.peer_token_env: peer_token(self.job_key, peer_id)}
-        if faults:
-            import json
-
-            peer_env["COLLABTRAIN_FAULTS"] = json.dumps(faults)
-        peer_env.update(env or {})
+        peer_env = {
+            **self.env,
+            self.config.peer_token_env: peer_token(self.job_key, peer_id),
+            **(env or {}),
+        }
         log_path = self.workdir / f"{peer_id}.log"
-        process = self._spawn(
+        process = ChildProcess(
             [
                 "peer",
                 "--config",
@@ -260,10 +267,11 @@ class LocalCluster:
                 "--bind-host",
                 "127.0.0.1",
             ],
-            log_path,
-            peer_env,
+            env=peer_env,
+            log_path=log_path,
+            command=self.peer_main,
         )
-        self.peers[peer_id] = PeerProcess(peer_id, process, log_path, faults or {})
+        self.peers[peer_id] = PeerProcess(peer_id, process, log_path)
         return peer_id
 
     def kill_peer(self, peer_id: str, signum: int = signal.SIGKILL) -> None:

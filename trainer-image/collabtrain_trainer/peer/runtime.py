@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import logging
-import os
 import signal
 import threading
 import time
@@ -76,38 +74,6 @@ _FINAL_FLUSH_S = 120.0
 
 
 @dataclass
-class Faults:
-    """Fault injection for tests, from the environment variable COLLABTRAIN_FAULTS (JSON).
-
-    pause_phase: "formation" (assignment received, not ready yet), "exchange" (process group
-    built, before averaging), "apply" (commit received, before the optimizer step); the peer
-    writes `marker` when it pauses there at round step >= `pause_step`, then sleeps.
-    nan_step: the contribution of the first round at or after that step is NaN, once.
-    slowdown: train this many times slower.
-    """
-
-    pause_phase: str | None = None
-    pause_step: int = 0
-    marker: str | None = None
-    nan_step: int | None = None
-    slowdown: float = 1.0
-
-    @classmethod
-    def from_env(cls) -> Faults:
-        raw = os.environ.get("COLLABTRAIN_FAULTS")
-        return cls(**json.loads(raw)) if raw else cls()
-
-    def maybe_pause(self, phase: str, step: int) -> None:
-        if self.pause_phase != phase or step < self.pause_step:
-            return
-        log.warning("fault injection: pausing in phase %s", phase)
-        if self.marker:
-            with open(self.marker, "w") as marker:
-                marker.write(f"{phase} {step}\n")
-        time.sleep(3600)
-
-
-@dataclass
 class Accumulator:
     samples: int = 0
     loss_sum: float = 0.0
@@ -133,7 +99,6 @@ class Peer:
         advertise_host: str = "127.0.0.1",
         bind_host: str = "0.0.0.0",
         state_port: int = 0,
-        faults: Faults | None = None,
     ) -> None:
         self.config = config
         self.peer_id = peer_id
@@ -141,7 +106,6 @@ class Peer:
         self.checkpoints = (
             PeerCheckpoints(config.checkpoint, config.job, peer_id) if config.checkpoint else None
         )
-        self.faults = faults or Faults()
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.task = load_task(config.task, config.task_args, config.seed)
         self.model = self.task.model.to(self.device)
@@ -182,7 +146,6 @@ class Peer:
         self.drain_until: float | None = None
         self.pending_checkpoint: CheckpointResult | None = None
         self.rounds_committed = 0
-        self._last_contribution: Tensor | None = None  # kept only for COLLABTRAIN_DUMP_DIR
         meter, self.tracer = setup_telemetry("collabtrain-peer", config.job, peer_id)
         self._samples_counter = meter.create_counter(
             "collabtrain_peer_samples", description="trained"
@@ -463,9 +426,6 @@ class Peer:
         self.accumulator.samples += count
         self.accumulator.loss_sum += float(loss.detach()) * count
         elapsed = time.perf_counter() - started
-        if self.faults.slowdown > 1:
-            time.sleep(elapsed * (self.faults.slowdown - 1))
-            elapsed *= self.faults.slowdown
         rate = count / max(elapsed, 1e-6)
         self.accumulator.recent_rate = (
             rate
@@ -513,7 +473,6 @@ class Peer:
 
     def _round_phases(self, assignment: RoundAssignment, deadline: float) -> None:
         assert self.groups is not None
-        self.faults.maybe_pause("formation", assignment.step)
         with self.tracer.start_as_current_span("formation"):
             phase_start = time.monotonic()
             try:
@@ -555,14 +514,7 @@ class Peer:
                 )
                 if epoch_changed:
                     self.exchange_state.reset()  # part boundaries and members changed
-                self.faults.maybe_pause("exchange", assignment.step)
                 contribution = flat_mean_gradient(self.params, self.accumulator.samples)
-                if os.environ.get("COLLABTRAIN_DUMP_DIR"):
-                    self._last_contribution = contribution.cpu().clone()
-                if self.faults.nan_step is not None and assignment.step >= self.faults.nan_step:
-                    self.faults.nan_step = None
-                    log.warning("fault injection: sending a NaN gradient")
-                    contribution = torch.full_like(contribution, float("nan"))
                 result = average(contribution, weight, group, self.exchange_state, weights)
             except Exception as error:
                 reason = f"{type(error).__name__}: {error}".splitlines()[0][:300]
@@ -610,7 +562,6 @@ class Peer:
                 assignment.round_id,
                 assignment.members[rank],
             )
-        self.faults.maybe_pause("apply", assignment.step)
         with self.tracer.start_as_current_span("apply"):
             self._apply(result.average, assignment.step + 1)
         self._note_certificate(decision.step, decision.step_certificate)
@@ -625,7 +576,6 @@ class Peer:
             result.total_weight,
             self.hash,
         )
-        self._maybe_dump(assignment, vote, result)
 
     def _apply(self, averaged: Tensor, new_step: int) -> None:
         with self.state_lock:
@@ -636,26 +586,6 @@ class Peer:
             self.step = new_step
             self.hash = param_hash(self.model)
         log_context.step = self.step
-
-    def _maybe_dump(
-        self, assignment: RoundAssignment, vote: RoundVote, result: ExchangeResult
-    ) -> None:
-        """Tests compare committed steps with torch.distributed: COLLABTRAIN_DUMP_DIR."""
-        directory = os.environ.get("COLLABTRAIN_DUMP_DIR")
-        if not directory:
-            return
-        torch.save(
-            {
-                "step": assignment.step,
-                "members": assignment.members,
-                "rank": assignment.rank,
-                "weight": vote.weight,
-                "contribution": self._last_contribution,
-                "average": result.average.cpu(),
-                "params_after": {k: v.cpu().clone() for k, v in self.model.state_dict().items()},
-            },
-            os.path.join(directory, f"{self.peer_id}-step{assignment.step}.pt"),
-        )
 
     # --- checkpoints -----------------------------------------------------------------
 
