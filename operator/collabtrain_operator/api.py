@@ -509,6 +509,11 @@ class Progress(ApiModel):
     max_steps: int | None = Field(default=None, description="Steps until the job succeeds.")
     samples_committed: int = Field(default=0, description="Samples in committed steps.")
     loss: float | None = Field(default=None, description="Latest training loss.")
+    initial_loss: float | None = Field(default=None, description="Loss of the first step.")
+    bytes_sent: int = Field(default=0, description="Gradient bytes the peers sent.")
+    bytes_fp32_equivalent: int = Field(
+        default=0, description="What the same exchanges would have sent uncompressed (fp32)."
+    )
     samples_per_second: float = Field(default=0.0, description="Throughput of all peers.")
     live_peers: int = Field(default=0, description="Peers the coordinator counts as alive.")
     updated_at: datetime | None = Field(

@@ -341,20 +341,41 @@ def plan(name: str, spec: JobSpec, previous: JobStatus, observed: Observed) -> P
     # --- training progress, from the coordinator
     coordinator = observed.coordinator
     if coordinator is not None:
-        progress = Progress(
-            step=coordinator.step,
-            max_steps=coordinator.max_steps,
-            samples_committed=coordinator.samples_committed,
-            loss=coordinator.loss,
-            samples_per_second=coordinator.samples_per_second,
-            live_peers=len(coordinator.peers),
-            updated_at=status.progress.updated_at,
-        )
-        # updatedAt moves only with the numbers: a status write per pass for a clock
-        # alone would wake every watcher of the job for nothing.
-        if progress != status.progress:
-            progress.updated_at = now
-            status.progress = progress
+        behind = coordinator.step < status.progress.step
+        if behind and coordinator.rounds_committed > 0:
+            # Training goes on from an earlier step: what was lost is said, not hidden.
+            condition(
+                "ProgressRewound",
+                True,
+                "StateLost",
+                f"no peer or checkpoint held step {status.progress.step}; training went "
+                f"on from step {coordinator.step}",
+            )
+            event(
+                "Warning",
+                "ProgressRewound",
+                f"training went back from step {status.progress.step} to {coordinator.step}",
+            )
+        if not behind or coordinator.rounds_committed > 0:
+            # Behind without a commit: a restarted coordinator waiting for its peers to
+            # come back with their steps; the status keeps the job's progress meanwhile.
+            progress = Progress(
+                step=coordinator.step,
+                max_steps=coordinator.max_steps,
+                samples_committed=coordinator.samples_committed,
+                loss=coordinator.loss,
+                initial_loss=coordinator.initial_loss,
+                bytes_sent=coordinator.bytes_sent,
+                bytes_fp32_equivalent=coordinator.bytes_fp32_equivalent,
+                samples_per_second=coordinator.samples_per_second,
+                live_peers=len(coordinator.peers),
+                updated_at=status.progress.updated_at,
+            )
+            # updatedAt moves only with the numbers: a status write per pass for a clock
+            # alone would wake every watcher of the job for nothing.
+            if progress != status.progress:
+                progress.updated_at = now
+                status.progress = progress
         reported = coordinator.last_checkpoint
         if reported is not None and (
             status.last_checkpoint is None or reported.step > status.last_checkpoint.step

@@ -254,7 +254,10 @@ def test_full_restart_resumes_step_parameters_and_loss(
         before.loss,
         resumed.loss,
     )
-    assert resumed.initial_loss is not None and resumed.initial_loss < initial_loss
+    # The job's progress came back with the checkpoint's certificate: the same initial
+    # loss, and the samples of every step since the seed (each at least a target batch).
+    assert resumed.initial_loss == initial_loss
+    assert resumed.samples_committed >= resumed.step * first.config.target_batch_size
 
 
 @pytest.mark.timeout(90, func_only=True)

@@ -111,6 +111,10 @@ def test_training_continues_after_the_coordinator_is_killed_and_restarted(
         "the restarted coordinator to commit five steps",
     )
     assert after.step >= before.step + 5
+    # The job's progress came back signed in the peers' certificates, and went on.
+    assert after.initial_loss == before.initial_loss
+    assert after.samples_committed > before.samples_committed
+    assert after.bytes_sent > before.bytes_sent
     assert after.param_hashes_agree
     assert_hashes_agree(cluster)
     assert cluster.running_peers() == list(cluster.peers), "a peer exited"

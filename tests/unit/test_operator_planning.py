@@ -439,6 +439,33 @@ def test_progress_and_checkpoints_come_from_the_coordinator() -> None:
     assert gone.status.progress.step == 5
 
 
+def test_a_restarted_coordinator_waiting_for_its_peers_does_not_move_progress_back() -> None:
+    trained = coordinator(step=40, samples_committed=10240, bytes_sent=5, initial_loss=2.3)
+    before = run(make_spec(), all_running(), coordinator=trained).status
+    assert (before.progress.bytes_sent, before.progress.initial_loss) == (5, 2.3)
+    restarted = coordinator(step=0, samples_committed=0, instance="new", rounds_committed=0)
+    waiting = run(make_spec(), all_running(), before, coordinator=restarted)
+    assert waiting.status.progress == before.progress
+    assert planning.get_condition(waiting.status.conditions, "ProgressRewound") is None
+    # The peers came back with their certified step: progress goes on from there.
+    back = coordinator(step=41, samples_committed=10496, instance="new", rounds_committed=1)
+    assert run(make_spec(), all_running(), before, coordinator=back).status.progress.step == 41
+
+
+def test_training_that_goes_on_from_an_earlier_step_says_so() -> None:
+    before = run(make_spec(), all_running(), coordinator=coordinator(step=40)).status
+    # Every peer was lost and the last checkpoint is of step 30: a round committed 31.
+    resumed = coordinator(step=31, samples_committed=7936, instance="new", rounds_committed=1)
+    result = run(make_spec(), all_running(), before, coordinator=resumed)
+    assert result.status.progress.step == 31
+    assert condition(result, "ProgressRewound") == ("True", "StateLost")
+    rewound = planning.get_condition(result.status.conditions, "ProgressRewound")
+    assert rewound is not None and "step 40" in rewound.message
+    assert "ProgressRewound" in reasons(result)
+    again = run(make_spec(), all_running(), result.status, coordinator=resumed)
+    assert "ProgressRewound" not in reasons(again)
+
+
 # ------------------------------------------------------------------------ capacity
 
 

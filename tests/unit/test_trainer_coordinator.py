@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import logging
 from datetime import UTC, datetime
 
@@ -576,7 +578,52 @@ def test_commits_count_recorded_samples_and_hand_out_certificates() -> None:
     assert h.state.step == 1 and h.state.samples_committed == 100
     decision = h.state.poll_vote(round_id, h.now)
     assert decision.outcome == "commit"
-    assert decision.step_certificate == credentials.step_certificate(JOB_KEY, 1)
+    progress = credentials.certified_progress(JOB_KEY, 1, decision.step_certificate)
+    assert progress is not None and progress["samples"] == 100
+
+
+def test_a_restarted_coordinator_takes_the_jobs_progress_from_a_certificate() -> None:
+    """Samples, bytes and losses are signed into the certificate of each step: after a
+    restart they come back with the first peer that shows its step, instead of zero."""
+    h, round_id = three_peers_in_a_round()
+    for peer in "abc":
+        h.ready(peer, round_id)
+    for peer in "abc":
+        h.state.vote(
+            RoundVote(
+                peer_id=peer, round_id=round_id, ok=True, loss=2.5, bytes_sent=1000,
+                bytes_fp32_equivalent=8000,
+            ),
+            h.now,
+        )  # fmt: skip
+    before = h.state.status(h.now)
+    certificate = h.report("a", 0, param_hash="h1").step_certificate
+    assert before.step == 1 and before.samples_committed == 100 and before.rounds_committed == 1
+
+    restarted = Harness()
+    assert restarted.state.status(restarted.now).samples_committed == 0
+    forged = certificate_with(certificate, samples=10**6)
+    request = JoinRequest(
+        peer_id="a", state_url="http://a", step=1, param_hash="h1", step_certificate=forged
+    )
+    with pytest.raises(InvalidRequest, match="certificate"):
+        restarted.state.join(request, restarted.now)
+    restarted.state.join(
+        request.model_copy(update={"step_certificate": certificate}), restarted.now
+    )
+    after = restarted.state.status(restarted.now)
+    assert (after.step, after.samples_committed, after.bytes_sent) == (1, 100, 3000)
+    assert after.bytes_fp32_equivalent == 24000
+    assert after.initial_loss == after.loss == 2.5
+    assert after.rounds_committed == 0  # nothing committed by this instance yet
+
+
+def certificate_with(certificate: str | None, **changes: object) -> str:
+    """The certificate's payload changed, its MAC kept: what a forger can make."""
+    assert certificate is not None
+    payload, _, mac = certificate.rpartition(".")
+    body = {**json.loads(base64.urlsafe_b64decode(payload)), **changes}
+    return base64.urlsafe_b64encode(json.dumps(body).encode()).decode() + "." + mac
 
 
 def test_recorded_weights_are_capped_at_the_target_batch() -> None:

@@ -3,6 +3,8 @@ trickles, a state that carries another optimizer's hyperparameters."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import threading
 import time
 from collections.abc import Iterator
@@ -42,6 +44,24 @@ def test_a_certificate_that_is_not_ascii_certifies_nothing() -> None:
     for certificate in ("é", "\ud800", credentials.step_certificate(JOB_KEY, 3) + "é"):
         assert not credentials.step_certified(JOB_KEY, 3, certificate)
     assert credentials.step_certified(JOB_KEY, 3, credentials.step_certificate(JOB_KEY, 3))
+
+
+def test_a_certificate_carries_the_progress_it_was_signed_with() -> None:
+    progress = {"samples": 640, "bytes": 10, "bytes_fp32": 80, "initial_loss": 2.3, "loss": 1.1}
+    certificate = credentials.step_certificate(JOB_KEY, 9, progress)
+    assert credentials.certified_progress(JOB_KEY, 9, certificate) == progress
+    assert credentials.certified_progress(JOB_KEY, 8, certificate) is None  # another step
+    assert credentials.certified_progress("another-job", 9, certificate) is None
+    payload, _, mac = certificate.rpartition(".")
+    assert credentials.certified_progress(JOB_KEY, 9, payload[:-4] + "AAA=." + mac) is None
+    assert credentials.certified_progress(JOB_KEY, 9, "x" * 5000) is None
+
+
+def test_a_bare_certificate_from_an_older_checkpoint_still_certifies_its_step() -> None:
+    """Checkpoints written before progress was signed hold the bare MAC of the step."""
+    legacy = hmac.new(JOB_KEY.encode(), b"collabtrain\0step\x009", hashlib.sha256).hexdigest()
+    assert credentials.certified_progress(JOB_KEY, 9, legacy) == {}
+    assert credentials.certified_progress(JOB_KEY, 10, legacy) is None
 
 
 def test_a_ticket_needs_ascii_digits_and_an_ascii_mac() -> None:

@@ -11,8 +11,10 @@ Torch-free: the operator imports it to mint what the trainer checks.
   in a Secret of its own. The coordinator binds every peer call to the id in the token.
 - The operator's admin token (drain, checkpoint) is derived from the job key; no peer token
   passes for it.
-- Step certificates: the coordinator signs each step it commits. After it restarts it only
-  adopts a step a peer can show a certificate for, so no peer can forge progress.
+- Step certificates: the coordinator signs each step it commits, together with the job's
+  progress up to it (samples, bytes, losses). After it restarts it only adopts a step a
+  peer can show a certificate for, so no peer can forge progress, and it takes the job's
+  progress from that certificate, so its counters do not start again from zero.
 - State tickets: a newcomer fetches state with a ticket the coordinator minted for that
   source peer (keyed by the source's own token), so the newcomer sends nothing of its own
   to whatever address a source declared.
@@ -23,9 +25,14 @@ is not secret; the MAC is checked in constant time.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 ADMIN = "admin"
 _PEER_PREFIX = "peer:"
@@ -92,12 +99,39 @@ def identify(job_key: str, token: str) -> Identity | None:
     return None
 
 
-def step_certificate(job_key: str, step: int) -> str:
-    return _mac(job_key, "step", str(step))
+# Longer than any certificate this module makes (its progress is a few numbers).
+MAX_CERTIFICATE_LENGTH = 1024
+
+
+def step_certificate(job_key: str, step: int, progress: Mapping[str, Any] | None = None) -> str:
+    """`<payload>.<mac>`: the payload is the step and `progress` (JSON numbers), base64url."""
+    body = json.dumps({**(progress or {}), "step": step}, sort_keys=True, separators=(",", ":"))
+    payload = base64.urlsafe_b64encode(body.encode()).decode()
+    return f"{payload}.{_mac(job_key, 'step', payload)}"
+
+
+def certified_progress(job_key: str, step: int, certificate: str | None) -> dict[str, Any] | None:
+    """The progress a valid certificate of `step` carries, without the step; None when it
+    is not a valid certificate of `step`. A certificate made before progress was signed
+    with it (a bare MAC, in older checkpoints) is still valid and carries none."""
+    if not certificate or len(certificate) > MAX_CERTIFICATE_LENGTH:
+        return None
+    payload, dot, mac = certificate.rpartition(".")
+    if not dot:
+        return {} if _equal(certificate, _mac(job_key, "step", str(step))) else None
+    try:
+        if not _equal(mac, _mac(job_key, "step", payload)):
+            return None
+        progress = json.loads(base64.urlsafe_b64decode(payload.encode()))
+    except (UnicodeError, binascii.Error, ValueError):
+        return None
+    if not isinstance(progress, dict) or progress.pop("step", None) != step:
+        return None
+    return progress
 
 
 def step_certified(job_key: str, step: int, certificate: str | None) -> bool:
-    return certificate is not None and _equal(certificate, step_certificate(job_key, step))
+    return certified_progress(job_key, step, certificate) is not None
 
 
 def state_ticket(source_token: str, expires_at: int) -> str:

@@ -119,25 +119,29 @@ class PeerProcess:
 
 @dataclass
 class RunTotals:
-    """What survives coordinator restarts: summed or and-ed over every instance seen."""
+    """The run over coordinator restarts. The job's progress (bytes, losses) survives a
+    restart in the step certificates, so the newest status has it; what each instance
+    counts on its own (rounds aborted, hash agreement) is summed or and-ed."""
 
     instances: dict[str, CoordinatorStatus] = field(default_factory=dict)
+    last: CoordinatorStatus | None = None
     initial_loss: float | None = None
     param_hashes_agree: bool = True
 
     def observe(self, status: CoordinatorStatus) -> None:
         self.instances[status.instance] = status
+        self.last = status
         if self.initial_loss is None and status.initial_loss is not None:
             self.initial_loss = status.initial_loss
         self.param_hashes_agree = self.param_hashes_agree and status.param_hashes_agree
 
     @property
     def bytes_sent(self) -> int:
-        return sum(s.bytes_sent for s in self.instances.values())
+        return self.last.bytes_sent if self.last else 0
 
     @property
     def bytes_fp32_equivalent(self) -> int:
-        return sum(s.bytes_fp32_equivalent for s in self.instances.values())
+        return self.last.bytes_fp32_equivalent if self.last else 0
 
     @property
     def rounds_aborted(self) -> int:

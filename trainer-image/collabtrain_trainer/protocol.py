@@ -34,7 +34,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 TOKEN_HEADER = "Authorization"
 
@@ -45,8 +45,21 @@ Rate = Annotated[float, Field(ge=0, le=1e15)]
 Seconds = Annotated[float, Field(ge=0, le=86400)]
 PeerId = Annotated[str, Field(min_length=1, max_length=253)]  # a pod name
 Digest = Annotated[str, Field(min_length=1, max_length=128)]
+# A step certificate (credentials.step_certificate): base64url, a dot and hex.
+Certificate = Annotated[str, Field(min_length=1, max_length=1024, pattern=r"^[A-Za-z0-9_=.-]+$")]
+_certificate: TypeAdapter[str] = TypeAdapter(Certificate)
 Text = Annotated[str, Field(max_length=2000)]  # reasons and errors, for logs
 MAX_MEMBERS = 4096
+
+
+def certificate_or_none(value: object) -> str | None:
+    """A certificate from outside the coordinator's replies (a source's header, a
+    checkpoint), if it has the shape of one (the coordinator checks the rest); anything
+    else is dropped here rather than refused in a join later."""
+    try:
+        return _certificate.validate_python(value) if value else None
+    except ValidationError:
+        return None
 
 
 class Model(BaseModel):
@@ -84,8 +97,11 @@ class CoordinatorStatus(Model):
     membership_epoch: int = 0
     round_id: int | None = None  # the round in flight, if any
     round_deadline_seconds: float = 0.0
-    rounds_aborted: int = 0
-    initial_loss: float | None = None  # loss of the first step this instance committed
+    rounds_aborted: int = 0  # by this instance
+    # By this instance: 0 while a restarted coordinator waits for its peers to come back
+    # with the steps they hold (the operator does not take a lower step for lost then).
+    rounds_committed: int = 0
+    initial_loss: float | None = None  # loss of the job's first committed step
     param_hashes_agree: bool = True  # every peer reported the same hash after every step
     peers_joined: int = 0
     peers_lost: int = 0  # expired without leaving
@@ -130,7 +146,7 @@ class JoinRequest(Model):
     step: Count = 0
     param_hash: Digest | None = None
     samples: Count = 0  # accumulated toward the next step
-    step_certificate: Digest | None = None
+    step_certificate: Certificate | None = None
 
 
 class StateSource(Model):
@@ -187,7 +203,7 @@ class ProgressReport(Model):
     # The step its parameters are at. Beyond the coordinator's step only with the job's
     # certificate of it (a peer that restored a checkpoint, the coordinator restarted).
     step: Count
-    step_certificate: Digest | None = None
+    step_certificate: Certificate | None = None
     param_hash: Digest
     samples: Count = 0  # accumulated toward the next step
     samples_per_second: Rate = 0.0

@@ -17,6 +17,8 @@ from typing import Any, Protocol
 
 import torch
 
+from collabtrain_trainer.protocol import certificate_or_none
+
 PARAMETERS = "parameters"
 OPTIMIZER = "optimizer"
 METADATA = "metadata"
@@ -285,5 +287,5 @@ def restore_state(
         step=int(metadata["step"]),
         samples_seen=int(metadata["samples_seen"]),
         data_position=metadata["data_position"],
-        step_certificate=metadata.get("step_certificate"),
+        step_certificate=certificate_or_none(metadata.get("step_certificate")),
     )

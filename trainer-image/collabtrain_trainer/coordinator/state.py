@@ -97,6 +97,8 @@ class PeerRecord:
     # thread hangs keeps heartbeating. It is left out of rounds until it reports again,
     # which only its training thread does.
     missed_round: bool = False
+    # The certificate of its step it last showed (it carries the job's progress).
+    certificate: str | None = None
 
 
 @dataclass
@@ -163,13 +165,16 @@ class CoordinatorState:
         self.join_counter = 0
         self.peers_joined = 0
         self.peers_lost = 0
+        self.rounds_committed = 0
+        # The job's progress along the steps it holds. Signed into every step certificate,
+        # so that a restarted coordinator takes it back from the peers (or a checkpoint).
         self.samples_committed = 0
         self.initial_loss: float | None = None
         self.loss: float | None = None
-        self.hashes: dict[int, dict[str, str]] = {}
-        self.param_hashes_agree = True
         self.bytes_sent = 0
         self.bytes_fp32_equivalent = 0
+        self.hashes: dict[int, dict[str, str]] = {}
+        self.param_hashes_agree = True
         self.draining: set[str] = set()
         self.checkpoint_writer: str | None = None
         self.checkpoint_due_step: int | None = None
@@ -272,7 +277,45 @@ class CoordinatorState:
         return self.epoch_prefix if peer_id in self.epoch_members else None
 
     def certificate(self, step: int) -> str | None:
-        return credentials.step_certificate(self.job_key, step) if step > 0 else None
+        """The certificate of `step`; that of the current step carries the progress."""
+        if step <= 0:
+            return None
+        return credentials.step_certificate(
+            self.job_key, step, self._progress() if step == self.step else None
+        )
+
+    def _progress(self) -> dict[str, Any]:
+        return {
+            "samples": self.samples_committed,
+            "bytes": self.bytes_sent,
+            "bytes_fp32": self.bytes_fp32_equivalent,
+            "initial_loss": self.initial_loss,
+            "loss": self.loss,
+        }
+
+    def _take_progress(self, step: int, certificate: str | None) -> None:
+        """The progress of the step just adopted: from its certificate, which this job
+        signed; zero at the seed; unchanged when the certificate carries none (an old
+        checkpoint's)."""
+        progress = credentials.certified_progress(self.job_key, step, certificate)
+        if step == 0:
+            progress = {}
+        elif not progress:
+            return
+
+        def count(key: str) -> int:
+            value = progress.get(key)
+            return value if isinstance(value, int) and value >= 0 else 0
+
+        def loss(key: str) -> float | None:
+            value = progress.get(key)
+            return float(value) if isinstance(value, int | float) else None
+
+        self.samples_committed = count("samples")
+        self.bytes_sent = count("bytes")
+        self.bytes_fp32_equivalent = count("bytes_fp32")
+        self.initial_loss = loss("initial_loss")
+        self.loss = loss("loss")
 
     def eligible(self, now: float) -> list[PeerRecord]:
         """Peers that would be members of a round formed now."""
@@ -311,6 +354,7 @@ class CoordinatorState:
             param_hash=request.param_hash,
             data_shard=self.join_counter % self.config.data_shards,
             samples=request.samples,
+            certificate=request.step_certificate,
         )
         self.join_counter += 1
         self.peers_joined += 1
@@ -318,7 +362,11 @@ class CoordinatorState:
         if request.param_hash is None or request.step != self.step:
             record.syncing_since = now
         if request.param_hash is not None and request.step > self.step:
-            self._adopt(request.step, f"peer {request.peer_id} holds step {request.step}")
+            self._adopt(
+                request.step,
+                f"peer {request.peer_id} holds step {request.step}",
+                request.step_certificate,
+            )
         if request.param_hash is not None and request.step == self.step:
             # A peer that was training before a coordinator restart: its state is usable.
             record.reported = True
@@ -391,7 +439,7 @@ class CoordinatorState:
             log.warning("round %d member %s is gone (%s)", self.round.round_id, peer_id, reason)
             self._evaluate(now)
 
-    def _adopt(self, step: int, why: str) -> None:
+    def _adopt(self, step: int, why: str, certificate: str | None) -> None:
         if step == self.step:
             return
         if step < self.step:
@@ -406,6 +454,7 @@ class CoordinatorState:
         else:
             log.warning("adopting step %d (was %d): %s", step, self.step, why)
         self.step = step
+        self._take_progress(step, certificate)
         self.restored_step = step
         if self.last_checkpoint is None:
             self.checkpoint_base_step = step
@@ -432,13 +481,18 @@ class CoordinatorState:
         record.samples = report.samples
         record.samples_per_second = report.samples_per_second
         record.loss = report.loss
+        record.certificate = report.step_certificate
         record.reported = True
         if report.draining and not record.draining:
             record.draining = True
             self.draining.add(report.peer_id)
             self._choose_checkpoint_writer(now)
         if report.step > self.step:
-            self._adopt(report.step, f"peer {report.peer_id} holds certified step {report.step}")
+            self._adopt(
+                report.step,
+                f"peer {report.peer_id} holds certified step {report.step}",
+                report.step_certificate,
+            )
         # After the adoption: a restored peer reports the checkpoint of the step it showed.
         if report.checkpoint is not None:
             self._record_checkpoint(report.peer_id, report.checkpoint, now)
@@ -557,8 +611,8 @@ class CoordinatorState:
         live = [self.peers[p] for p in self.live_peers(now) if self.peers[p].reported]
         if not live or any(r.step == self.step for r in live):
             return
-        best = max(r.step for r in live)
-        self._adopt(best, "no live peer holds the current step")
+        best = max(live, key=lambda r: r.step)
+        self._adopt(best.step, "no live peer holds the current step", best.certificate)
 
     def _maybe_form_round(self, now: float) -> Round | None:
         if self.finished or now < self.rounds_not_before:
@@ -769,6 +823,7 @@ class CoordinatorState:
         self.deadline.observe_commit(duration)
         self.round_durations.append(duration)
         self.step = current.step + 1
+        self.rounds_committed += 1
         # Count what this coordinator recorded, never what the votes claim.
         weights = current.weights or tuple(0 for _ in current.members)
         excluded = self._agreed_exclusions(current, votes)
@@ -972,6 +1027,7 @@ class CoordinatorState:
             round_id=current.round_id if current else None,
             round_deadline_seconds=self.deadline.seconds,
             rounds_aborted=self.rounds_aborted,
+            rounds_committed=self.rounds_committed,
             initial_loss=self.initial_loss,
             param_hashes_agree=self.param_hashes_agree,
             peers_joined=self.peers_joined,

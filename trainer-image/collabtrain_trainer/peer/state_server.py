@@ -23,7 +23,7 @@ import urllib3
 
 from collabtrain_trainer import credentials
 from collabtrain_trainer.observability import CONTENT_TYPE_LATEST, metrics_text
-from collabtrain_trainer.protocol import TOKEN_HEADER
+from collabtrain_trainer.protocol import TOKEN_HEADER, certificate_or_none
 
 log = logging.getLogger("collabtrain.peer")
 
@@ -193,7 +193,7 @@ def fetch_state(
         step=step,
         param_hash=claimed_hash,
         sha256=expected_sha,
-        step_certificate=certificate[:128] if certificate else None,
+        step_certificate=certificate_or_none(certificate),
     )
 
 
