@@ -404,6 +404,29 @@ def plan(name: str, spec: JobSpec, previous: JobStatus, observed: Observed) -> P
         terminal = True
         condition("Ready", False, "Succeeded", f"reached {coordinator.max_steps} steps")
         event("Normal", "Succeeded", f"training finished at step {coordinator.step}")
+        if coordinator.final_state_saved is True:
+            condition(
+                "FinalStateSaved", True, "CheckpointSaved", "the final step's checkpoint is durable"
+            )
+        elif coordinator.final_state_saved is False:
+            message = (
+                f"every peer holding step {coordinator.step} was lost before its checkpoint "
+                f"was saved; the newest checkpoint is of step "
+                f"{status.last_checkpoint.step if status.last_checkpoint else 'none'}"
+            )
+            condition("FinalStateSaved", False, "PeersLost", message)
+            event("Warning", "FinalStateNotSaved", message)
+    elif not terminal and coordinator is not None and coordinator.final_checkpoint_overdue:
+        # The peers keep the final state (they are not released) until it is saved.
+        message = (
+            f"the checkpoint of the final step {coordinator.step} is not saved yet; the "
+            "peers keep the final state until it is"
+            + (f": {coordinator.checkpoint_error}" if coordinator.checkpoint_error else "")
+        )
+        prior = get_condition(conditions, "FinalStateSaved")
+        if prior is None or prior.reason != "CheckpointPending":
+            event("Warning", "FinalCheckpointOverdue", message)
+        condition("FinalStateSaved", False, "CheckpointPending", message)
 
     # --- suspension: checkpoint first, then remove the peers
     suspended = False

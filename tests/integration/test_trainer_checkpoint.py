@@ -260,6 +260,33 @@ def test_full_restart_resumes_step_parameters_and_loss(
     assert resumed.samples_committed >= resumed.step * first.config.target_batch_size
 
 
+@pytest.mark.timeout(150, func_only=True)
+def test_the_peers_keep_the_final_state_until_storage_takes_it(
+    make_cluster: ClusterFactory, storage: dict[str, Any], minio_server: MinioServer
+) -> None:
+    """Storage is down when the job reaches max_steps: the run is not called finished and
+    no peer leaves (they hold the only copy) until the final checkpoint is durable."""
+    cluster = _start(make_cluster, storage, 2, max_steps=12, checkpoint={"every_steps": 4})
+    cluster.wait_for(_checkpointed(4), 60, "a first checkpoint")
+    minio_server.stop()
+    try:
+        cluster.wait_for(lambda s: s.step >= 12, 60, "max_steps committed")
+        time.sleep(8)  # longer than any peer needs to leave once told the run is over
+        waiting = cluster.status()
+        assert waiting is not None and waiting.step == 12
+        assert not waiting.finished and waiting.final_state_saved is None
+        assert cluster.running_peers() == list(cluster.peers), "a peer left the final state"
+    finally:
+        minio_server.start()
+    done = cluster.wait_for(lambda s: s.finished, 90, "the final checkpoint once storage is back")
+    assert done.final_state_saved is True
+    assert done.last_checkpoint is not None and done.last_checkpoint.step == 12
+    for peer in cluster.peers.values():
+        assert peer.process.wait(timeout=30) == 0
+    loaded = _reader(cluster, storage).load_latest()
+    assert loaded is not None and loaded.step == 12
+
+
 @pytest.mark.timeout(90, func_only=True)
 def test_final_checkpoint_loads_into_a_fresh_model(
     make_cluster: ClusterFactory, storage: dict[str, Any]

@@ -397,6 +397,32 @@ def test_suspend_gives_up_waiting_for_the_checkpoint() -> None:
 # --------------------------------------------------------------------- completion
 
 
+def test_an_overdue_final_checkpoint_keeps_the_peers_and_says_so() -> None:
+    waiting = coordinator(
+        step=100, finished=False, final_checkpoint_overdue=True, checkpoint_error="bucket full"
+    )
+    result = run(make_spec(), all_running(), coordinator=waiting)
+    assert result.status.phase == "Running" and result.release == []
+    assert condition(result, "FinalStateSaved") == ("False", "CheckpointPending")
+    saved = planning.get_condition(result.status.conditions, "FinalStateSaved")
+    assert saved is not None and "bucket full" in saved.message
+    assert "FinalCheckpointOverdue" in reasons(result)
+    again = run(make_spec(), all_running(), result.status, coordinator=waiting)
+    assert "FinalCheckpointOverdue" not in reasons(again)
+    done = coordinator(step=100, finished=True, final_state_saved=True)
+    finished = run(make_spec(), all_running(), again.status, coordinator=done)
+    assert finished.status.phase == "Succeeded" and len(finished.release) == 3
+    assert condition(finished, "FinalStateSaved") == ("True", "CheckpointSaved")
+
+
+def test_a_job_whose_final_state_was_lost_succeeds_saying_so() -> None:
+    lost = coordinator(step=100, finished=True, final_state_saved=False, peers=[])
+    result = run(make_spec(), [], coordinator=lost)
+    assert result.status.phase == "Succeeded"
+    assert condition(result, "FinalStateSaved") == ("False", "PeersLost")
+    assert "FinalStateNotSaved" in reasons(result)
+
+
 def test_completion_succeeds_and_ttl_deletes_children_later() -> None:
     spec = make_spec(ttlSecondsAfterFinished=60)
     finished = coordinator(step=100, finished=True)

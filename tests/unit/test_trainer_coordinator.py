@@ -16,6 +16,7 @@ from collabtrain_trainer.config import TrainerConfig
 from collabtrain_trainer.coordinator.deadline import AdaptiveDeadline
 from collabtrain_trainer.coordinator.server import CoordinatorApp, CoordinatorSettings, identify
 from collabtrain_trainer.coordinator.state import (
+    FINAL_CHECKPOINT_GRACE_S,
     CoordinatorState,
     InvalidRequest,
     UnknownPeerError,
@@ -920,6 +921,46 @@ def test_only_the_writer_reports_checkpoints_and_never_beyond_the_committed_step
     assert last is not None and last.step == 1 and last.uri == "s3://b/forged"
     assert last.time <= datetime.now(UTC)
     assert h.state.run_complete(h.now)
+
+
+def test_the_peers_keep_the_final_state_until_its_checkpoint_is_durable() -> None:
+    """No deadline releases them: a final checkpoint that cannot be written makes the
+    job wait (overdue, said on the job), and a new writer takes over a lost one."""
+    h = _finished_with_writer()
+    state = h.state
+    writer_says = h.report("a", 0, param_hash="h1")
+    assert writer_says.action == "wait" and writer_says.checkpoint_step == 1
+    other_says = h.report("b", 0, param_hash="h1")
+    assert other_says.action == "wait" and other_says.checkpoint_step is None
+    h.advance(FINAL_CHECKPOINT_GRACE_S + 1, keep_alive=("a", "b"))
+    status = state.status(h.now)
+    assert not status.finished and status.final_checkpoint_overdue
+    assert status.final_state_saved is None
+    # The writer is lost; b becomes the writer and is asked for the final step.
+    h.advance(EXPIRY + 1, keep_alive=("b",))
+    assert state.checkpoint_writer == "b"
+    assert h.report("b", 0, param_hash="h1").checkpoint_step == 1
+    state.heartbeat(
+        Heartbeat(
+            peer_id="b",
+            checkpoint_status=WriterReport(
+                last_checkpoint=LastCheckpoint(step=1, uri="s3://b/1", time=datetime.now(UTC))
+            ),
+        ),
+        h.now,
+    )
+    status = state.status(h.now)
+    assert status.finished and status.final_state_saved is True
+    assert not status.final_checkpoint_overdue
+    assert h.report("b", 0, param_hash="h1").action == "stop"
+
+
+def test_a_run_whose_final_state_is_gone_finishes_saying_it_is_not_saved() -> None:
+    h = _finished_with_writer()
+    assert not h.state.status(h.now).finished
+    h.advance(EXPIRY + 1)  # both peers lost before the final checkpoint
+    status = h.state.status(h.now)
+    assert status.finished and status.final_state_saved is False
 
 
 def test_only_the_writer_sets_the_checkpoint_error_from_a_result() -> None:

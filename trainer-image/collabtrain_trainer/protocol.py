@@ -78,7 +78,12 @@ class CoordinatorStatus(Model):
     job: str
     step: int = 0  # committed collaborative steps
     max_steps: int
-    finished: bool = False  # max_steps committed
+    # max_steps committed and, with checkpoints, the final checkpoint durable (or no peer
+    # left that holds the final step: then final_state_saved is False).
+    finished: bool = False
+    final_state_saved: bool | None = None
+    # The final checkpoint has taken longer than the coordinator's grace; the peers wait.
+    final_checkpoint_overdue: bool = False
     samples_committed: int = 0
     samples_in_round: int = 0  # accumulated toward the current step
     target_batch_size: int

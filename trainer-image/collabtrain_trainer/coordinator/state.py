@@ -55,8 +55,8 @@ log = logging.getLogger("collabtrain.coordinator")
 # Hashes of this many recent steps are kept to check agreement.
 _HASH_HISTORY = 8
 _DECISION_HISTORY = 32
-# How long /status waits, after max_steps, for the final checkpoint before calling the
-# run finished anyway (the writer died, storage is down): the operator must not wait forever.
+# How long after max_steps the final checkpoint may take before /status calls it overdue
+# (the operator then says so on the job). The peers keep the final state meanwhile.
 FINAL_CHECKPOINT_GRACE_S = 120.0
 # How long a state ticket (see `credentials.state_ticket`) stays valid.
 STATE_TICKET_S = 300
@@ -202,21 +202,34 @@ class CoordinatorState:
     def finished(self) -> bool:
         return self.step >= self.config.max_steps
 
-    def run_complete(self, now: float) -> bool:
-        """What `/status` calls finished: max_steps committed and, with checkpoints
-        configured, the final checkpoint durable, so the operator removing the peers loses
-        nothing. Gives up waiting for it when no peer is left to write it or after
-        FINAL_CHECKPOINT_GRACE_S."""
-        if not self.finished:
-            return False
-        if self.config.checkpoint is None:
-            return True
+    def final_state_saved(self, now: float) -> bool | None:
+        """After max_steps, with checkpoints configured: True once the final checkpoint
+        is durable; False once no live peer holds the final step any more (nothing can
+        save it now); None while the peers keep the final state and the writer saves it,
+        and before max_steps or without checkpoints."""
+        if not self.finished or self.config.checkpoint is None:
+            return None
         if self.last_checkpoint is not None and self.last_checkpoint.step >= self.step:
             return True
-        if self.finished_since is None:
+        if not any(self.peers[p].step == self.step for p in self.live_peers(now)):
+            return False
+        return None
+
+    def run_complete(self, now: float) -> bool:
+        """What `/status` calls finished: max_steps committed and, with checkpoints
+        configured, the final checkpoint durable, or no peer left that could save it.
+        Never for a deadline: a job whose final checkpoint cannot be written keeps its
+        peers (and the operator says why) instead of releasing its only copy."""
+        if not self.finished:
+            return False
+        return self.config.checkpoint is None or self.final_state_saved(now) is not None
+
+    def final_checkpoint_overdue(self, now: float) -> bool:
+        if not self.finished or self.run_complete(now):
+            return False
+        if self.finished_since is None:  # adopted at max_steps after a restart
             self.finished_since = now
-        waited = now - self.finished_since
-        return not self.live_peers(now) or waited > FINAL_CHECKPOINT_GRACE_S
+        return now - self.finished_since > FINAL_CHECKPOINT_GRACE_S
 
     def is_live(self, peer_id: str, now: float) -> bool:
         record = self.peers.get(peer_id)
@@ -527,7 +540,16 @@ class CoordinatorState:
 
         needed = self.config.target_batch_size - sum(r.samples for r in self.eligible(now))
         if self.finished:
-            return instruction("stop", reason="max_steps reached")
+            if self.run_complete(now) or record.step != self.step:
+                return instruction("stop", reason="max_steps reached")
+            # Every peer holding the final step stays until its checkpoint is durable: the
+            # writer saves it (a new writer, if this one goes), the others are its copies.
+            writer = self.checkpoint_writer == record.peer_id
+            return instruction(
+                "wait",
+                reason="max_steps reached; keeping the final state until its checkpoint is saved",
+                checkpoint_step=self.step if writer else None,
+            )
         if not self.in_sync(record):
             sources = self.sources(now, exclude=record.peer_id)
             if not sources:
@@ -855,8 +877,10 @@ class CoordinatorState:
                 record.step = self.step
                 record.param_hash = None  # until it reports the hash after its step
         every = self.config.checkpoint.every_steps if self.config.checkpoint else None
-        if every and self.step % every == 0:
-            self.checkpoint_due_step = self.step
+        if (every and self.step % every == 0) or self.finished:
+            self.checkpoint_due_step = self.step  # the final step is always saved
+        if self.finished:
+            self.finished_since = now
         log.info(
             "step %d committed by round %d: %d samples from %d members in %.2fs, loss %s",
             self.step,
@@ -1009,6 +1033,8 @@ class CoordinatorState:
             step=self.step,
             max_steps=self.config.max_steps,
             finished=self.run_complete(now),
+            final_state_saved=self.final_state_saved(now),
+            final_checkpoint_overdue=self.final_checkpoint_overdue(now),
             samples_committed=self.samples_committed,
             samples_in_round=sum(r.samples for r in self.eligible(now)),
             target_batch_size=self.config.target_batch_size,

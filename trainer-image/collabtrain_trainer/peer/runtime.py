@@ -8,7 +8,6 @@ applied twice.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import signal
@@ -69,8 +68,9 @@ _REPORT_INTERVAL_S = 0.05
 # How long past the round deadline a peer waits for the coordinator's decision.
 _DECISION_SLACK_S = 10.0
 
-# A writer that finished the job waits this long for its last upload before leaving.
-_FINAL_FLUSH_S = 120.0
+# After max_steps the coordinator says "stop" only once the final checkpoint is durable;
+# until then a peer holding the final step asks again this often.
+_FINISHED_POLL_S = 0.5
 
 
 @dataclass
@@ -629,23 +629,6 @@ class Peer:
                 step=self.step, error=f"{type(error).__name__}: {error}"
             )
 
-    def _final_checkpoint(self) -> None:
-        """The job finished: the writer saves the last step and waits for the upload, then
-        tells the coordinator (the operator shows it as the job's last checkpoint)."""
-        if self.checkpoints is None:
-            return
-        try:
-            instruction = self._report()
-        except (RejoinRequired, CoordinatorUnavailable):
-            return
-        if instruction.checkpoint_writer and not self.checkpoints.taken(self.step):
-            self._maybe_checkpoint(
-                instruction.model_copy(update={"checkpoint_step": self.step, "action": "stop"})
-            )
-        self.checkpoints.close(timeout=_FINAL_FLUSH_S)
-        with contextlib.suppress(RejoinRequired, CoordinatorUnavailable):
-            self._report()
-
     # --- main loop -------------------------------------------------------------------
 
     def run(self) -> int:
@@ -659,8 +642,6 @@ class Peer:
             self._join()
             heartbeat.start()
             reason = self._loop()
-            if reason == "max_steps reached":
-                self._final_checkpoint()  # still a member: no round forms once finished
         except _Terminated:
             reason = "terminated while the coordinator was unreachable"
         finally:
@@ -729,4 +710,4 @@ class Peer:
                     if self.accumulator.samples - start_samples >= instruction.samples_needed:
                         break
             else:
-                time.sleep(0.02)
+                time.sleep(_FINISHED_POLL_S if instruction.finished else 0.02)
