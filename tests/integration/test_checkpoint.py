@@ -287,10 +287,11 @@ def test_writer_killed_mid_upload_leaves_latest_on_the_previous_checkpoint(
     loaded = reader(config, env).load_latest()
     assert loaded is not None and loaded.step == 1 and loaded.skipped == ()
 
-    # The next complete checkpoint clears the abandoned folder.
+    # The next complete checkpoint leaves the folder: as far as anyone can tell, its
+    # writer may still be uploading (it is deleted once untouched for ABANDONED_AFTER).
     writer.submit(small_snapshot(3), 3)
     assert writer.flush(timeout=30)
-    assert steps_in_bucket(client, config) == ({1, 3}, set())
+    assert steps_in_bucket(client, config) == ({1, 3}, {2})
 
 
 def test_storage_outage_goes_stale_and_recovers_without_blocking_training(
@@ -404,6 +405,51 @@ def test_retention_keeps_exactly_keep_last(
         assert writer.flush(timeout=30)
         assert steps_in_bucket(client, config) == (set(range(max(1, step - 2), step + 1)), set())
         assert latest_in_bucket(client, config).step == step
+
+
+def test_latest_never_moves_back_when_a_leaving_writer_finishes_late(
+    make_writer: Callable[..., CheckpointWriter],
+    config: CheckpointConfig,
+    minio_server: MinioServer,
+) -> None:
+    """The writer that is leaving reads `latest`, then the new writer completes a later
+    step before the leaving one writes: its conditional write is refused, it compares
+    again and leaves `latest` on the later step."""
+    leaving, new = make_writer(), make_writer()
+    read_latest = leaving._read_latest
+    raced: list[int] = []
+
+    def read_then_lose_the_race() -> Any:
+        found = read_latest()
+        if not raced:
+            raced.append(24)
+            new.submit(small_snapshot(24), 24)
+            assert new.flush(timeout=30)
+        return found
+
+    leaving._read_latest = read_then_lose_the_race  # type: ignore[method-assign]
+    leaving.submit(small_snapshot(20), 20)
+    assert leaving.flush(timeout=30)
+    assert raced, "the race was not run"
+    client = minio_server.client()
+    assert latest_in_bucket(client, config).step == 24
+    assert steps_in_bucket(client, config) == ({20, 24}, set())
+
+
+def test_retention_leaves_a_folder_another_writer_is_still_uploading(
+    make_writer: Callable[..., CheckpointWriter],
+    config: CheckpointConfig,
+    minio_server: MinioServer,
+) -> None:
+    writer = make_writer(config.model_copy(update={"keep_last": 1}))
+    client = minio_server.client()
+    # A leaving writer's upload of step 3, in progress: an object, no manifest yet.
+    part = writer.store.layout.object_key(3, "parameters.pt")
+    client.put_object(config.bucket, part, io.BytesIO(b"uploading"), length=9)
+    for step in (4, 5):
+        writer.submit(small_snapshot(step), step)
+        assert writer.flush(timeout=30)
+    assert steps_in_bucket(client, config) == ({5}, {3})
 
 
 def test_secrets_never_reach_logs_or_errors(

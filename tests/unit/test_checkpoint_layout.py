@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from collabtrain_trainer.checkpoint.layout import (
+    ABANDONED_AFTER,
     CheckpointLayout,
     LatestPointer,
     Manifest,
@@ -114,10 +117,33 @@ def test_latest_pointer_requires_a_manifest_hash() -> None:
 
 
 def test_retention_keeps_the_newest_complete_and_drops_abandoned_folders() -> None:
-    plan = plan_retention(complete=[10, 20, 30, 40], incomplete=[15, 35, 50], keep_last=2)
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    untouched = now - ABANDONED_AFTER - timedelta(seconds=1)
+    plan = plan_retention(
+        complete=[10, 20, 30, 40],
+        incomplete=[15, 35, 50],
+        keep_last=2,
+        written_at={15: untouched, 35: untouched, 50: untouched},
+        now=now,
+    )
     assert plan.keep == (40, 30)
     # 15 and 35 were abandoned (older than the newest complete one); 50 may be in flight.
     assert plan.delete == (10, 15, 20, 35)
+
+
+def test_retention_leaves_an_older_folder_written_to_lately() -> None:
+    """A leaving writer may still be finishing step 35 after the new one completed 40."""
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    plan = plan_retention(
+        complete=[30, 40],
+        incomplete=[15, 35],
+        keep_last=1,
+        written_at={15: now - ABANDONED_AFTER - timedelta(seconds=1), 35: now},
+        now=now,
+    )
+    assert plan.delete == (15, 30)
+    # Without a time a folder counts as recent: never deleted on a guess.
+    assert plan_retention(complete=[40], incomplete=[35], keep_last=1).delete == ()
 
 
 def test_retention_never_deletes_protected_steps() -> None:

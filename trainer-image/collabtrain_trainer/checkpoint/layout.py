@@ -17,8 +17,9 @@ never loaded. Steps are zero-padded so a plain listing sorts by step.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -142,19 +143,29 @@ class RetentionPlan:
     delete: tuple[int, ...]  # step folders to delete, complete or not
 
 
+# An incomplete step folder untouched this long is abandoned (its writer died). One
+# written to lately may be a leaving writer still finishing an older step (a multipart
+# upload's parts are not listed until it completes, so "lately" is generous).
+ABANDONED_AFTER = timedelta(hours=1)
+
+
 def plan_retention(
     complete: Iterable[int],
     incomplete: Iterable[int],
     keep_last: int,
     protected: Iterable[int] = (),
+    *,
+    written_at: Mapping[int, datetime] | None = None,
+    now: datetime | None = None,
 ) -> RetentionPlan:
     """Which step folders to delete once a checkpoint has completed.
 
     Keeps the newest `keep_last` complete checkpoints. Deletes older complete ones, and
-    incomplete folders older than the newest complete checkpoint (abandoned by a writer
-    that died; they can never become what `latest` names). Incomplete folders newer than
-    the newest complete checkpoint are left alone: a writer may still be uploading there.
-    `protected` steps (the one `latest` names, the one just written) are never deleted.
+    incomplete folders older than the newest complete checkpoint that nobody has written
+    to for ABANDONED_AFTER (`written_at`: a folder's newest object; unknown counts as
+    recent). Incomplete folders newer than the newest complete checkpoint are left alone:
+    a writer may still be uploading there. `protected` steps (the one `latest` names, the
+    one just written) are never deleted.
     """
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
@@ -163,7 +174,13 @@ def plan_retention(
         return RetentionPlan(keep=(), delete=())
     keep = tuple(done[:keep_last])
     newest = done[0]
-    stale_incomplete = {step for step in incomplete if step < newest} - set(done)
+    abandoned_before = (now or datetime.now(UTC)) - ABANDONED_AFTER
+    stale_incomplete = {
+        step
+        for step in incomplete
+        if step < newest
+        and (written_at or {}).get(step, datetime.max.replace(tzinfo=UTC)) < abandoned_before
+    } - set(done)
     delete = tuple(sorted((set(done[keep_last:]) | stale_incomplete) - set(protected)))
     return RetentionPlan(keep=keep, delete=delete)
 

@@ -14,6 +14,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 
 import certifi
 import urllib3
@@ -161,6 +162,8 @@ class _HashingReader:
 class StepListing:
     complete: frozenset[int]  # step folders holding a manifest
     incomplete: frozenset[int]  # step folders without one
+    # When each step folder last had an object written (the newest object's time).
+    written_at: Mapping[int, datetime] = field(default_factory=dict)
 
 
 class CheckpointStore:
@@ -236,6 +239,39 @@ class CheckpointStore:
             response.close()
             response.release_conn()
 
+    def get_for_update(self, key: str, *, expected_size: int) -> tuple[bytes, str] | None:
+        """`key`'s bytes and ETag, for a `put_if_unchanged` of it; None when it does not
+        exist."""
+        try:
+            response = self.client.get_object(self.bucket, key)
+        except S3Error as exc:
+            if exc.code in MISSING_CODES:
+                return None
+            raise
+        try:
+            data = response.read(expected_size + 1)
+            return data, response.headers.get("ETag", "").strip('"')
+        finally:
+            response.close()
+            response.release_conn()
+
+    def put_if_unchanged(self, key: str, data: bytes, etag: str | None) -> bool:
+        """S3's conditional write: replace `key` only if it still has `etag` (or, for
+        None, does not exist yet). False when another writer changed it first.
+        minio-py's put_object sends no If-Match, so this is its own single PUT; a server
+        without conditional writes (501) gets a plain one."""
+        headers: dict[str, str | list[str] | tuple[str]] = {"Content-Type": "application/json"}
+        headers.update({"If-Match": f'"{etag}"'} if etag else {"If-None-Match": "*"})
+        try:
+            self.client._put_object(self.bucket, key, data, headers)
+        except S3Error as exc:
+            if exc.code == "PreconditionFailed":
+                return False
+            if exc.code != "NotImplemented":
+                raise
+            self.client._put_object(self.bucket, key, data, {"Content-Type": "application/json"})
+        return True
+
     def get_if_exists(
         self, key: str, *, expected_size: int | None = None
     ) -> tuple[bytes, str] | None:
@@ -251,6 +287,7 @@ class CheckpointStore:
         """Step folders under the job, split by whether their manifest exists."""
         seen: set[int] = set()
         complete: set[int] = set()
+        written_at: dict[int, datetime] = {}
         for item in self.client.list_objects(self.bucket, prefix=self.layout.root, recursive=True):
             name = item.object_name or ""
             step = self.layout.step_of_key(name)
@@ -259,7 +296,14 @@ class CheckpointStore:
             seen.add(step)
             if name == self.layout.object_key(step, MANIFEST_NAME):
                 complete.add(step)
-        return StepListing(complete=frozenset(complete), incomplete=frozenset(seen - complete))
+            modified = item.last_modified
+            if modified is not None and (step not in written_at or modified > written_at[step]):
+                written_at[step] = modified
+        return StepListing(
+            complete=frozenset(complete),
+            incomplete=frozenset(seen - complete),
+            written_at=written_at,
+        )
 
     def delete_step(self, step: int) -> None:
         """Delete every object in one step folder."""

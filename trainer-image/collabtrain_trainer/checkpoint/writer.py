@@ -43,6 +43,9 @@ from collabtrain_trainer.protocol import LastCheckpoint
 
 log = logging.getLogger("collabtrain_trainer.checkpoint")
 
+# How often a writer compares and conditionally writes `latest` before giving up.
+_LATEST_ATTEMPTS = 5
+
 
 class _SerializationError(Exception):
     """torch.save failed on an object of a snapshot (the cause says why)."""
@@ -458,39 +461,48 @@ class CheckpointWriter:
         self._move_latest(job.step, manifest_key, manifest_sha)
         return layout.uri(job.step)
 
-    def _read_latest(self) -> LatestPointer | None:
+    def _read_latest(self) -> tuple[LatestPointer | None, str | None]:
+        """`latest` and its ETag (None, None when there is none)."""
         store = self.store
         key = store.layout.latest_key
         try:
-            found = store.get_if_exists(key, expected_size=64 * 1024)
+            found = store.get_for_update(key, expected_size=64 * 1024)
         except Exception as exc:
             raise store.error(exc, f"reading {key}") from None
         if found is None:
-            return None
+            return None, None
+        data, etag = found
         try:
-            return LatestPointer.model_validate_json(found[0])
+            return LatestPointer.model_validate_json(data), etag
         except ValidationError:
             log.warning("%s is unreadable; overwriting it", key, extra={"job": self.job})
-            return None
+            return None, etag
 
     def _move_latest(self, step: int, manifest_key: str, manifest_sha: str) -> None:
+        """Point `latest` at `step` unless it already names a later one: compare, then a
+        conditional write of what was compared, so that a leaving writer finishing an
+        older upload never moves it back over the new writer's."""
         store = self.store
-        current = self._read_latest()
-        if current is not None and current.step > step:
-            # Another writer (after a hand-over) got further; never move `latest` back.
-            log.warning(
-                "not pointing latest at step %d: it already names step %d",
-                step,
-                current.step,
-                extra={"job": self.job, "step": step},
-            )
-            return
-        pointer = LatestPointer(step=step, manifest=manifest_key, manifest_sha256=manifest_sha)
         key = store.layout.latest_key
-        try:
-            store.put(key, memoryview(pointer.model_dump_json().encode()), part_size=self.part_size)
-        except Exception as exc:
-            raise store.error(exc, f"updating {key}") from None
+        pointer = LatestPointer(step=step, manifest=manifest_key, manifest_sha256=manifest_sha)
+        for _ in range(_LATEST_ATTEMPTS):
+            current, etag = self._read_latest()
+            if current is not None and current.step >= step:
+                if current.step > step:
+                    log.warning(
+                        "not pointing latest at step %d: it already names step %d",
+                        step,
+                        current.step,
+                        extra={"job": self.job, "step": step},
+                    )
+                return
+            try:
+                if store.put_if_unchanged(key, pointer.model_dump_json().encode(), etag):
+                    return
+            except Exception as exc:
+                raise store.error(exc, f"updating {key}") from None
+            # Another writer moved it between the read and the write: compare again.
+        raise CheckpointStorageError(f"{key} kept changing; step {step} not made latest")
 
     def _prune(self, step: int) -> str | None:
         """Retention after a complete checkpoint; returns the error, if any. Failures are
@@ -498,12 +510,13 @@ class CheckpointWriter:
         store = self.store
         try:
             listing = store.list_steps()
-            latest = self._read_latest()
+            latest, _ = self._read_latest()
             plan = plan_retention(
                 listing.complete,
                 listing.incomplete,
                 self.config.keep_last,
                 protected={step} | ({latest.step} if latest else set()),
+                written_at=listing.written_at,
             )
             for old in plan.delete:
                 store.delete_step(old)
