@@ -395,6 +395,16 @@ def plan(name: str, spec: JobSpec, previous: JobStatus, observed: Observed) -> P
             )
         else:
             condition("CheckpointStale", False, "CheckpointCurrent")
+        problem = coordinator.restore_problem
+        failing = get_condition(conditions, "CheckpointRestoreFailing")
+        if problem is not None:
+            reason = "NoValidCheckpoint" if problem.kind == "corrupt" else "StorageUnreachable"
+            message = f"a peer cannot load the job's checkpoint (it retries): {problem.message}"
+            if failing is None or failing.status != "True":
+                event("Warning", "CheckpointRestoreFailing", message)
+            condition("CheckpointRestoreFailing", True, reason, message)
+        elif failing is not None:
+            condition("CheckpointRestoreFailing", False, "Restored")
 
     # --- lifecycle: terminal phases stay
     terminal = status.phase in ("Succeeded", "Failed")

@@ -4,6 +4,7 @@ process, and the final checkpoint loaded into a fresh model."""
 
 from __future__ import annotations
 
+import io
 import re
 import secrets
 import signal
@@ -285,6 +286,42 @@ def test_the_peers_keep_the_final_state_until_storage_takes_it(
         assert peer.process.wait(timeout=30) == 0
     loaded = _reader(cluster, storage).load_latest()
     assert loaded is not None and loaded.step == 12
+
+
+@pytest.mark.timeout(120, func_only=True)
+def test_a_bucket_of_only_corrupt_checkpoints_is_reported_while_the_peers_wait(
+    make_cluster: ClusterFactory, storage: dict[str, Any], minio_server: MinioServer
+) -> None:
+    """Nobody live holds the state and no checkpoint verifies: the peers retry the
+    restore, heartbeating (they are not expired), and the status says why."""
+    first = _start(make_cluster, storage, 2, checkpoint={"every_steps": 2})
+    first.wait_for(_checkpointed(4), 60, "checkpoints")
+    for peer_id in first.peers:
+        first.kill_peer(peer_id, signal.SIGKILL)
+    first.kill_coordinator()
+    client = minio_server.client()
+    bucket = storage["checkpoint"]["bucket"]
+    corrupted = 0
+    for item in client.list_objects(bucket, prefix="runs/", recursive=True):
+        name = item.object_name or ""
+        if "/step-" in name and not name.endswith("manifest.json"):
+            client.put_object(bucket, name, io.BytesIO(b"garbage"), length=7)
+            corrupted += 1
+    assert corrupted
+
+    second = _start(make_cluster, storage, 2, checkpoint={"every_steps": 2}, job_key=first.job_key)
+    reported = second.wait_for(
+        lambda s: s.restore_problem is not None and len(s.peers) == 2,
+        40,
+        "the restore problem in the status",
+    )
+    assert reported.restore_problem is not None
+    assert reported.restore_problem.kind == "corrupt"
+    assert minio_server.secret_key not in reported.restore_problem.message
+    time.sleep(3 * second.config.timing.peer_expiry_s)
+    still = second.status()
+    assert still is not None and len(still.peers) == 2, "a restoring peer was expired"
+    assert still.step == 0 and still.restore_problem is not None
 
 
 @pytest.mark.timeout(90, func_only=True)

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from collabtrain_operator import planning
 from collabtrain_operator.api import JobSpec, JobStatus, SlotState
 from collabtrain_operator.planning import Observed, PeerPod, Plan
-from collabtrain_trainer.protocol import CoordinatorStatus, LastCheckpoint
+from collabtrain_trainer.protocol import CoordinatorStatus, LastCheckpoint, RestoreProblem
 
 NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 
@@ -463,6 +463,22 @@ def test_progress_and_checkpoints_come_from_the_coordinator() -> None:
     # An unreachable coordinator keeps the last known progress.
     gone = run(make_spec(), all_running(), again.status, coordinator=None)
     assert gone.status.progress.step == 5
+
+
+def test_a_checkpoint_no_peer_can_load_reaches_the_job() -> None:
+    problem = RestoreProblem(kind="corrupt", message="no checkpoint of job demo verifies")
+    result = run(make_spec(), all_running(), coordinator=coordinator(restore_problem=problem))
+    assert condition(result, "CheckpointRestoreFailing") == ("True", "NoValidCheckpoint")
+    assert "CheckpointRestoreFailing" in reasons(result)
+    again = run(make_spec(), all_running(), result.status, coordinator=coordinator())
+    assert condition(again, "CheckpointRestoreFailing") == ("False", "Restored")
+    assert (
+        planning.get_condition(
+            run(make_spec(), all_running(), coordinator=coordinator()).status.conditions,
+            "CheckpointRestoreFailing",
+        )
+        is None
+    )
 
 
 def test_a_restarted_coordinator_waiting_for_its_peers_does_not_move_progress_back() -> None:

@@ -95,6 +95,8 @@ class CoordinatorStatus(Model):
     last_checkpoint: LastCheckpoint | None = None
     checkpoint_stale: bool = False
     checkpoint_error: str | None = None  # never holds credentials
+    # A peer that must load the job's checkpoint (nobody live holds the state) cannot.
+    restore_problem: RestoreProblem | None = None
     bytes_sent: int = 0
     bytes_fp32_equivalent: int = 0
     # Added by the trainer runtime (readers that do not know them ignore them).
@@ -184,9 +186,17 @@ class WriterReport(Model):
     error: Text | None = None
 
 
+class RestoreProblem(Model):
+    """Why a peer cannot load the job's checkpoint (it retries, heartbeating meanwhile)."""
+
+    kind: Literal["unreachable", "corrupt"]  # storage cannot be read; no checkpoint verifies
+    message: Text  # never holds credentials
+
+
 class Heartbeat(Model):
     peer_id: PeerId
     checkpoint_status: WriterReport | None = None
+    restore_problem: RestoreProblem | None = None
 
 
 class HeartbeatResponse(Model):

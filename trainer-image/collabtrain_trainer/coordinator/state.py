@@ -42,6 +42,7 @@ from collabtrain_trainer.protocol import (
     LastCheckpoint,
     LeaveRequest,
     ProgressReport,
+    RestoreProblem,
     RoundAssignment,
     RoundDecision,
     RoundReady,
@@ -99,6 +100,8 @@ class PeerRecord:
     missed_round: bool = False
     # The certificate of its step it last showed (it carries the job's progress).
     certificate: str | None = None
+    # Why it cannot load the job's checkpoint, as its heartbeat says (it retries).
+    restore_problem: RestoreProblem | None = None
 
 
 @dataclass
@@ -404,7 +407,16 @@ class CoordinatorState:
         )
 
     def heartbeat(self, request: Heartbeat, now: float) -> HeartbeatResponse:
-        self._touch(request.peer_id, now)
+        record = self._touch(request.peer_id, now)
+        if request.restore_problem != record.restore_problem:
+            if request.restore_problem is not None:
+                log.warning(
+                    "peer %s cannot load the job's checkpoint (%s): %s",
+                    request.peer_id,
+                    request.restore_problem.kind,
+                    request.restore_problem.message,
+                )
+            record.restore_problem = request.restore_problem
         if request.checkpoint_status is not None:
             self._record_writer_report(request.peer_id, request.checkpoint_status)
         return HeartbeatResponse(step=self.step, finished=self.finished)
@@ -1046,6 +1058,10 @@ class CoordinatorState:
             last_checkpoint=self.last_checkpoint,
             checkpoint_stale=stale,
             checkpoint_error=self.checkpoint_error,
+            restore_problem=next(
+                (self.peers[p].restore_problem for p in live if self.peers[p].restore_problem),
+                None,
+            ),
             bytes_sent=self.bytes_sent,
             bytes_fp32_equivalent=self.bytes_fp32_equivalent,
             instance=self.instance,

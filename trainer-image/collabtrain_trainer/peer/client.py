@@ -19,6 +19,7 @@ from collabtrain_trainer.protocol import (
     LeaveRequest,
     LeaveResponse,
     ProgressReport,
+    RestoreProblem,
     RoundDecision,
     RoundReady,
     RoundVote,
@@ -86,11 +87,18 @@ class CoordinatorClient:
         return self._post("/peers/join", request, JoinResponse)
 
     def heartbeat(
-        self, peer_id: str, checkpoint_status: WriterReport | None = None
+        self,
+        peer_id: str,
+        checkpoint_status: WriterReport | None = None,
+        restore_problem: RestoreProblem | None = None,
     ) -> HeartbeatResponse:
         return self._post(
             "/peers/heartbeat",
-            Heartbeat(peer_id=peer_id, checkpoint_status=checkpoint_status),
+            Heartbeat(
+                peer_id=peer_id,
+                checkpoint_status=checkpoint_status,
+                restore_problem=restore_problem,
+            ),
             HeartbeatResponse,
             timeout=5.0,
         )

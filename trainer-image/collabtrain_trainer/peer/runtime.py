@@ -23,7 +23,7 @@ from torch import Tensor
 
 from collabtrain_trainer.averaging.exchange import ExchangeResult, ExchangeState, average
 from collabtrain_trainer.averaging.groups import EpochGroups, default_backend
-from collabtrain_trainer.checkpoint import CheckpointStorageError
+from collabtrain_trainer.checkpoint import CheckpointCorruptError, CheckpointStorageError
 from collabtrain_trainer.config import TrainerConfig
 from collabtrain_trainer.observability import log_context, setup_telemetry
 from collabtrain_trainer.peer.checkpointing import PeerCheckpoints
@@ -53,6 +53,7 @@ from collabtrain_trainer.protocol import (
     JoinRequest,
     JoinResponse,
     ProgressReport,
+    RestoreProblem,
     RoundAssignment,
     RoundDecision,
     RoundReady,
@@ -140,6 +141,8 @@ class Peer:
         self.server = StateServer(bind_host, state_port, token, self._current_snapshot)
         self.state_url = f"http://{advertise_host}:{self.server.port}"
         self.rejoin = threading.Event()
+        self.registered = threading.Event()  # the coordinator knows this peer
+        self.restore_problem: RestoreProblem | None = None
         self.finished = threading.Event()
         self.stop_heartbeat = threading.Event()
         self.term_at: float | None = None
@@ -268,6 +271,7 @@ class Peer:
                 log.info("coordinator not reachable (%s); retrying", error)
                 time.sleep(0.5)
         self.rejoin.clear()
+        self.registered.set()
         if self.groups is None:
             self.groups = EpochGroups(
                 self.client.rendezvous, self.peer_id, default_backend(self.device)
@@ -321,15 +325,22 @@ class Peer:
                     restored = self.checkpoints.restore(self.model, self.optimizer)
                     break
                 except CheckpointStorageError as error:
-                    # CheckpointCorruptError (none verifies) is a subclass: retrying
-                    # covers a store that is still coming up; an operator fixes the rest.
+                    # Retrying covers a store that is still coming up; a person fixes the
+                    # rest, told by the job's status (the heartbeat carries the problem).
                     attempt += 1
                     log.error(
                         "cannot restore the latest checkpoint (attempt %d): %s", attempt, error
                     )
+                    self.restore_problem = RestoreProblem(
+                        kind="corrupt"
+                        if isinstance(error, CheckpointCorruptError)
+                        else "unreachable",
+                        message=str(error)[:2000],
+                    )
             if self.term_at is not None:
                 raise _Terminated
             time.sleep(min(10.0, 0.5 * 2**attempt))
+        self.restore_problem = None
         if restored is None:
             log.info("no checkpoint yet under this job: starting from the seed")
             return False
@@ -381,9 +392,13 @@ class Peer:
     def _heartbeat_loop(self) -> None:
         interval = self.config.timing.heartbeat_interval_s
         while not self.stop_heartbeat.wait(interval):
+            if not self.registered.is_set():
+                continue  # not joined yet: a heartbeat would only be told to join
             try:
                 reply = self.client.heartbeat(
-                    self.peer_id, self.checkpoints.report() if self.checkpoints else None
+                    self.peer_id,
+                    self.checkpoints.report() if self.checkpoints else None,
+                    self.restore_problem,
                 )
                 if reply.finished:
                     self.finished.set()
@@ -639,8 +654,10 @@ class Peer:
         heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         reason = "finished"
         try:
-            self._join()
+            # The heartbeat runs while the initial state loads: a restore that takes long
+            # (or fails and retries) does not get the peer expired.
             heartbeat.start()
+            self._join()
             reason = self._loop()
         except _Terminated:
             reason = "terminated while the coordinator was unreachable"
