@@ -10,6 +10,7 @@ FAULTS_ENV (JSON):
   (its heartbeat thread goes on).
 - nan_step: the contribution of the first round at or after that step is NaN, once.
 - slowdown: train this many times slower (and report the slower rate).
+NETNS_ENV: a network namespace (testbed.network) the peer runs in.
 DUMP_DIR_ENV: a folder; each committed step writes what the peer contributed, the average
 it applied and its parameters after, so a test can recompute the step with
 torch.distributed.
@@ -29,6 +30,7 @@ from typing import Any
 import torch
 
 FAULTS_ENV = "COLLABTRAIN_TEST_FAULTS"
+NETNS_ENV = "COLLABTRAIN_TEST_NETNS"  # a network namespace to run in (testbed.network)
 DUMP_DIR_ENV = "COLLABTRAIN_TEST_DUMP_DIR"
 
 log = logging.getLogger("collabtrain.peer")
@@ -58,6 +60,11 @@ class Faults:
 
 def main(args: list[str]) -> int:
     from collabtrain_trainer import cli
+
+    if os.environ.get(NETNS_ENV):
+        from testbed.network import enter_netns
+
+        enter_netns(os.environ[NETNS_ENV])
 
     raw = os.environ.get(FAULTS_ENV)
     dump_dir = os.environ.get(DUMP_DIR_ENV)

@@ -62,7 +62,10 @@ def make_cluster(tmp_path: Path, trainer_fork_server: None) -> Iterator[ClusterF
     clusters: list[LocalCluster] = []
 
     def factory(
-        env: dict[str, str] | None = None, job_key: str | None = None, **overrides: Any
+        env: dict[str, str] | None = None,
+        job_key: str | None = None,
+        host: str = "127.0.0.1",
+        **overrides: Any,
     ) -> LocalCluster:
         cluster = LocalCluster(
             fast_config(**overrides),
@@ -70,6 +73,7 @@ def make_cluster(tmp_path: Path, trainer_fork_server: None) -> Iterator[ClusterF
             env=env,
             job_key=job_key,
             peer_main=faulty_peer.main,  # unchanged unless a test asks for faults
+            host=host,
         )
         clusters.append(cluster)
         cluster.start_coordinator()

@@ -181,11 +181,14 @@ class LocalCluster:
         env: dict[str, str] | None = None,
         job_key: str | None = None,
         peer_main: CommandMain = _cli_main,
+        host: str = "127.0.0.1",
     ) -> None:
         """`peer_main` runs a peer's command line in its process (a module-level function,
-        so that the fork server can import it); the default is the trainer's CLI."""
+        so that the fork server can import it); the default is the trainer's CLI. `host`
+        is the address the coordinator listens on."""
         self.workdir = workdir
         self.peer_main = peer_main
+        self.host = host
         workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         # What the operator does on Kubernetes: the coordinator gets the job key, each
@@ -194,7 +197,7 @@ class LocalCluster:
         self.job_key = job_key or secrets.token_hex(32)
         self.config = config.model_copy(
             update={
-                "coordinator_url": f"http://127.0.0.1:{self.port}",
+                "coordinator_url": f"http://{host}:{self.port}",
             }
         )
         self.config_path = workdir / "trainer.json"
@@ -225,7 +228,7 @@ class LocalCluster:
                 "--config",
                 str(self.config_path),
                 "--host",
-                "127.0.0.1",
+                self.host,
             ],
             env=self.coordinator_env,
             log_path=self.workdir / "coordinator.log",
@@ -250,7 +253,8 @@ class LocalCluster:
             _kill_group(self.coordinator, signal.SIGKILL)
             self.coordinator.wait()
 
-    def start_peer(self, env: dict[str, str] | None = None) -> str:
+    def start_peer(self, env: dict[str, str] | None = None, host: str = "127.0.0.1") -> str:
+        """`host`: the address the peer serves state on (and others reach it at)."""
         self.peers_started += 1
         peer_id = f"peer-{self.peers_started}"
         peer_env = {
@@ -267,9 +271,9 @@ class LocalCluster:
                 "--peer-id",
                 peer_id,
                 "--advertise-host",
-                "127.0.0.1",
+                host,
                 "--bind-host",
-                "127.0.0.1",
+                host,
             ],
             env=peer_env,
             log_path=log_path,
