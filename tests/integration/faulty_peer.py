@@ -5,9 +5,11 @@ without the environment variables below runs unchanged.
 
 FAULTS_ENV (JSON):
 - pause_phase: "formation" (assignment received, not ready yet), "exchange" (process group
-  built, before averaging) or "apply" (commit received, before the optimizer step); the
-  peer writes `marker` when it pauses there at round step >= `pause_step`, then sleeps
-  (its heartbeat thread goes on).
+  built, before averaging), "vote" (averaged, before voting), "apply" (commit received,
+  before the optimizer step) or "serve" (halfway through sending its state to a
+  newcomer); the peer writes its pid to `marker` when it pauses there at step >=
+  `pause_step`, then sleeps (its heartbeat thread goes on). Peers given the same marker
+  pause once between them: whoever finds it written goes on.
 - nan_step: the contribution of the first round at or after that step is NaN, once.
 - slowdown: train this many times slower (and report the slower rate).
 NETNS_ENV: a network namespace (testbed.network) the peer runs in.
@@ -52,9 +54,13 @@ class Faults:
     def maybe_pause(self, phase: str, step: int) -> None:
         if self.pause_phase != phase or step < self.pause_step:
             return
-        log.warning("fault injection: pausing in phase %s", phase)
         if self.marker:
-            Path(self.marker).write_text(f"{phase} {step}\n")
+            try:
+                with open(self.marker, "x") as marker:
+                    marker.write(f"{os.getpid()}\n")
+            except FileExistsError:
+                return  # another peer paused on this marker
+        log.warning("fault injection: pausing in phase %s", phase)
         time.sleep(3600)
 
 
@@ -74,7 +80,7 @@ def main(args: list[str]) -> int:
 
 
 def _instrument(faults: Faults, dump_dir: str | None) -> None:
-    from collabtrain_trainer.peer import runtime
+    from collabtrain_trainer.peer import runtime, state_server
 
     peer_class = runtime.Peer
     real_round_phases = peer_class._round_phases
@@ -105,6 +111,7 @@ def _instrument(faults: Faults, dump_dir: str | None) -> None:
             contribution = torch.full_like(contribution, float("nan"))
         result = real_average(contribution, weight, *rest, **kwargs)
         current["result"] = result
+        faults.maybe_pause("vote", step)
         return result
 
     @functools.wraps(real_apply)
@@ -124,6 +131,35 @@ def _instrument(faults: Faults, dump_dir: str | None) -> None:
         rate = (self.accumulator.samples - samples) / max(elapsed * faults.slowdown, 1e-6)
         self.accumulator.recent_rate = rate if not before else 0.8 * before + 0.2 * rate
 
+    real_serve = state_server.StateServer._serve_state
+
+    @functools.wraps(real_serve)
+    def serve_state(self: Any, handler: Any) -> None:
+        step = self._snapshot().step
+        writes = handler.wfile
+
+        class PausingHalfwayThroughTheBody:
+            written = 0
+
+            def write(self, data: bytes) -> int:
+                self.written += 1
+                if self.written != 2:
+                    return int(writes.write(data))
+                # The headers went first; this is the body's start.
+                half = len(data) // 2
+                writes.write(data[:half])
+                writes.flush()
+                faults.maybe_pause("serve", step)
+                writes.write(data[half:])
+                return len(data)
+
+            def flush(self) -> None:
+                writes.flush()
+
+        handler.wfile = PausingHalfwayThroughTheBody()
+        real_serve(self, handler)
+
+    state_server.StateServer._serve_state = serve_state  # type: ignore[method-assign]
     peer_class._round_phases = round_phases  # type: ignore[method-assign]
     peer_class._apply = apply  # type: ignore[method-assign]
     if faults.slowdown > 1:

@@ -30,7 +30,7 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.mark.timeout(60, func_only=True)
-@pytest.mark.parametrize("phase", ["accumulating", "formation", "exchange", "apply"])
+@pytest.mark.parametrize("phase", ["accumulating", "formation", "exchange", "vote", "apply"])
 def test_peer_killed_in_any_phase_costs_only_its_contribution(
     make_cluster: ClusterFactory, tmp_path: Path, phase: str
 ) -> None:
@@ -91,6 +91,39 @@ def test_newcomer_joins_mid_run_and_catches_up(make_cluster: ClusterFactory) -> 
     assert min(mine) > 5
     assert_hashes_agree(cluster)
     assert_each_step_committed_once(cluster)
+
+
+@pytest.mark.timeout(90, func_only=True)
+def test_a_source_killed_while_serving_state_costs_the_newcomer_only_a_retry(
+    make_cluster: ClusterFactory, tmp_path: Path
+) -> None:
+    """The newcomer's first source dies halfway through sending it the state: the
+    newcomer takes it from the other source and trains."""
+    cluster = make_cluster()
+    marker = tmp_path / "serving"
+    serve_once = faults_env(pause_phase="serve", pause_step=5, marker=str(marker))
+    sources = [cluster.start_peer(env=serve_once), cluster.start_peer(env=serve_once)]
+    cluster.wait_for(lambda s: set(sources) <= set(s.peers) and s.step >= 6, 40, "two peers")
+    newcomer = cluster.start_peer()
+    pid = int(wait_for_file(marker, 30, cluster))
+    dying = next(p for p in sources if cluster.peers[p].process.pid == pid)
+    other = next(p for p in sources if p != dying)
+    cluster.kill_peer(dying, signal.SIGKILL)
+    killed_at = cluster.status()
+    assert killed_at is not None
+    cluster.wait_for(
+        lambda s: (
+            newcomer in s.peers
+            and max(applied_steps(cluster, newcomer), default=0) > killed_at.step + 1
+        ),
+        40,
+        "the newcomer to load the state from the other source and train",
+    )
+    newcomer_log = cluster.log_text(newcomer)
+    assert f"state from {dying} unusable" in newcomer_log
+    assert f"state loaded from {other}" in newcomer_log
+    assert_each_step_committed_once(cluster)
+    assert_hashes_agree(cluster)
 
 
 @pytest.mark.timeout(60, func_only=True)
