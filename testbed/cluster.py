@@ -307,6 +307,21 @@ class ControlPlane:
         parts = "API server" if self.api_only else "control plane"
         print(f"[testbed] {parts} ready at {self.url} in {time.monotonic() - started:.1f} s")
 
+    def crash_and_restart(self, name: str) -> None:
+        """SIGKILL one of the control plane's processes ("etcd", "kube-apiserver") and
+        start it again as it was, keeping its data; returns once the API server is ready."""
+        index = next(i for i, p in enumerate(self.processes) if p.name == name)
+        crashed = self.processes[index]
+        crashed.kill()
+        restarted = ManagedProcess(name, crashed.argv, crashed.log_path)
+        self.processes[index] = restarted
+        wait_until(
+            lambda: http_get(f"{self.url}/readyz", self.token, self.pki.ca_cert) == b"ok",
+            f"kube-apiserver /readyz after {name} restarted",
+            timeout=90,
+            process=restarted,
+        )
+
     def _spawn(self, name: str, argv: list[str]) -> ManagedProcess:
         process = ManagedProcess(name, argv, self.workdir / f"{name}.log")
         self.processes.append(process)

@@ -9,6 +9,7 @@ coordinator), reads the in-memory indices instead of listing, writes the status 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -193,6 +194,9 @@ class JobMemory:
     coordinator_polled_at: float = float("-inf")
     # Peer pods whose token Secret exists (created, or found existing).
     peer_tokens: set[str] = field(default_factory=set)
+    # The daemon's first pass lists the pods from the API server; later ones trust the
+    # index (see Reconciler._list_peer_pods).
+    pods_listed: bool = False
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -267,6 +271,10 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     # own; the highest acts, the others wait.
     if settings.peering.priority == 0:
         settings.peering.priority = random.randint(1, 2**15)
+    if not settings.peering.standalone:
+        logging.getLogger(__name__).info(
+            "peering with priority %d: the replica with the highest acts", settings.peering.priority
+        )
     # One ClusterKopfPeering object (the chart's) even when only some namespaces are
     # watched, instead of a KopfPeering object per namespace.
     settings.peering.clusterwide = True
@@ -408,6 +416,7 @@ async def reconcile_job(
     runtime = runtime_of(memo)
     key = (namespace, name)
     memory = runtime.job(key)
+    memory.pods_listed = False  # a new daemon: after a restart or a peering pause
     reconciler = Reconciler(
         runtime, memory, name, namespace, body, logger,
         peers_by_job, node_interruptions, coordinators_by_job,
@@ -539,7 +548,11 @@ class Reconciler:
         coordinator_status = await self._coordinator_status(
             coordinator_url, admin_token, coordinator_ready
         )
-        pods = list(self.peers_by_job.get(self.key, []))
+        pods = (
+            list(self.peers_by_job.get(self.key, []))
+            if self.memory.pods_listed
+            else await self._list_peer_pods()
+        )
         observed = planning.Observed(
             now=datetime.now(UTC),
             generation=generation,
@@ -555,6 +568,14 @@ class Reconciler:
             invalid_spec=self.memory.invalid.get(generation),
         )
         plan = planning.plan(self.name, spec, previous, observed)
+        unseen = {loss.pod for loss in plan.losses} - {pod.name for pod in [*pods, *vanished]}
+        if unseen:
+            # A started slot whose pod the index does not show: lost while this replica
+            # was away, or an index still filling after a restart or a peering pause.
+            # The API server's own list decides before anything is counted.
+            pods = await self._list_peer_pods()
+            observed = dataclasses.replace(observed, pods=pods)
+            plan = planning.plan(self.name, spec, previous, observed)
 
         # 1. The status first: counts and attempts must be recorded before pods change.
         patch = planning.merge_patch(
@@ -588,6 +609,16 @@ class Reconciler:
         return max(delay, 0.05)
 
     # ------------------------------------------------------------------------ pieces
+
+    async def _list_peer_pods(self) -> list[planning.PeerPod]:
+        """The job's peer pods from the API server: on a daemon's first pass (after an
+        operator restart or a peering pause the index may still be filling, or hold pods
+        deleted meanwhile) and before counting a pod the index does not show."""
+        listed = await self.runtime.kube.list_pods(
+            self.namespace, rendering.peer_selector(self.name)
+        )
+        self.memory.pods_listed = True
+        return [pod for body in listed if (pod := planning.peer_pod_from_body(body)) is not None]
 
     async def _report_unreadable_spec(
         self, previous: JobStatus, generation: int, resource_version: str, error: ValidationError

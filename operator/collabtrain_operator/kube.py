@@ -201,6 +201,16 @@ class KubeClient:
             if error.status != 404:
                 raise
 
+    async def list_pods(self, namespace: str, label_selector: str) -> list[KubeObject]:
+        """The pods as the API server has them now (not a watch's cache)."""
+        listed = await self.request(
+            "GET",
+            object_path("v1", "Pod", namespace),
+            params={"labelSelector": label_selector},
+        )
+        items: list[KubeObject] = listed.get("items") or []
+        return items
+
     async def patch_job_status(
         self, namespace: str, name: str, resource_version: str | None, status_patch: KubeObject
     ) -> str:
