@@ -4,12 +4,16 @@ process, and the final checkpoint loaded into a fresh model."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import re
 import secrets
 import signal
+import subprocess
 import threading
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -42,6 +46,35 @@ _RESTORED = re.compile(r'"msg": "state loaded from checkpoint (\S+): step (\d+),
 @pytest.fixture
 def storage(minio_server: MinioServer) -> dict[str, Any]:
     """A fresh bucket, the checkpoint config for it, and the credentials' environment."""
+    return _bucket_on(minio_server)
+
+
+@pytest.fixture
+def small_disk_minio(tmp_path: Path) -> Iterator[MinioServer]:
+    """A MinIO of its own whose data lives on a 64 MiB tmpfs, to be filled up."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)], check=True)
+    server = MinioServer(workdir=mount)
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+        subprocess.run(["umount", "--lazy", str(mount)], check=False)
+
+
+def _fill(folder: Path) -> Path:
+    """Write zeros into `folder` until its file system has no byte left."""
+    filler = folder / "filler"
+    with filler.open("wb", buffering=0) as handle:
+        for size in (1 << 20, 4096, 1):
+            with contextlib.suppress(OSError):
+                while True:
+                    handle.write(b"\0" * size)
+    return filler
+
+
+def _bucket_on(minio_server: MinioServer) -> dict[str, Any]:
     bucket = f"trainer-{secrets.token_hex(4)}"
     minio_server.client().make_bucket(bucket)
     return {
@@ -286,6 +319,36 @@ def test_the_peers_keep_the_final_state_until_storage_takes_it(
         assert peer.process.wait(timeout=30) == 0
     loaded = _reader(cluster, storage).load_latest()
     assert loaded is not None and loaded.step == 12
+
+
+@pytest.mark.timeout(150, func_only=True)
+def test_a_full_disk_under_storage_marks_checkpoints_stale_until_space_is_freed(
+    make_cluster: ClusterFactory, small_disk_minio: MinioServer
+) -> None:
+    """MinIO's disk fills up: uploads fail with its 'storage full' error, training goes
+    on, the status says why; once space is freed the uploads resume."""
+    storage = _bucket_on(small_disk_minio)
+    cluster = _start(make_cluster, storage, 2, checkpoint={"every_steps": 2})
+    cluster.wait_for(_checkpointed(2), 60, "a first checkpoint")
+    filler = _fill(small_disk_minio.workdir)
+    full = cluster.status()
+    assert full is not None
+    failing = cluster.wait_for(
+        lambda s: s.checkpoint_error is not None and s.step >= full.step + 6,
+        60,
+        "training to go on while the uploads fail",
+    )
+    assert failing.checkpoint_error is not None
+    assert "XMinioStorageFull" in failing.checkpoint_error, failing.checkpoint_error
+    filler.unlink()
+    fresh = cluster.wait_for(
+        lambda s: s.checkpoint_error is None and _checkpointed(failing.step)(s),
+        60,
+        "the uploads to resume once space is freed",
+    )
+    assert fresh.param_hashes_agree
+    loaded = _reader(cluster, storage).load_latest()
+    assert loaded is not None and loaded.skipped == () and loaded.step >= failing.step
 
 
 @pytest.mark.timeout(120, func_only=True)
