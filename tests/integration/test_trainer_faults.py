@@ -74,7 +74,6 @@ def test_peer_killed_in_any_phase_costs_only_its_contribution(
 # before its next report, and it re-syncs again and again without ever being a member of
 # a round, although rounds should not form while a peer syncs (state_sync_grace_s). Left
 # for the fault-tolerance work (issue 14); the assertion is unchanged.
-@pytest.mark.xfail(strict=False, reason="newcomer can chase fast loopback steps (issue 14)")
 @pytest.mark.timeout(60, func_only=True)
 def test_newcomer_joins_mid_run_and_catches_up(make_cluster: ClusterFactory) -> None:
     cluster = make_cluster()
