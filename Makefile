@@ -8,7 +8,7 @@ UV_VERSION := 0.13.8
 # (torch included) and an edited dependency list reinstalls.
 STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 
-.PHONY: demo test test-fast lint format bench crds tools images venv clean
+.PHONY: demo test test-fast lint format bench chaos crds tools images venv clean
 
 venv: $(STAMP)
 $(STAMP): pyproject.toml
@@ -50,6 +50,10 @@ demo: venv  ## the local demo: real nodes running our images, MinIO, the operato
 
 bench: venv tools  ## every benchmark; tables on stdout, JSON and plots in bench/results/
 	$(PY) -m bench.run_all
+
+chaos: venv  ## seeded chaos soak on real nodes: 20 min fault-free, 20 min of faults, invariants
+	$(MAKE) -j2 tools images
+	$(PY) -m bench.chaos_soak $(CHAOS_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -79,6 +79,7 @@ class PodLogs:
         self.kubeconfig = kubeconfig
         self.directory = directory
         self.followers: dict[str, subprocess.Popen[bytes]] = {}
+        self.ended_at: dict[str, float] = {}  # when a follower's stream was seen ended
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pod-logs", daemon=True)
         self._thread.start()
@@ -99,28 +100,47 @@ class PodLogs:
             for pod in json.loads(listed.stdout)["items"]:
                 metadata = pod["metadata"]
                 key = f"{metadata['namespace']}/{metadata['name']}"
-                started = any(
-                    "running" in s.get("state", {}) or "terminated" in s.get("state", {})
-                    for s in pod.get("status", {}).get("containerStatuses", [])
-                )
-                if key in self.followers or not started or key.startswith("kube-system/"):
+                states = [
+                    s.get("state", {}) for s in pod.get("status", {}).get("containerStatuses", [])
+                ]
+                started = any("running" in s or "terminated" in s for s in states)
+                if not started or key.startswith("kube-system/"):
                     continue
-                path = self.directory / f"{key}.log"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                with path.open("ab") as out:
-                    self.followers[key] = subprocess.Popen(
-                        [
-                            *self._kubectl(),
-                            "logs",
-                            "-f",
-                            "-n",
-                            metadata["namespace"],
-                            metadata["name"],
-                            "--all-containers",
-                        ],
-                        stdout=out,
-                        stderr=subprocess.STDOUT,
+                since = None
+                follower = self.followers.get(key)
+                if follower is not None:
+                    if follower.poll() is None or not any("running" in s for s in states):
+                        continue
+                    # Its stream ended while a container runs (it restarted, or the API
+                    # server did): follow again from a little before, repeating a few
+                    # lines rather than losing any.
+                    since = time.strftime(
+                        "%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.ended_at.get(key, time.time()) - 10)
                     )
+                self._follow(key, metadata["namespace"], metadata["name"], since)
+            for key, follower in self.followers.items():
+                if follower.poll() is not None and key not in self.ended_at:
+                    self.ended_at[key] = time.time()
+
+    def _follow(self, key: str, namespace: str, name: str, since: str | None) -> None:
+        path = self.directory / f"{key}.log"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.ended_at.pop(key, None)
+        with path.open("ab") as out:
+            self.followers[key] = subprocess.Popen(
+                [
+                    *self._kubectl(),
+                    "logs",
+                    "-f",
+                    "-n",
+                    namespace,
+                    name,
+                    "--all-containers",
+                    *([f"--since-time={since}"] if since else []),
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
 
     def stop(self) -> None:
         self._stop.set()
