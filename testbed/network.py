@@ -106,6 +106,15 @@ class PeerNetwork:
         self._iptables(link, "-A", "INPUT", "-i", link.inside, "-j", "DROP")
         self._iptables(link, "-A", "OUTPUT", "-o", link.inside, "-j", "DROP")
 
+    def cut_off_from_peers(self, link: PeerLink) -> None:
+        """Drop everything on the peer's link but its traffic with the host (the
+        coordinator): a broken data path whose control path still works."""
+        for chain, option, side in (("INPUT", "-i", "-s"), ("OUTPUT", "-o", "-d")):
+            self._iptables(
+                link, "-A", chain, option, link.inside, side, self.host_address, "-j", "ACCEPT"
+            )
+            self._iptables(link, "-A", chain, option, link.inside, "-j", "DROP")
+
     def drop_randomly(self, link: PeerLink, probability: float) -> None:
         """Drop each packet on the peer's link with `probability`, both ways."""
         for chain, option in (("INPUT", "-i"), ("OUTPUT", "-o")):

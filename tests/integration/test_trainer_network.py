@@ -74,6 +74,27 @@ def test_a_partitioned_peer_is_left_out_and_comes_back_when_the_link_heals(
     assert all(cluster.peers[p].process.poll() is None for p, _ in peers)
 
 
+@pytest.mark.timeout(180, func_only=True)
+def test_a_peer_cut_off_from_the_others_but_not_the_coordinator_is_benched(
+    make_cluster: ClusterFactory, network: PeerNetwork
+) -> None:
+    """Its heartbeats and reports get through, its collectives do not: every round with
+    it fails on every rank. The coordinator finds it by leaving members out, and the
+    others go on without it."""
+    cluster, peers = _start(make_cluster, network, 3)
+    victim, link = peers[2]
+    network.cut_off_from_peers(link)
+    cut = cluster.status()
+    assert cut is not None
+    after = cluster.wait_for(
+        lambda s: s.step >= cut.step + 5, 120, "the others to commit five steps without it"
+    )
+    assert victim in after.peers, "it heartbeats: alive, just unreachable for the others"
+    assert f"rounds commit without {victim}" in cluster.log_text("coordinator")
+    assert_each_step_committed_once(cluster)
+    assert_hashes_agree(cluster)
+
+
 # How one peer's link is degraded, and whether it must still take part in steps.
 DEGRADED_LINKS = {
     # A congested volunteer uplink, 96 kbit/s both ways: the others must not wait on it.

@@ -1090,3 +1090,39 @@ def test_a_member_that_hangs_while_heartbeating_is_left_out_until_it_reports() -
     assert h.report("c", 0, step=0).action == "resync"
     h.report("c", 0, step=1, param_hash="h1")
     assert [r.peer_id for r in h.state.eligible(h.now)] == ["a", "b", "c"]
+
+
+def test_rounds_that_keep_failing_in_the_exchange_find_and_bench_the_member() -> None:
+    """c's data path to the others is broken (its HTTP to the coordinator works): every
+    round with it fails in the exchange, on every rank. After two, rounds leave one
+    member out at a time, the newest first; the round without c commits, and c is
+    benched (a minute the first time), then tried again."""
+    h = Harness()
+    for peer in "abc":
+        h.join(peer)
+
+    def failing_round(members: str) -> None:
+        h.advance(EXPIRY / 2, keep_alive=("a", "b", "c"))  # every member heard since
+        instruction = None
+        for peer in members:
+            instruction = h.report(peer, 50)
+        assert instruction is not None and instruction.round is not None
+        assert instruction.round.members == list(members)
+        for peer in members:
+            h.ready(peer, instruction.round.round_id)
+        for peer in members:
+            h.vote(peer, instruction.round.round_id, ok=False)
+        assert h.state.decisions[instruction.round.round_id].outcome == "abort"
+
+    failing_round("abc")
+    failing_round("abc")
+    assert h.state.probe == "c"
+    h.advance(EXPIRY / 2, keep_alive=("a", "b", "c"))
+    h.commit("ab")
+    assert h.state.step == 1
+    benched = h.state.peers["c"]
+    assert benched.times_benched == 1 and benched.benched_until >= h.now + 59
+    assert [r.peer_id for r in h.state.eligible(h.now)] == ["a", "b"]
+    h.advance(61, keep_alive=("a", "b", "c"))
+    h.report("c", 0, step=1, param_hash="h1")
+    assert "c" in [r.peer_id for r in h.state.eligible(h.now)]

@@ -61,6 +61,13 @@ _DECISION_HISTORY = 32
 FINAL_CHECKPOINT_GRACE_S = 120.0
 # How long a state ticket (see `credentials.state_ticket`) stays valid.
 STATE_TICKET_S = 300
+# After this many rounds in a row fail in the exchange itself (votes came in, some failed:
+# a data path between some members is broken, and no vote says which), rounds leave one
+# member out at a time to find the one they fail with.
+SUSPECT_AFTER_FAILED_ROUNDS = 2
+# A member rounds commit without is left out this long, doubling each time it is found
+# again, up to the cap; then it is tried again.
+BENCH_S, MAX_BENCH_S = 60.0, 900.0
 
 
 class UnknownPeerError(KeyError):
@@ -102,6 +109,9 @@ class PeerRecord:
     certificate: str | None = None
     # Why it cannot load the job's checkpoint, as its heartbeat says (it retries).
     restore_problem: RestoreProblem | None = None
+    # Left out of rounds until then: rounds failed with it and committed without it.
+    benched_until: float = float("-inf")
+    times_benched: int = 0
 
 
 @dataclass
@@ -198,6 +208,10 @@ class CoordinatorState:
         self.snapshot_takers: dict[int, str] = {}
         self.ignored_checkpoints: set[tuple[str, int]] = set()  # reported, not vouched for
         self.round_durations: list[float] = []
+        # Finding the member rounds fail with (see SUSPECT_AFTER_FAILED_ROUNDS).
+        self.failed_exchanges_in_row = 0
+        self.probe: str | None = None  # left out of the round in flight, to test it
+        self.probed: set[str] = set()  # left out already in this search
 
     # --- queries ---------------------------------------------------------------------
 
@@ -339,7 +353,10 @@ class CoordinatorState:
             (
                 r
                 for r in self.peers.values()
-                if self.is_live(r.peer_id, now) and self.in_sync(r) and not r.missed_round
+                if self.is_live(r.peer_id, now)
+                and self.in_sync(r)
+                and not r.missed_round
+                and now >= r.benched_until
             ),
             key=lambda r: (r.joined_at, r.peer_id),
         )
@@ -796,6 +813,7 @@ class CoordinatorState:
         if failed:
             reasons = "; ".join(f"{v.peer_id}: {v.reason}" for v in failed)
             self._decide(current, "abort", f"exchange failed on {reasons}", now)
+            self._search_for_the_failing_member(current, now)
             return
         gone = [m for m in current.members if not self.is_live(m, now)]
         if not current.formed and gone:
@@ -834,6 +852,39 @@ class CoordinatorState:
                 now,
             )
 
+    def _search_for_the_failing_member(self, current: Round, now: float) -> None:
+        """The exchange failed and no vote can say with whom (a collective fails on every
+        rank). After a few such rounds in a row, leave one member out of the next round,
+        the most often benched first, then the newest: if that round commits, the member
+        left out is benched (`_commit`); if it fails too, the next one is tried."""
+        self.failed_exchanges_in_row += 1
+        if self.probe is not None and self.probe in self.peers:
+            self.peers[self.probe].benched_until = now  # rounds fail without it too
+        self.probe = None
+        if self.failed_exchanges_in_row < SUSPECT_AFTER_FAILED_ROUNDS:
+            return
+        candidates = [m for m in current.members if m in self.peers and m not in self.probed]
+        if len(current.members) < 2 or not candidates:
+            self.probed.clear()  # every member tried: start over
+            return
+        # Members are in join order: the newest is last.
+        probe = max(
+            candidates,
+            key=lambda m: (self.peers[m].times_benched, current.members.index(m)),
+        )
+        self.probe = probe
+        self.probed.add(probe)
+        # Long enough for a round without it to form and finish.
+        self.peers[probe].benched_until = (
+            now + 2 * self.deadline.seconds + self.timing.peer_expiry_s
+        )
+        log.warning(
+            "%d rounds in a row failed in the exchange; the next leaves %s out, to find the "
+            "member they fail with",
+            self.failed_exchanges_in_row,
+            probe,
+        )
+
     def _decide(
         self, current: Round, outcome: Literal["commit", "abort"], reason: str, now: float | None
     ) -> None:
@@ -858,6 +909,7 @@ class CoordinatorState:
         self.round_durations.append(duration)
         self.step = current.step + 1
         self.rounds_committed += 1
+        self._end_search(now)
         # Count what this coordinator recorded, never what the votes claim.
         weights = current.weights or tuple(0 for _ in current.members)
         excluded = self._agreed_exclusions(current, votes)
@@ -901,6 +953,24 @@ class CoordinatorState:
             len(votes),
             duration,
             f"{self.loss:.4f}" if self.loss is not None else "n/a",
+        )
+
+    def _end_search(self, now: float) -> None:
+        """A round committed: if it left a member out to test it, rounds fail with that
+        member; bench it, longer each time."""
+        probe, self.probe = self.probe, None
+        self.failed_exchanges_in_row = 0
+        self.probed.clear()
+        record = self.peers.get(probe) if probe is not None else None
+        if record is None:
+            return
+        record.times_benched += 1
+        seconds = min(MAX_BENCH_S, BENCH_S * 2 ** (record.times_benched - 1))
+        record.benched_until = now + seconds
+        log.warning(
+            "rounds commit without %s and failed with it: left out of rounds for %.0fs",
+            probe,
+            seconds,
         )
 
     def _agreed_exclusions(self, current: Round, votes: list[RoundVote]) -> set[int]:

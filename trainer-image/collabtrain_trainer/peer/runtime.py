@@ -66,6 +66,8 @@ log = logging.getLogger("collabtrain.peer")
 
 # A peer reports at least this often while training, so rounds form without overshoot.
 _REPORT_INTERVAL_S = 0.05
+# How long before the round's deadline the collectives give up at the most.
+_VOTE_MARGIN_S = 2.0
 # How long past the round deadline a peer waits for the coordinator's decision.
 _DECISION_SLACK_S = 10.0
 
@@ -523,7 +525,10 @@ class Peer:
                     self.groups.epoch_key is None
                     or self.groups.epoch_key[0] != assignment.store_prefix
                 )
-                timeout = timedelta(seconds=max(1.0, deadline - time.monotonic()))
+                # The collectives give up a little before the round's deadline, so that
+                # a failed exchange is voted failed (and counted as one) in time.
+                margin = min(_VOTE_MARGIN_S, 0.2 * assignment.deadline_seconds)
+                timeout = timedelta(seconds=max(1.0, deadline - margin - time.monotonic()))
                 group = self.groups.get(
                     assignment.store_prefix, assignment.rank, assignment.world_size, timeout
                 )
