@@ -31,7 +31,7 @@ from collabtrain_operator.api import (
     SuspendState,
     parse_duration,
 )
-from collabtrain_trainer.protocol import CoordinatorStatus
+from collabtrain_trainer.protocol import CoordinatorStatus, Rewind
 
 LossKind = Literal["preemption", "failure", "left"]
 EventType = Literal["Normal", "Warning"]
@@ -342,20 +342,21 @@ def plan(name: str, spec: JobSpec, previous: JobStatus, observed: Observed) -> P
     coordinator = observed.coordinator
     if coordinator is not None:
         behind = coordinator.step < status.progress.step
-        if behind and coordinator.rounds_committed > 0:
-            # Training goes on from an earlier step: what was lost is said, not hidden.
-            condition(
-                "ProgressRewound",
-                True,
-                "StateLost",
-                f"no peer or checkpoint held step {status.progress.step}; training went "
-                f"on from step {coordinator.step}",
+        rewind = coordinator.last_rewind
+        if rewind is None and behind and coordinator.rounds_committed > 0:
+            # A restarted coordinator went on from an earlier step than the job had.
+            rewind = Rewind(lost=status.progress.step, resumed=coordinator.step)
+        if rewind is not None:
+            # Training went on from an earlier step: what was lost is said, not hidden
+            # (the coordinator's own word, or seen here, between two reads of it).
+            message = (
+                f"no live peer or checkpoint held step {rewind.lost}; training went on "
+                f"from step {rewind.resumed}"
             )
-            event(
-                "Warning",
-                "ProgressRewound",
-                f"training went back from step {status.progress.step} to {coordinator.step}",
-            )
+            prior = get_condition(conditions, "ProgressRewound")
+            if prior is None or prior.message != message:
+                event("Warning", "ProgressRewound", message)
+            condition("ProgressRewound", True, "StateLost", message)
         if not behind or coordinator.rounds_committed > 0:
             # Behind without a commit: a restarted coordinator waiting for its peers to
             # come back with their steps; the status keeps the job's progress meanwhile.

@@ -13,7 +13,12 @@ from hypothesis import strategies as st
 from collabtrain_operator import planning
 from collabtrain_operator.api import JobSpec, JobStatus, SlotState
 from collabtrain_operator.planning import Observed, PeerPod, Plan
-from collabtrain_trainer.protocol import CoordinatorStatus, LastCheckpoint, RestoreProblem
+from collabtrain_trainer.protocol import (
+    CoordinatorStatus,
+    LastCheckpoint,
+    RestoreProblem,
+    Rewind,
+)
 
 NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 
@@ -506,6 +511,17 @@ def test_training_that_goes_on_from_an_earlier_step_says_so() -> None:
     assert "ProgressRewound" in reasons(result)
     again = run(make_spec(), all_running(), result.status, coordinator=resumed)
     assert "ProgressRewound" not in reasons(again)
+
+
+def test_a_rewind_the_coordinator_reports_is_said_even_if_never_seen_going_back() -> None:
+    """Steps 41 to 47 were lost and committed again between two reads of /status."""
+    before = run(make_spec(), all_running(), coordinator=coordinator(step=47)).status
+    again = coordinator(step=48, rounds_committed=60, last_rewind=Rewind(lost=47, resumed=40))
+    result = run(make_spec(), all_running(), before, coordinator=again)
+    assert condition(result, "ProgressRewound") == ("True", "StateLost")
+    rewound = planning.get_condition(result.status.conditions, "ProgressRewound")
+    assert rewound is not None and "step 47" in rewound.message and "step 40" in rewound.message
+    assert "ProgressRewound" in reasons(result)
 
 
 # ------------------------------------------------------------------------ capacity

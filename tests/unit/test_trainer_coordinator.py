@@ -1126,3 +1126,23 @@ def test_rounds_that_keep_failing_in_the_exchange_find_and_bench_the_member() ->
     h.advance(61, keep_alive=("a", "b", "c"))
     h.report("c", 0, step=1, param_hash="h1")
     assert "c" in [r.peer_id for r in h.state.eligible(h.now)]
+
+
+def test_a_rewind_is_in_the_status_until_the_next_one() -> None:
+    """The only peers holding step 2 die; a peer holding step 1 is left: training goes
+    on from step 1, and /status says which step was lost (the operator, reading it every
+    few seconds, could otherwise miss the step going back and forth)."""
+    h = Harness()
+    h.join("a")
+    h.join("b")
+    h.commit("ab")
+    h.commit("ab")
+    assert h.state.step == 2
+    h.join("c", step=1, param_hash="h1")
+    h.advance(EXPIRY / 2, keep_alive=("c",))
+    h.report("c", 0, step=1, param_hash="h1")
+    h.advance(EXPIRY / 2 + 0.5, keep_alive=("c",))  # a and b expire
+    status = h.state.status(h.now)
+    assert status.step == 1
+    assert status.last_rewind is not None
+    assert (status.last_rewind.lost, status.last_rewind.resumed) == (2, 1)

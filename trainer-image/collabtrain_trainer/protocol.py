@@ -108,6 +108,7 @@ class CoordinatorStatus(Model):
     # By this instance: 0 while a restarted coordinator waits for its peers to come back
     # with the steps they hold (the operator does not take a lower step for lost then).
     rounds_committed: int = 0
+    last_rewind: Rewind | None = None  # by this instance
     initial_loss: float | None = None  # loss of the job's first committed step
     param_hashes_agree: bool = True  # every peer reported the same hash after every step
     peers_joined: int = 0
@@ -191,6 +192,13 @@ class RestoreProblem(Model):
 
     kind: Literal["unreachable", "corrupt"]  # storage cannot be read; no checkpoint verifies
     message: Text  # never holds credentials
+
+
+class Rewind(Model):
+    """Training went back: no live peer (nor the checkpoint peers restored) held `lost`."""
+
+    lost: int  # the step nobody holds any more
+    resumed: int  # the step training went on from
 
 
 class Heartbeat(Model):

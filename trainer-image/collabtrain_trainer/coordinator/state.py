@@ -43,6 +43,7 @@ from collabtrain_trainer.protocol import (
     LeaveRequest,
     ProgressReport,
     RestoreProblem,
+    Rewind,
     RoundAssignment,
     RoundDecision,
     RoundReady,
@@ -210,6 +211,7 @@ class CoordinatorState:
         self.round_durations: list[float] = []
         # Finding the member rounds fail with (see SUSPECT_AFTER_FAILED_ROUNDS).
         self.failed_exchanges_in_row = 0
+        self.last_rewind: Rewind | None = None
         self.probe: str | None = None  # left out of the round in flight, to test it
         self.probed: set[str] = set()  # left out already in this search
 
@@ -493,6 +495,7 @@ class CoordinatorState:
             )
             # Hashes of the abandoned steps describe parameters nobody holds any more.
             self.hashes = {s: h for s, h in self.hashes.items() if s <= step}
+            self.last_rewind = Rewind(lost=self.step, resumed=step)
         else:
             log.warning("adopting step %d (was %d): %s", step, self.step, why)
         self.step = step
@@ -1140,6 +1143,7 @@ class CoordinatorState:
             round_deadline_seconds=self.deadline.seconds,
             rounds_aborted=self.rounds_aborted,
             rounds_committed=self.rounds_committed,
+            last_rewind=self.last_rewind,
             initial_loss=self.initial_loss,
             param_hashes_agree=self.param_hashes_agree,
             peers_joined=self.peers_joined,
