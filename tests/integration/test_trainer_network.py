@@ -79,8 +79,8 @@ def test_a_peer_cut_off_from_the_others_but_not_the_coordinator_is_benched(
     make_cluster: ClusterFactory, network: PeerNetwork
 ) -> None:
     """Its heartbeats and reports get through, its collectives do not: every round with
-    it fails on every rank. The coordinator finds it by leaving members out, and the
-    others go on without it."""
+    it fails on every rank. The others go on without it: it is left out by the search
+    for the member rounds fail with, or, once behind, because it cannot fetch the state."""
     cluster, peers = _start(make_cluster, network, 3)
     victim, link = peers[2]
     network.cut_off_from_peers(link)
@@ -90,7 +90,6 @@ def test_a_peer_cut_off_from_the_others_but_not_the_coordinator_is_benched(
         lambda s: s.step >= cut.step + 5, 120, "the others to commit five steps without it"
     )
     assert victim in after.peers, "it heartbeats: alive, just unreachable for the others"
-    assert f"rounds commit without {victim}" in cluster.log_text("coordinator")
     assert_each_step_committed_once(cluster)
     assert_hashes_agree(cluster)
 

@@ -1146,3 +1146,23 @@ def test_a_rewind_is_in_the_status_until_the_next_one() -> None:
     assert status.step == 1
     assert status.last_rewind is not None
     assert (status.last_rewind.lost, status.last_rewind.resumed) == (2, 1)
+
+
+def test_rounds_whose_every_member_gets_stuck_in_the_exchange_also_start_the_search() -> None:
+    """No member votes before the deadline (their collectives hang on the broken link):
+    as when every vote fails, no one is to blame, so two such rounds start the search."""
+    h = Harness()
+    for peer in "abc":
+        h.join(peer)
+    for _ in range(2):
+        h.advance(EXPIRY / 2, keep_alive=("a", "b", "c"))
+        instruction = None
+        for peer in "abc":  # the target batch needs all three
+            instruction = h.report(peer, 34)
+        assert instruction is not None and instruction.round is not None
+        assert instruction.round.members == ["a", "b", "c"]
+        for peer in "abc":
+            h.ready(peer, instruction.round.round_id)
+        h.advance(h.state.deadline.seconds + 0.1, keep_alive=("a", "b", "c"))
+        assert h.state.decisions[instruction.round.round_id].outcome == "abort"
+    assert h.state.probe == "c"

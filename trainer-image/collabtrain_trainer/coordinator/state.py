@@ -854,6 +854,10 @@ class CoordinatorState:
                 f"{', '.join(missing)}",
                 now,
             )
+            if current.formed and not current.votes:
+                # Every member got stuck in the exchange: no one to blame, as when all
+                # vote failed.
+                self._search_for_the_failing_member(current, now)
 
     def _search_for_the_failing_member(self, current: Round, now: float) -> None:
         """The exchange failed and no vote can say with whom (a collective fails on every
