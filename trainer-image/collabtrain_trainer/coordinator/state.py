@@ -212,6 +212,7 @@ class CoordinatorState:
         # Finding the member rounds fail with (see SUSPECT_AFTER_FAILED_ROUNDS).
         self.failed_exchanges_in_row = 0
         self.last_rewind: Rewind | None = None
+        self._certificate: tuple[tuple[Any, ...], str] | None = None  # see certificate()
         self.probe: str | None = None  # left out of the round in flight, to test it
         self.probed: set[str] = set()  # left out already in this search
 
@@ -309,12 +310,15 @@ class CoordinatorState:
         return self.epoch_prefix if peer_id in self.epoch_members else None
 
     def certificate(self, step: int) -> str | None:
-        """The certificate of `step`; that of the current step carries the progress."""
+        """The certificate of `step`; that of the current step carries the progress.
+        Made once per step and progress: every instruction carries one."""
         if step <= 0:
             return None
-        return credentials.step_certificate(
-            self.job_key, step, self._progress() if step == self.step else None
-        )
+        progress = self._progress() if step == self.step else None
+        key = (step, tuple(progress.values()) if progress else ())
+        if self._certificate is None or self._certificate[0] != key:
+            self._certificate = (key, credentials.step_certificate(self.job_key, step, progress))
+        return self._certificate[1]
 
     def _progress(self) -> dict[str, Any]:
         return {
