@@ -91,6 +91,8 @@ class Injector:
     undo: list[tuple[float, str, Any]] = field(default_factory=list)  # (when, what, how)
     preempting: threading.Thread | None = None
     last_kill_at: float = float("-inf")
+    # A preemption drawn within 30 s of a peer kill waits (and no peer is killed meanwhile).
+    preemption_wanted: bool = False
     preemption_error: BaseException | None = None
     log: list[dict[str, Any]] = field(default_factory=list)
 
@@ -141,7 +143,8 @@ class Injector:
         """Apply one fault of `kind`; a description, or None when nothing fitted now."""
         now = time.monotonic()
         if kind in ("peer_kill", "peer_freeze", "peer_partition", "peer_slow_link"):
-            if kind == "peer_kill" and self.preempting is not None and self.preempting.is_alive():
+            preempting = self.preempting is not None and self.preempting.is_alive()
+            if kind == "peer_kill" and (preempting or self.preemption_wanted):
                 return None  # a killed peer on a node being drained would count either way
             chosen = self.one(self.peers())
             if chosen is None:
@@ -208,7 +211,9 @@ class Injector:
         if self.preempting is not None and self.preempting.is_alive():
             return None
         if time.monotonic() - self.last_kill_at < 30:
+            self.preemption_wanted = True  # tried again from the loop, once it may
             return None  # the killed peer's failure must be counted before its node goes
+        self.preemption_wanted = False
         spot = sorted(
             {
                 str(p["spec"].get("nodeName"))
@@ -310,6 +315,13 @@ def chaos_run(
         injector.undo_due()
         if injector.preemption_error is not None:
             raise injector.preemption_error
+        if injector.preemption_wanted and (description := injector.inject("spot_preemption")):
+            injector.injected["spot_preemption"] += 1
+            injector.log.append(
+                {"t_s": round(time.monotonic() - started, 1), "kind": "spot_preemption",
+                 "what": description}
+            )  # fmt: skip
+            say(f"fault {sum(injector.injected.values())}: {description}")
         if time.monotonic() >= next_at:
             kind = rng.choices(kinds, weights)[0]
             try:
