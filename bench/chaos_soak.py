@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import json
 import os
 import random
@@ -75,7 +74,7 @@ def job_manifest(name: str, max_steps: int) -> dict[str, Any]:
     spec["checkpoint"]["everySteps"] = 10
     # Injected kills are failures; the soak must not end the job for them.
     spec["failurePolicy"] = {"maxFailures": 10000}
-    return copy.deepcopy(manifest)
+    return manifest  # freshly parsed: nobody else holds it
 
 
 @dataclass
@@ -362,7 +361,7 @@ def reported_rewinds(pods_dir: Path) -> list[tuple[int, int]]:
     return sorted(found)
 
 
-def final_checkpoint_hash(cluster: LocalCluster, max_steps: int) -> tuple[int | None, str | None]:
+def final_checkpoint_hash(cluster: LocalCluster) -> tuple[int | None, str | None]:
     from collabtrain_trainer.checkpoint import CheckpointReader, restore_state
     from collabtrain_trainer.config import CheckpointConfig, OptimizerConfig
     from collabtrain_trainer.peer.model_state import make_optimizer, param_hash
@@ -415,7 +414,7 @@ def main() -> int:
             time.sleep(5)  # the last log lines
             hashes = applied_hashes(pods_dir)
             rewinds = reported_rewinds(pods_dir)
-            checkpoint_step, checkpoint_hash = final_checkpoint_hash(cluster, max_steps)
+            checkpoint_step, checkpoint_hash = final_checkpoint_hash(cluster)
     finally:
         kept = RESULTS / "chaos-pod-logs"
         shutil.rmtree(kept, ignore_errors=True)
