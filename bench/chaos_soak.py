@@ -65,7 +65,7 @@ WEIGHTS = {
 
 
 def job_manifest(name: str, max_steps: int) -> dict[str, Any]:
-    manifest = yaml.safe_load(QUICKSTART.read_text())
+    manifest: dict[str, Any] = yaml.safe_load(QUICKSTART.read_text())
     manifest["metadata"]["name"] = name
     spec = manifest["spec"]
     spec["training"]["maxSteps"] = max_steps
