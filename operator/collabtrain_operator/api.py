@@ -506,6 +506,11 @@ class PeerCounts(ApiModel):
 
 class Progress(ApiModel):
     step: int = Field(default=0, description="Committed collaborative steps.")
+    durable_step: int = Field(
+        default=0,
+        description="Newest step that survives the loss of any one peer: two peers hold it, "
+        "or a checkpoint does. Steps above it are held by a single peer.",
+    )
     max_steps: int | None = Field(default=None, description="Steps until the job succeeds.")
     samples_committed: int = Field(default=0, description="Samples in committed steps.")
     loss: float | None = Field(default=None, description="Latest training loss.")

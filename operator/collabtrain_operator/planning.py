@@ -345,7 +345,12 @@ def plan(name: str, spec: JobSpec, previous: JobStatus, observed: Observed) -> P
         rewind = coordinator.last_rewind
         if rewind is None and behind and coordinator.rounds_committed > 0:
             # A restarted coordinator went on from an earlier step than the job had.
-            rewind = Rewind(lost=status.progress.step, resumed=coordinator.step)
+            rewind = Rewind(
+                lost=status.progress.step,
+                resumed=coordinator.step,
+                # Known only from a job status this version wrote.
+                durable=status.progress.durable_step or None,
+            )
         if rewind is not None:
             # Training went on from an earlier step: what was lost is said, not hidden
             # (the coordinator's own word, or seen here, between two reads of it).
@@ -353,15 +358,21 @@ def plan(name: str, spec: JobSpec, previous: JobStatus, observed: Observed) -> P
                 f"no live peer or checkpoint held step {rewind.lost}; training went on "
                 f"from step {rewind.resumed}"
             )
+            # Lost only steps a single peer held (its loss is what they risked), or more.
+            reason = "StateLost"
+            if rewind.durable is not None and rewind.resumed >= rewind.durable:
+                reason = "UnreplicatedStepsLost"
+                message += f" (steps after {rewind.resumed} were held by that peer alone)"
             prior = get_condition(conditions, "ProgressRewound")
             if prior is None or prior.message != message:
                 event("Warning", "ProgressRewound", message)
-            condition("ProgressRewound", True, "StateLost", message)
+            condition("ProgressRewound", True, reason, message)
         if not behind or coordinator.rounds_committed > 0:
             # Behind without a commit: a restarted coordinator waiting for its peers to
             # come back with their steps; the status keeps the job's progress meanwhile.
             progress = Progress(
                 step=coordinator.step,
+                durable_step=coordinator.durable_step,
                 max_steps=coordinator.max_steps,
                 samples_committed=coordinator.samples_committed,
                 loss=coordinator.loss,

@@ -500,7 +500,8 @@ def test_a_restarted_coordinator_waiting_for_its_peers_does_not_move_progress_ba
 
 
 def test_training_that_goes_on_from_an_earlier_step_says_so() -> None:
-    before = run(make_spec(), all_running(), coordinator=coordinator(step=40)).status
+    before = run(make_spec(), all_running(), coordinator=coordinator(step=40, durable_step=38))
+    before = before.status
     # Every peer was lost and the last checkpoint is of step 30: a round committed 31.
     resumed = coordinator(step=31, samples_committed=7936, instance="new", rounds_committed=1)
     result = run(make_spec(), all_running(), before, coordinator=resumed)
@@ -522,6 +523,17 @@ def test_a_rewind_the_coordinator_reports_is_said_even_if_never_seen_going_back(
     rewound = planning.get_condition(result.status.conditions, "ProgressRewound")
     assert rewound is not None and "step 47" in rewound.message and "step 40" in rewound.message
     assert "ProgressRewound" in reasons(result)
+
+
+def test_a_rewind_that_lost_only_steps_one_peer_held_says_so() -> None:
+    before = run(make_spec(), all_running(), coordinator=coordinator(step=47)).status
+    again = coordinator(
+        step=48, rounds_committed=60, last_rewind=Rewind(lost=47, resumed=45, durable=45)
+    )
+    result = run(make_spec(), all_running(), before, coordinator=again)
+    assert condition(result, "ProgressRewound") == ("True", "UnreplicatedStepsLost")
+    rewound = planning.get_condition(result.status.conditions, "ProgressRewound")
+    assert rewound is not None and "held by that peer alone" in rewound.message
 
 
 # ------------------------------------------------------------------------ capacity

@@ -30,6 +30,7 @@ from collabtrain_trainer.protocol import (
     LastCheckpoint,
     LeaveRequest,
     ProgressReport,
+    Rewind,
     RoundReady,
     RoundVote,
     WriterReport,
@@ -1166,3 +1167,29 @@ def test_rounds_whose_every_member_gets_stuck_in_the_exchange_also_start_the_sea
         h.advance(h.state.deadline.seconds + 0.1, keep_alive=("a", "b", "c"))
         assert h.state.decisions[instruction.round.round_id].outcome == "abort"
     assert h.state.probe == "c"
+
+
+def test_a_step_is_durable_once_two_peers_hold_it_and_a_rewind_says_what_was_at_risk() -> None:
+    """A step one peer holds is lost with that peer; one two peers reported holding is
+    not. The status says which steps are durable, and a rewind whether it lost only
+    steps above that (what a single peer's loss always risks) or more."""
+    h = Harness()
+    h.join("a")
+    h.join("b")
+    h.commit("ab")
+    assert h.state.status(h.now).durable_step == 0  # nobody reported holding step 1 yet
+    h.report("a", 0, step=1, param_hash="h1")
+    assert h.state.status(h.now).durable_step == 0
+    h.report("b", 0, step=1, param_hash="h1")
+    assert h.state.status(h.now).durable_step == 1
+    h.state.leave(LeaveRequest(peer_id="b", reason="done"), h.now)
+    h.commit("a", samples=100)  # a trains alone: step 2 is held by a only
+    h.report("a", 0, step=2, param_hash="h2")
+    assert (h.state.step, h.state.status(h.now).durable_step) == (2, 1)
+    h.join("c", step=1, param_hash="h1")
+    h.advance(EXPIRY / 2, keep_alive=("c",))
+    h.report("c", 0, step=1, param_hash="h1")
+    h.advance(EXPIRY / 2 + 0.5, keep_alive=("c",))  # a expires
+    status = h.state.status(h.now)
+    assert status.last_rewind == Rewind(lost=2, resumed=1, durable=1)
+    assert status.durable_step == 1

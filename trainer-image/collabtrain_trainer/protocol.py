@@ -108,6 +108,9 @@ class CoordinatorStatus(Model):
     # By this instance: 0 while a restarted coordinator waits for its peers to come back
     # with the steps they hold (the operator does not take a lower step for lost then).
     rounds_committed: int = 0
+    # The newest step the loss of any one peer cannot take away: two peers reported
+    # holding it, or a checkpoint has it. Steps above it are held by one peer only.
+    durable_step: int = 0
     last_rewind: Rewind | None = None  # by this instance
     initial_loss: float | None = None  # loss of the job's first committed step
     param_hashes_agree: bool = True  # every peer reported the same hash after every step
@@ -199,6 +202,9 @@ class Rewind(Model):
 
     lost: int  # the step nobody holds any more
     resumed: int  # the step training went on from
+    # The durable step before the loss: a rewind that stays at or above it lost only
+    # steps a single peer held (see CoordinatorStatus.durable_step). None: not known.
+    durable: int | None = None
 
 
 class Heartbeat(Model):

@@ -180,6 +180,7 @@ class CoordinatorState:
         self.peers_joined = 0
         self.peers_lost = 0
         self.rounds_committed = 0
+        self.durable_step = 0  # see CoordinatorStatus.durable_step
         # The job's progress along the steps it holds. Signed into every step certificate,
         # so that a restarted coordinator takes it back from the peers (or a checkpoint).
         self.samples_committed = 0
@@ -327,6 +328,7 @@ class CoordinatorState:
             "bytes_fp32": self.bytes_fp32_equivalent,
             "initial_loss": self.initial_loss,
             "loss": self.loss,
+            "durable": self.durable_step,
         }
 
     def _take_progress(self, step: int, certificate: str | None) -> None:
@@ -352,6 +354,19 @@ class CoordinatorState:
         self.bytes_fp32_equivalent = count("bytes_fp32")
         self.initial_loss = loss("initial_loss")
         self.loss = loss("loss")
+        self.durable_step = max(self.durable_step, min(count("durable"), step))
+
+    def _note_durable(self) -> None:
+        """Move the durable step up to the newest step two in-sync peers reported holding
+        (a member that has not reported after a commit may still die before it applies)
+        or a checkpoint holds. It never moves down, except in a rewind below it."""
+        held = sorted(
+            (r.step for r in self.peers.values() if r.param_hash is not None and self.in_sync(r)),
+            reverse=True,
+        )
+        replicated = held[1] if len(held) > 1 else 0
+        checkpointed = self.last_checkpoint.step if self.last_checkpoint else 0
+        self.durable_step = max(self.durable_step, min(self.step, max(replicated, checkpointed)))
 
     def eligible(self, now: float) -> list[PeerRecord]:
         """Peers that would be members of a round formed now."""
@@ -492,14 +507,18 @@ class CoordinatorState:
             return
         if step < self.step:
             log.error(
-                "no live peer holds step %d; training goes on from step %d: %s",
+                "no live peer holds step %d; training goes on from step %d (durable: %d): %s",
                 self.step,
                 step,
+                self.durable_step,
                 why,
             )
             # Hashes of the abandoned steps describe parameters nobody holds any more.
             self.hashes = {s: h for s, h in self.hashes.items() if s <= step}
-            self.last_rewind = Rewind(lost=self.step, resumed=step)
+            self.last_rewind = Rewind(lost=self.step, resumed=step, durable=self.durable_step)
+            if step < self.durable_step:
+                log.error("step %d was durable and is lost too", self.durable_step)
+                self.durable_step = step
         else:
             log.warning("adopting step %d (was %d): %s", step, self.step, why)
         self.step = step
@@ -548,6 +567,7 @@ class CoordinatorState:
         if report.checkpoint_status is not None:
             self._record_writer_report(report.peer_id, report.checkpoint_status)
         self._record_hash(report.peer_id, report.step, report.param_hash)
+        self._note_durable()
         if self.in_sync(record):
             record.syncing_since = None
         elif (
@@ -1072,6 +1092,7 @@ class CoordinatorState:
             checkpoint = checkpoint.model_copy(update={"time": stamped})
         if self.last_checkpoint is None or checkpoint.step > self.last_checkpoint.step:
             self.last_checkpoint = checkpoint
+            self._note_durable()
         self.checkpoint_taken_step = max(self.checkpoint_taken_step or 0, checkpoint.step)
 
     def _record_writer_report(self, peer_id: str, report: WriterReport) -> None:
@@ -1151,6 +1172,7 @@ class CoordinatorState:
             round_deadline_seconds=self.deadline.seconds,
             rounds_aborted=self.rounds_aborted,
             rounds_committed=self.rounds_committed,
+            durable_step=self.durable_step,
             last_rewind=self.last_rewind,
             initial_loss=self.initial_loss,
             param_hashes_agree=self.param_hashes_agree,
