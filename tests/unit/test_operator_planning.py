@@ -309,7 +309,7 @@ def test_a_pod_of_a_newer_attempt_than_status_knows_is_adopted() -> None:
 
 
 def test_creations_per_tick_are_capped(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(planning, "MAX_CREATIONS_PER_TICK", 2)
+    monkeypatch.setattr(planning.slots, "MAX_CREATIONS_PER_TICK", 2)
     result = run(make_spec(replicas=5), [])
     assert len(result.create) == 2
     assert result.requeue_after == 0
