@@ -10,15 +10,15 @@ import sys
 
 import kopf
 
-from collabtrain_operator import handlers  # registers the handlers
+from collabtrain_operator import settings  # handlers: registers the handlers
 
 DEFAULT_PEERING = "collabtrain"
 
 
 def parse_args(
-    argv: list[str] | None, defaults: handlers.OperatorOptions | None = None
+    argv: list[str] | None, defaults: settings.OperatorOptions | None = None
 ) -> argparse.Namespace:
-    defaults = defaults or handlers.OperatorOptions()
+    defaults = defaults or settings.OperatorOptions()
     parser = argparse.ArgumentParser(
         prog="collabtrain-operator",
         description="Reconcile CollaborativeTrainingJobs: a coordinator and spot peers per job.",
@@ -63,7 +63,7 @@ def parse_args(
         "--master-key-file",
         default=defaults.master_key_file,
         help="file holding the master key every job's credentials derive from "
-        f"(default: ${handlers.MASTER_KEY_FILE_ENV})",
+        f"(default: ${settings.MASTER_KEY_FILE_ENV})",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser.parse_args(argv)
@@ -71,7 +71,7 @@ def parse_args(
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        defaults = handlers.OperatorOptions.from_env()
+        defaults = settings.OperatorOptions.from_env()
         arguments = parse_args(argv, defaults)
         options = dataclasses.replace(
             defaults,
@@ -79,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
             reconcile_interval_seconds=arguments.reconcile_interval,
             master_key_file=arguments.master_key_file,
         )
-        handlers.read_master_key(options.master_key_file)  # fail now, not in kopf's loop
-    except handlers.ConfigurationError as error:
+        settings.read_master_key(options.master_key_file)  # fail now, not in kopf's loop
+    except settings.ConfigurationError as error:
         print(f"collabtrain-operator: {error}", file=sys.stderr)
         return 2
     logging.basicConfig(

@@ -16,7 +16,7 @@ import kopf
 import pytest
 from aiohttp import web
 
-from collabtrain_operator import coordinator_client, handlers, kube, main
+from collabtrain_operator import coordinator_client, kube, main, settings
 from collabtrain_operator.coordinator_client import CoordinatorClient
 from collabtrain_trainer.protocol import (
     CheckpointRequest,
@@ -119,10 +119,10 @@ def test_malformed_answers_give_none() -> None:
 def test_options_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("COLLABTRAIN_METRICS_PORT", "off")
     monkeypatch.setenv("COLLABTRAIN_COORDINATOR_URL_TEMPLATE", "http://127.0.0.1:1234/{job}")
-    options = handlers.OperatorOptions.from_env()
+    options = settings.OperatorOptions.from_env()
     assert options.metrics_port is None
     assert options.coordinator_url("demo", "ns") == "http://127.0.0.1:1234/demo"
-    assert handlers.OperatorOptions().coordinator_url("demo", "ns") == (
+    assert settings.OperatorOptions().coordinator_url("demo", "ns") == (
         "http://demo-coordinator.ns.svc:7000"
     )
 
@@ -340,7 +340,7 @@ def test_refused_admin_token_is_said_without_the_token(caplog: pytest.LogCapture
 def test_master_key_is_read_from_the_file_the_chart_mounts(tmp_path: Path) -> None:
     key_file = tmp_path / "master-key"
     key_file.write_text("k" * 64 + "\n")
-    assert handlers.read_master_key(str(key_file)) == b"k" * 64
+    assert settings.read_master_key(str(key_file)) == b"k" * 64
 
 
 @pytest.mark.parametrize("content", [None, "", "   \n", "short"])
@@ -350,33 +350,33 @@ def test_missing_or_empty_master_key_names_the_variable(
     key_file = tmp_path / "master-key"
     if content is not None:
         key_file.write_text(content)
-    with pytest.raises(handlers.ConfigurationError, match=handlers.MASTER_KEY_FILE_ENV):
-        handlers.read_master_key(str(key_file))
-    with pytest.raises(handlers.ConfigurationError, match="COLLABTRAIN_MASTER_KEY_FILE"):
-        handlers.read_master_key(None)
+    with pytest.raises(settings.ConfigurationError, match=settings.MASTER_KEY_FILE_ENV):
+        settings.read_master_key(str(key_file))
+    with pytest.raises(settings.ConfigurationError, match="COLLABTRAIN_MASTER_KEY_FILE"):
+        settings.read_master_key(None)
 
 
 def test_operator_without_master_key_exits_naming_the_variable(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.delenv(handlers.MASTER_KEY_FILE_ENV, raising=False)
+    monkeypatch.delenv(settings.MASTER_KEY_FILE_ENV, raising=False)
     assert main.main(["--standalone"]) == 2
     assert "COLLABTRAIN_MASTER_KEY_FILE" in capsys.readouterr().err
 
 
 def test_network_settings_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(handlers.OPERATOR_NAMESPACE_ENV, "ops")
-    monkeypatch.setenv(handlers.OPERATOR_POD_LABELS_ENV, '{"app": "op"}')
-    monkeypatch.setenv(handlers.METRICS_FROM_ENV, '[{"podSelector": {}}]')
-    monkeypatch.setenv(handlers.NETWORK_POLICIES_ENV, "false")
-    options = handlers.OperatorOptions.from_env()
+    monkeypatch.setenv(settings.OPERATOR_NAMESPACE_ENV, "ops")
+    monkeypatch.setenv(settings.OPERATOR_POD_LABELS_ENV, '{"app": "op"}')
+    monkeypatch.setenv(settings.METRICS_FROM_ENV, '[{"podSelector": {}}]')
+    monkeypatch.setenv(settings.NETWORK_POLICIES_ENV, "false")
+    options = settings.OperatorOptions.from_env()
     assert options.network_policies is False
     assert options.network_access.operator_namespace == "ops"
     assert options.network_access.operator_labels == {"app": "op"}
     assert options.network_access.metrics_from == ({"podSelector": {}},)
-    monkeypatch.setenv(handlers.METRICS_FROM_ENV, "[{not json")
-    with pytest.raises(handlers.ConfigurationError, match=handlers.METRICS_FROM_ENV):
-        handlers.OperatorOptions.from_env()
-    monkeypatch.setenv(handlers.METRICS_FROM_ENV, "{}")
-    with pytest.raises(handlers.ConfigurationError, match="list"):
-        handlers.OperatorOptions.from_env()
+    monkeypatch.setenv(settings.METRICS_FROM_ENV, "[{not json")
+    with pytest.raises(settings.ConfigurationError, match=settings.METRICS_FROM_ENV):
+        settings.OperatorOptions.from_env()
+    monkeypatch.setenv(settings.METRICS_FROM_ENV, "{}")
+    with pytest.raises(settings.ConfigurationError, match="list"):
+        settings.OperatorOptions.from_env()

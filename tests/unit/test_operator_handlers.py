@@ -12,7 +12,15 @@ import kopf
 import pytest
 
 from collabtrain_operator import handlers, planning, rendering
-from collabtrain_operator.api import JobStatus
+from collabtrain_operator.api import JobSpec, JobStatus
+from collabtrain_operator.reconciler import Reconciler, Runtime
+from collabtrain_operator.settings import (
+    NETWORK_POLICIES_ENV,
+    OPERATOR_NAMESPACE_ENV,
+    OPERATOR_POD_LABELS_ENV,
+    OperatorOptions,
+)
+from collabtrain_trainer import credentials
 
 NS = "team-a"
 UID = "0c5e1f2a-7d3b-4c8e-9f10-2b3c4d5e6f70"
@@ -50,8 +58,8 @@ class RecordingKube:
 
 def one_pass(kube: RecordingKube, master_key: bytes) -> None:
     """The children part of one pass of an operator holding `master_key`."""
-    runtime = handlers.Runtime(
-        options=handlers.OperatorOptions(metrics_port=None),
+    runtime = Runtime(
+        options=OperatorOptions(metrics_port=None),
         master_key=master_key,
         kube=kube,  # type: ignore[arg-type]
         http=None,  # type: ignore[arg-type]
@@ -60,10 +68,10 @@ def one_pass(kube: RecordingKube, master_key: bytes) -> None:
     )
     memory = runtime.job((NS, "demo"))
     body = kopf.Body(JOB_BODY)
-    reconciler = handlers.Reconciler(
+    reconciler = Reconciler(
         runtime, memory, "demo", NS, body, logging.getLogger("test"), {}, {}, {}
     )
-    spec = handlers.JobSpec.model_validate(JOB_BODY["spec"])
+    spec = JobSpec.model_validate(JOB_BODY["spec"])
     plan = planning.Plan(status=JobStatus())
     asyncio.run(reconciler._ensure_children(spec, 1, plan, reconciler._job_key()))
 
@@ -91,8 +99,8 @@ def test_a_new_master_key_rolls_the_coordinator_onto_a_new_job_key_secret() -> N
         secret = kube.created[name]
         (owner,) = secret["metadata"]["ownerReferences"]
         assert (owner["kind"], owner["name"]) == ("Deployment", "demo-coordinator")
-    key_a = handlers.credentials.job_key(b"a" * 32, NS, "demo")
-    key_b = handlers.credentials.job_key(b"b" * 32, NS, "demo")
+    key_a = credentials.job_key(b"a" * 32, NS, "demo")
+    key_b = credentials.job_key(b"b" * 32, NS, "demo")
     assert kube.created[read[0]]["stringData"][rendering.JOB_KEY_KEY] == key_a
     assert kube.created[read[2]]["stringData"][rendering.JOB_KEY_KEY] == key_b
 
@@ -101,7 +109,7 @@ def test_a_new_master_key_rolls_the_coordinator_onto_a_new_job_key_secret() -> N
 
 
 def start_up(
-    options: handlers.OperatorOptions, settings: kopf.OperatorSettings | None = None
+    options: OperatorOptions, settings: kopf.OperatorSettings | None = None
 ) -> kopf.OperatorSettings:
     """Run the start-up handler as kopf would (on the settings kopf made from its
     arguments), then the clean-up one."""
@@ -145,13 +153,13 @@ def test_start_up_warns_once_when_the_policies_would_shut_the_operator_out(
     """Without its namespace and pod labels (the bench, a local run) the operator still
     starts, but says once what it means: the jobs' policies let no operator pod reach
     the coordinators."""
-    options = handlers.OperatorOptions(
+    options = OperatorOptions(
         metrics_port=None,
         master_key_file=key_file,
         network_policies=policies,
         network_access=access,
     )
-    with caplog.at_level(logging.WARNING, logger="collabtrain_operator.handlers"):
+    with caplog.at_level(logging.WARNING, logger="collabtrain_operator.settings"):
         start_up(options)
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     if not missing:
@@ -161,11 +169,11 @@ def test_start_up_warns_once_when_the_policies_would_shut_the_operator_out(
     said, _, _ = message.partition(" not set")
     assert said.split(" and ") == [f"COLLABTRAIN_OPERATOR_{name}" for name in missing]
     for needed in (
-        handlers.OPERATOR_NAMESPACE_ENV,
-        handlers.OPERATOR_POD_LABELS_ENV,
+        OPERATOR_NAMESPACE_ENV,
+        OPERATOR_POD_LABELS_ENV,
         "/status",
         "enforces NetworkPolicy",
-        f"{handlers.NETWORK_POLICIES_ENV}=false",
+        f"{NETWORK_POLICIES_ENV}=false",
     ):
         assert needed in message
 
@@ -181,7 +189,7 @@ def test_peering_stays_cluster_wide_when_only_some_namespaces_are_watched(
 
     settings = kopf.OperatorSettings()
     settings.peering.clusterwide = False  # what `kopf.operator(namespaces=[...])` sets
-    start_up(handlers.OperatorOptions(metrics_port=None, master_key_file=key_file), settings)
+    start_up(OperatorOptions(metrics_port=None, master_key_file=key_file), settings)
     assert settings.peering.clusterwide is True
     assert set(peering.guess_selectors(settings=settings)) == {
         references.CLUSTER_PEERINGS_K,
