@@ -213,15 +213,14 @@ class KubeClient:
 
     async def patch_job_status(
         self, namespace: str, name: str, resource_version: str | None, status_patch: KubeObject
-    ) -> str:
+    ) -> KubeObject:
         """Merge-patch the job's status, only if the job is still at `resource_version`
-        (raises KubeError 409 otherwise; None: unconditionally); returns the new
-        resourceVersion."""
+        (raises KubeError 409 otherwise; None: unconditionally); returns the job as the
+        patch left it."""
         path = object_path(api.API_VERSION, api.KIND, namespace, name) + "/status"
         body: KubeObject = {"status": status_patch}
         if resource_version is not None:
             body["metadata"] = {"resourceVersion": resource_version}
-        result = await self.request(
+        return await self.request(
             "PATCH", path, body=body, content_type="application/merge-patch+json"
         )
-        return str(result.get("metadata", {}).get("resourceVersion", ""))

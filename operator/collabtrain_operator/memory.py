@@ -10,14 +10,23 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from collabtrain_operator.api import JobStatus, SlotState
-from collabtrain_operator.planning import PeerPod, PeerToCreate
+from collabtrain_operator.kube import KubeObject
+from collabtrain_operator.planning import Event, PeerPod, PeerToCreate
+from collabtrain_operator.planning.model import EventType
 from collabtrain_trainer.protocol import CoordinatorStatus
 
 # After writing status, wait this long at most for the watch to show it before reading
 # the job again anyway (the write's precondition keeps that safe).
 STALE_BODY_PATIENCE_SECONDS = 30.0
+# Events of one reason within this long of the last one posted are combined into one.
+EVENT_WINDOW_SECONDS = 10.0
+EVENT_MESSAGES_SHOWN = 5
+MAX_EVENT_MESSAGE = 1000  # the API server keeps 1 KiB of a message
+# A created pod the watch has not shown after this long is looked for in a list instead.
+AWAIT_PATIENCE_SECONDS = 60.0
 
 
 @dataclass
@@ -31,10 +40,12 @@ class JobMemory:
     vanished: dict[str, PeerPod] = field(default_factory=dict)
     # Peer pods created (slot, attempt by name) that the watch has not shown yet.
     awaiting: dict[str, tuple[int, int]] = field(default_factory=dict)
+    awaited_since: dict[str, float] = field(default_factory=dict)  # monotonic time
     # Versions of the job our own status writes replaced, until the watch brings a newer
     # one: a pass must not plan on them (it would count a loss twice).
     superseded_versions: set[str] = field(default_factory=set)
     stale_since: float = 0.0
+    written: KubeObject | None = None  # the job as our last status write left it
     coordinator_status: CoordinatorStatus | None = None
     coordinator_polled_at: float = float("-inf")
     # Peer pods whose token Secret exists (created, or found existing).
@@ -42,27 +53,36 @@ class JobMemory:
     # The daemon's first pass lists the pods from the API server; later ones trust the
     # index (see Reconciler._list_peer_pods).
     pods_listed: bool = False
+    events: EventAggregator = field(default_factory=lambda: EventAggregator())
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
 
     # --- the job's body and our own status writes
 
-    def wrote_status(self, old_version: str, new_version: str, now: float) -> None:
-        """Our status write turned the job from `old_version` into `new_version`."""
-        if new_version != old_version:
+    def wrote_status(self, old_version: str, written: KubeObject, now: float) -> None:
+        """Our status write turned the job at `old_version` into `written` (the job as
+        the API server returned it)."""
+        if version_of(written) != old_version:
             self.superseded_versions.add(old_version)
             self.stale_since = now
+        self.written = written
 
-    def body_is_stale(self, resource_version: str, now: float) -> bool:
-        """Whether the job's body is one our own status write replaced, which the watch
-        has not replaced yet: planning on it would count its losses again. Patience runs
-        out after STALE_BODY_PATIENCE_SECONDS; a newer body ends the wait."""
-        if (
-            resource_version in self.superseded_versions
-            and now - self.stale_since < STALE_BODY_PATIENCE_SECONDS
-        ):
-            return True
-        self.superseded_versions.clear()
-        return False
+    def write_refused(self) -> None:
+        """The job changed since the body a pass planned on: only the watch has it now."""
+        self.written = None
+
+    def newest_body(self, watched: Mapping[str, Any], now: float) -> Mapping[str, Any] | None:
+        """The job to plan on: the body the watch delivered or, while that is one our own
+        status write replaced, the job as that write returned it (a pass must never plan
+        on a replaced body: it would count its losses again). None: wait for the watch
+        (after a refused write), at most STALE_BODY_PATIENCE_SECONDS."""
+        if version_of(watched) in self.superseded_versions:
+            if self.written is not None:
+                return self.written
+            if now - self.stale_since < STALE_BODY_PATIENCE_SECONDS:
+                return None
+        self.superseded_versions.clear()  # the watch caught up (or patience ran out)
+        self.written = None
+        return watched
 
     # --- pods the watch has not shown, or shows no more
 
@@ -75,16 +95,25 @@ class JobMemory:
         for pod in pods:
             self.vanished.pop(pod.name, None)
 
-    def await_created(self, names: Mapping[str, tuple[int, int]]) -> None:
-        """Pods just created (name -> slot, attempt): not lost for being unlisted."""
+    def await_created(self, names: Mapping[str, tuple[int, int]], now: float) -> None:
+        """Pods just created (name -> slot, attempt): not lost for being unlisted, and
+        not created again."""
         self.awaiting.update(names)
+        self.awaited_since.update(dict.fromkeys(names, now))
 
-    def forget_awaited(self, seen: set[str], slots: Mapping[str, SlotState]) -> None:
-        """Awaited pods the watch has shown (or shown deleted), or of accounted attempts."""
+    def forget_awaited(self, seen: set[str], slots: Mapping[str, SlotState], now: float) -> None:
+        """Awaited pods the watch has shown (or shown deleted), or of accounted attempts;
+        and after AWAIT_PATIENCE_SECONDS any (a watch that restarted may never show a pod
+        deleted meanwhile: the API server's list then decides whether it was lost)."""
         for pod_name, (slot, attempt) in list(self.awaiting.items()):
             state = slots.get(str(slot))
-            if pod_name in seen or attempt < (state.attempt if state is not None else 0):
+            if (
+                pod_name in seen
+                or attempt < (state.attempt if state is not None else 0)
+                or now - self.awaited_since.get(pod_name, now) >= AWAIT_PATIENCE_SECONDS
+            ):
                 del self.awaiting[pod_name]
+                self.awaited_since.pop(pod_name, None)
 
     # --- token Secrets and drains
 
@@ -119,6 +148,10 @@ class JobMemory:
         return True
 
 
+def version_of(body: Mapping[str, Any]) -> str:
+    return str(body.get("metadata", {}).get("resourceVersion", ""))
+
+
 def slots_started(created: Sequence[PeerToCreate], status: JobStatus) -> dict[str, object]:
     """The status.slots patch that marks the slots of pods just created as started,
     leaving out slots the status already shows so."""
@@ -131,3 +164,42 @@ def slots_started(created: Sequence[PeerToCreate], status: JobStatus) -> dict[st
             and state.attempt == peer.attempt
         )
     }
+
+
+class EventAggregator:
+    """Events of a reason come out at most once per EVENT_WINDOW_SECONDS: the first at
+    once, the others of the window combined into one when it ends (as Kubernetes' own
+    event recorder combines similar events), so that a mass preemption is a few Events,
+    not thousands of API writes."""
+
+    def __init__(self) -> None:
+        self.last_posted: dict[tuple[EventType, str], float] = {}
+        self.held: dict[tuple[EventType, str], list[str]] = {}
+
+    def due(self, events: Sequence[Event], now: float) -> list[Event]:
+        """The events to post now, of those given and those held before."""
+        for event in events:
+            self.held.setdefault((event.type, event.reason), []).append(event.message)
+        posting = []
+        for key, messages in list(self.held.items()):
+            if now - self.last_posted.get(key, float("-inf")) < EVENT_WINDOW_SECONDS:
+                continue
+            del self.held[key]
+            self.last_posted[key] = now
+            posting.append(Event(key[0], key[1], _combined(messages)))
+        return posting
+
+    @property
+    def next_due(self) -> float | None:
+        """When held events are due (monotonic), if any are held."""
+        times = [self.last_posted[key] + EVENT_WINDOW_SECONDS for key in self.held]
+        return min(times) if times else None
+
+
+def _combined(messages: Sequence[str]) -> str:
+    if len(messages) == 1:
+        return messages[0][:MAX_EVENT_MESSAGE]
+    shown = "; ".join(messages[:EVENT_MESSAGES_SHOWN])
+    more = len(messages) - EVENT_MESSAGES_SHOWN
+    text = f"{len(messages)} times: {shown}" + (f"; and {more} more" if more > 0 else "")
+    return text[:MAX_EVENT_MESSAGE]

@@ -20,7 +20,7 @@ from collabtrain_operator import planning, rendering
 from collabtrain_operator.api import JobSpec, JobStatus
 from collabtrain_operator.coordinator_client import CoordinatorClient
 from collabtrain_operator.kube import KubeClient, KubeError, KubeObject
-from collabtrain_operator.memory import JobMemory, slots_started
+from collabtrain_operator.memory import JobMemory, slots_started, version_of
 from collabtrain_operator.settings import OperatorOptions
 from collabtrain_operator.telemetry import Telemetry
 from collabtrain_trainer import credentials
@@ -103,17 +103,18 @@ class Reconciler:
 
     async def run_once(self) -> float:
         interval = self.runtime.options.reconcile_interval_seconds
-        metadata = self.body.get("metadata", {})
+        body = self.memory.newest_body(self.body, time.monotonic())
+        if body is None:
+            return 1.0  # a write was refused: the watch brings the job as it is now
+        metadata = body.get("metadata", {})
         resource_version = str(metadata.get("resourceVersion", ""))
         generation = int(metadata.get("generation") or 0)
         if metadata.get("deletionTimestamp"):
             return interval
-        if self.memory.body_is_stale(resource_version, time.monotonic()):
-            return 1.0  # our last status write has not come back through the watch yet
 
-        previous = JobStatus.model_validate(self.body.get("status") or {})
+        previous = JobStatus.model_validate(body.get("status") or {})
         try:
-            spec = JobSpec.model_validate(self.body.get("spec") or {})
+            spec = JobSpec.model_validate(body.get("spec") or {})
         except ValidationError as error:
             await self._report_unreadable_spec(previous, generation, resource_version, error)
             return interval
@@ -162,17 +163,19 @@ class Reconciler:
         written_version = resource_version
         if patch:
             try:
-                written_version = await self.runtime.kube.patch_job_status(
+                written = await self.runtime.kube.patch_job_status(
                     self.namespace, self.name, resource_version, patch
                 )
             except KubeError as error:
                 if error.conflict:
+                    self.memory.write_refused()
                     return 0.5  # the job changed meanwhile: plan again on fresh data
                 raise
-            self.memory.wrote_status(resource_version, written_version, time.monotonic())
+            self.memory.wrote_status(resource_version, written, time.monotonic())
+            written_version = version_of(written)
         self.memory.accounted(vanished)  # in the status just written
         seen = {pod.name for pod in [*observed.pods, *observed.vanished]}
-        self.memory.forget_awaited(seen, plan.status.slots)
+        self.memory.forget_awaited(seen, plan.status.slots, time.monotonic())
 
         # 2. Then the world.
         await self._ensure_children(spec, generation, plan, job_key)
@@ -184,6 +187,9 @@ class Reconciler:
         self._record(plan)
 
         delay = interval if plan.requeue_after is None else min(interval, plan.requeue_after)
+        events_due = self.memory.events.next_due
+        if events_due is not None:
+            delay = min(delay, events_due - time.monotonic())
         return max(delay, 0.05)
 
     # ------------------------------------------------------------------------ pieces
@@ -444,7 +450,11 @@ class Reconciler:
         taking it for lost."""
         names = rendering.ChildNames(self.name)
         self.memory.await_created(
-            {names.peer_pod(peer.slot, peer.attempt): (peer.slot, peer.attempt) for peer in created}
+            {
+                names.peer_pod(peer.slot, peer.attempt): (peer.slot, peer.attempt)
+                for peer in created
+            },
+            time.monotonic(),
         )
         slots = slots_started(created, status)
         if not slots:
@@ -499,7 +509,7 @@ class Reconciler:
             elif loss.kind == "failure":
                 telemetry.failures.add(1)
         telemetry.record_peers(self.namespace, self.name, plan.status.peers)
-        for event in plan.events:
+        for event in self.memory.events.due(plan.events, time.monotonic()):
             kopf.event(self.body, type=event.type, reason=event.reason, message=event.message)
         for loss in plan.losses:
             self.logger.info("peer %s lost (%s): %s", loss.pod, loss.kind, loss.reason)

@@ -173,7 +173,8 @@ def test_kube_client_sends_status_patches_with_a_precondition() -> None:
     async def body(url: str, _: CoordinatorClient) -> None:
         client = kube.KubeClient(lambda: kopf.ConnectionInfo(server=url))
         try:
-            assert await client.patch_job_status("ns", "demo", "7", {"phase": "Running"}) == "8"
+            written = await client.patch_job_status("ns", "demo", "7", {"phase": "Running"})
+            assert written == {"metadata": {"resourceVersion": "8"}}
         finally:
             await client.close()
 

@@ -216,16 +216,20 @@ def move_between_spot_and_on_demand(p: Pass) -> None:
 
 
 def create_missing(p: Pass) -> None:
-    """A pod for each desired slot without one, unless its failure backoff runs or the
-    spec is invalid; at most MAX_CREATIONS_PER_TICK per pass (the rest right after)."""
+    """A pod for each desired slot without one (nor an awaited one: created, not shown
+    by the watch yet), unless its failure backoff runs or the spec is invalid; at most
+    MAX_CREATIONS_PER_TICK per pass (the rest right after)."""
     can_create = p.invalid_spec is None and not p.terminal
     creating = p.plan.create
+    names = rendering.ChildNames(p.name)
     for slot in range(p.desired):
         state = p.slot(slot)
         if slot in p.current:
             if p.current[slot].ready and state.consecutive_failures:
                 state.consecutive_failures = 0
             continue
+        if names.peer_pod(slot, state.attempt) in p.observed.awaiting:
+            continue  # created already; the watch has not shown it yet
         if not can_create or len(creating) >= MAX_CREATIONS_PER_TICK:
             continue
         if state.retry_after is not None and state.retry_after > p.now:
