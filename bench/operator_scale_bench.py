@@ -127,26 +127,29 @@ class AuditedControlPlane(ControlPlane):
         return next((p.pid for p in self.processes if p.name == "kube-apiserver"), None)
 
 
+def audit_events(path: Path) -> Iterator[dict[str, Any]]:
+    """The operator's requests, one audit event each, as the API server logged them."""
+    if not path.exists():
+        return
+    with path.open() as handle:
+        for line in handle:
+            with contextlib.suppress(ValueError):
+                yield json.loads(line)
+
+
 def audit_requests(path: Path, start: float, end: float) -> dict[str, int]:
     """The operator's requests received within [start, end), by "VERB resource"."""
     counts: dict[str, int] = {}
-    if not path.exists():
-        return counts
-    with path.open() as handle:
-        for line in handle:
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            received = _parse_time(event.get("requestReceivedTimestamp"))
-            if received is None or not start <= received < end:
-                continue
-            ref = event.get("objectRef") or {}
-            resource = ref.get("resource", "?") + (
-                "/" + ref["subresource"] if ref.get("subresource") else ""
-            )
-            key = f"{event.get('verb', '?')} {resource}"
-            counts[key] = counts.get(key, 0) + 1
+    for event in audit_events(path):
+        received = _parse_time(event.get("requestReceivedTimestamp"))
+        if received is None or not start <= received < end:
+            continue
+        ref = event.get("objectRef") or {}
+        resource = ref.get("resource", "?") + (
+            "/" + ref["subresource"] if ref.get("subresource") else ""
+        )
+        key = f"{event.get('verb', '?')} {resource}"
+        counts[key] = counts.get(key, 0) + 1
     return counts
 
 
@@ -154,21 +157,14 @@ def audit_pod_creates(path: Path) -> dict[str, float]:
     """When the API server completed each pod create of the operator's that succeeded,
     by pod name (microseconds; creationTimestamp has whole seconds only)."""
     created: dict[str, float] = {}
-    if not path.exists():
-        return created
-    with path.open() as handle:
-        for line in handle:
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            ref = event.get("objectRef") or {}
-            code = (event.get("responseStatus") or {}).get("code")
-            if event.get("verb") != "create" or ref.get("resource") != "pods" or code != 201:
-                continue
-            done = _parse_time(event.get("stageTimestamp"))
-            if ref.get("name") and done is not None:
-                created.setdefault(ref["name"], done)
+    for event in audit_events(path):
+        ref = event.get("objectRef") or {}
+        code = (event.get("responseStatus") or {}).get("code")
+        if event.get("verb") != "create" or ref.get("resource") != "pods" or code != 201:
+            continue
+        done = _parse_time(event.get("stageTimestamp"))
+        if ref.get("name") and done is not None:
+            created.setdefault(ref["name"], done)
     return created
 
 
