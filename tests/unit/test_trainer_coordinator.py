@@ -1193,3 +1193,32 @@ def test_a_step_is_durable_once_two_peers_hold_it_and_a_rewind_says_what_was_at_
     status = h.state.status(h.now)
     assert status.last_rewind == Rewind(lost=2, resumed=1, durable=1)
     assert status.durable_step == 1
+
+
+def test_training_waits_a_while_for_the_holders_of_a_durable_step_to_come_back() -> None:
+    """a and b hold step 2 (durable) and go silent together (a partition); c holds step
+    1. Training waits for them instead of redoing step 2 at once; one is back in time.
+    Had none come back, training would go on from step 1 after durable_step_wait_s."""
+    h = Harness()
+    wait = h.state.timing.durable_step_wait_s
+    h.join("a")
+    h.join("b")
+    h.commit("ab")
+    h.commit("ab")
+    h.report("a", 0, step=2, param_hash="h2")
+    h.report("b", 0, step=2, param_hash="h2")
+    assert h.state.durable_step == 2
+    h.join("c", step=1, param_hash="h1")
+    h.report("c", 0, step=1, param_hash="h1")
+    h.advance(EXPIRY + 1, keep_alive=("c",))  # a and b expire
+    h.advance(wait - 1, keep_alive=("c",))
+    assert (h.state.step, h.state.last_rewind) == (2, None)
+    h.join("a", step=2, param_hash="h2")  # the partition healed
+    h.report("a", 0, step=2, param_hash="h2")
+    h.advance(wait, keep_alive=("a", "c"))
+    assert (h.state.step, h.state.last_rewind) == (2, None)
+    # Now a is lost for good, and nobody else holds step 2.
+    h.advance(EXPIRY + 1, keep_alive=("c",))
+    h.advance(wait, keep_alive=("c",))
+    assert h.state.step == 1
+    assert h.state.last_rewind == Rewind(lost=2, resumed=1, durable=2)

@@ -73,6 +73,11 @@ class TimingConfig(StrictModel):
     state_sync_grace_s: float = Field(default=30.0, ge=0)
     # On SIGTERM a peer waits at most this long to contribute its samples before it leaves.
     leave_grace_s: float = Field(default=20.0, ge=0)
+    # When every peer holding a durable step (two held it, or a checkpoint) went silent,
+    # training waits this long for one to come back (a partition that heals, a frozen
+    # process) before it goes on from an earlier step. Steps one peer held are not
+    # waited for: redoing them costs less than the wait.
+    durable_step_wait_s: float = Field(default=60.0, ge=0)
 
 
 # Timing for peers on one machine (`collabtrain-trainer local`, benchmarks): loopback is
@@ -84,6 +89,7 @@ LOOPBACK_TIMING = TimingConfig(
     min_round_deadline_s=3.0,
     max_round_deadline_s=60.0,
     leave_grace_s=10.0,
+    durable_step_wait_s=10.0,
 )
 
 

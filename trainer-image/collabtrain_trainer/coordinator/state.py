@@ -181,6 +181,7 @@ class CoordinatorState:
         self.peers_lost = 0
         self.rounds_committed = 0
         self.durable_step = 0  # see CoordinatorStatus.durable_step
+        self.orphaned_since: float | None = None  # no live peer holds the current step
         # The job's progress along the steps it holds. Signed into every step certificate,
         # so that a restarted coordinator takes it back from the peers (or a checkpoint).
         self.samples_committed = 0
@@ -688,8 +689,15 @@ class CoordinatorState:
             return  # a finished run keeps its result, whoever joins later
         live = [self.peers[p] for p in self.live_peers(now) if self.peers[p].reported]
         if not live or any(r.step == self.step for r in live):
+            self.orphaned_since = None
             return
+        if self.orphaned_since is None:
+            self.orphaned_since = now
         best = max(live, key=lambda r: r.step)
+        waited = now - self.orphaned_since
+        if best.step < self.durable_step and waited < self.timing.durable_step_wait_s:
+            return  # its holders may be partitioned or frozen, not dead
+        self.orphaned_since = None
         self._adopt(best.step, "no live peer holds the current step", best.certificate)
 
     def _maybe_form_round(self, now: float) -> Round | None:
