@@ -10,7 +10,7 @@ import sys
 
 import kopf
 
-from collabtrain_operator import settings  # handlers: registers the handlers
+from collabtrain_operator import handlers, settings  # noqa: F401 (importing registers the handlers)
 
 DEFAULT_PEERING = "collabtrain"
 

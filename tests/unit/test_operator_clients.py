@@ -197,6 +197,17 @@ def test_the_operator_imports_no_torch() -> None:
     subprocess.run([sys.executable, "-c", probe], check=True, timeout=120)
 
 
+def test_the_operator_command_registers_the_handlers() -> None:
+    """`collabtrain-operator` (main) must import the handlers: kopf would otherwise run
+    with none, logging in with its own default and doing nothing."""
+    probe = (
+        "import kopf, collabtrain_operator.main; "
+        "names = [h.id for h in kopf.get_default_registry()._activities.get_all_handlers()]; "
+        "assert any('configure' in n for n in names), names"
+    )
+    subprocess.run([sys.executable, "-c", probe], check=True, timeout=120)
+
+
 # ------------------------------------------------------------- a coordinator gone bad
 
 
