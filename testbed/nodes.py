@@ -82,15 +82,26 @@ def run(argv: Sequence[str], what: str, check: bool = True) -> str:
     return result.stdout
 
 
+# A fault test may restart kube-apiserver under the test bed's own calls (a spot node
+# being reclaimed meanwhile): like a real client, they retry while it is down.
+API_SERVER_DOWN_RETRY_S = 60.0
+
+
 def kubectl(kubeconfig: Path, *args: str, input: str | None = None) -> str:
-    result = subprocess.run(
-        [str(tools.find("kubectl")), f"--kubeconfig={kubeconfig}", *args],
-        input=input,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    deadline = time.monotonic() + API_SERVER_DOWN_RETRY_S
+    while True:
+        result = subprocess.run(
+            [str(tools.find("kubectl")), f"--kubeconfig={kubeconfig}", *args],
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        refused = "connection to the server" in result.stderr and "refused" in result.stderr
+        if result.returncode == 0 or not refused or time.monotonic() > deadline:
+            break
+        time.sleep(1.0)
     if result.returncode != 0:
         raise TestbedError(f"kubectl {' '.join(args)} failed: {result.stderr.strip()}")
     return result.stdout
