@@ -21,6 +21,10 @@ from collabtrain_trainer.protocol import CoordinatorStatus
 # After writing status, wait this long at most for the watch to show it before reading
 # the job again anyway (the write's precondition keeps that safe).
 STALE_BODY_PATIENCE_SECONDS = 30.0
+# Status changes that only report (peer counts, conditions, progress) are written at most
+# this often; a pass that would write only those sooner is put off until then.
+STATUS_REPORT_INTERVAL_S = 5.0
+REPORT_ONLY_KEYS = frozenset({"peers", "conditions", "progress"})
 # Events of one reason within this long of the last one posted are combined into one.
 EVENT_WINDOW_SECONDS = 10.0
 EVENT_MESSAGES_SHOWN = 5
@@ -45,6 +49,7 @@ class JobMemory:
     # one: a pass must not plan on them (it would count a loss twice).
     superseded_versions: set[str] = field(default_factory=set)
     stale_since: float = 0.0
+    status_written_at: float = float("-inf")
     written: KubeObject | None = None  # the job as our last status write left it
     coordinator_status: CoordinatorStatus | None = None
     coordinator_polled_at: float = float("-inf")
@@ -65,6 +70,17 @@ class JobMemory:
             self.superseded_versions.add(old_version)
             self.stale_since = now
         self.written = written
+        self.status_written_at = now
+
+    def put_off_report(self, patch: Mapping[str, Any], acts: bool, now: float) -> float | None:
+        """Seconds to put a pass off by, when its status patch only reports (counts,
+        conditions, progress), it has nothing to do and the last write was less than
+        STATUS_REPORT_INTERVAL_S ago: a pod becoming ready is not worth a write each.
+        None: go on (accounting is never put off)."""
+        if not patch or acts or not patch.keys() <= REPORT_ONLY_KEYS:
+            return None
+        due = self.status_written_at + STATUS_REPORT_INTERVAL_S
+        return due - now if now < due else None
 
     def write_refused(self) -> None:
         """The job changed since the body a pass planned on: only the watch has it now."""

@@ -9,6 +9,7 @@ from collabtrain_operator.memory import (
     AWAIT_PATIENCE_SECONDS,
     EVENT_WINDOW_SECONDS,
     STALE_BODY_PATIENCE_SECONDS,
+    STATUS_REPORT_INTERVAL_S,
     EventAggregator,
     JobMemory,
     slots_started,
@@ -117,3 +118,16 @@ def test_events_of_a_reason_are_posted_at_once_then_combined_per_window() -> Non
     assert combined.message.startswith("8 times: peer-2: pod deleted; peer-3")
     assert combined.message.endswith("; and 3 more")
     assert aggregator.next_due is None
+
+
+def test_a_pass_that_only_reports_is_put_off_until_the_report_interval_passed() -> None:
+    memory = JobMemory()
+    counts = {"peers": {"ready": 3}, "conditions": []}
+    assert memory.put_off_report(counts, acts=False, now=100.0) is None  # nothing written yet
+    memory.wrote_status("5", job("6"), now=100.0)
+    assert memory.put_off_report(counts, acts=False, now=101.0) == STATUS_REPORT_INTERVAL_S - 1
+    assert memory.put_off_report(counts, acts=False, now=100.0 + STATUS_REPORT_INTERVAL_S) is None
+    # Accounting, or a pass with something to do, is never put off.
+    assert memory.put_off_report({**counts, "slots": {}}, acts=False, now=101.0) is None
+    assert memory.put_off_report(counts, acts=True, now=101.0) is None
+    assert memory.put_off_report({}, acts=False, now=101.0) is None
