@@ -42,9 +42,9 @@ class JobMemory:
     drain_requested: set[str] = field(default_factory=set)
     # Last states of peer pods that were deleted, by name, until a pass has seen them.
     vanished: dict[str, PeerPod] = field(default_factory=dict)
-    # Peer pods created (slot, attempt by name) that the watch has not shown yet.
-    awaiting: dict[str, tuple[int, int]] = field(default_factory=dict)
-    awaited_since: dict[str, float] = field(default_factory=dict)  # monotonic time
+    # Peer pods created that the watch has not shown yet: (slot, attempt, since) by name,
+    # since in monotonic time.
+    awaiting: dict[str, tuple[int, int, float]] = field(default_factory=dict)
     # Versions of the job our own status writes replaced, until the watch brings a newer
     # one: a pass must not plan on them (it would count a loss twice).
     superseded_versions: set[str] = field(default_factory=set)
@@ -114,22 +114,20 @@ class JobMemory:
     def await_created(self, names: Mapping[str, tuple[int, int]], now: float) -> None:
         """Pods just created (name -> slot, attempt): not lost for being unlisted, and
         not created again."""
-        self.awaiting.update(names)
-        self.awaited_since.update(dict.fromkeys(names, now))
+        self.awaiting.update({name: (*slot_attempt, now) for name, slot_attempt in names.items()})
 
     def forget_awaited(self, seen: set[str], slots: Mapping[str, SlotState], now: float) -> None:
         """Awaited pods the watch has shown (or shown deleted), or of accounted attempts;
         and after AWAIT_PATIENCE_SECONDS any (a watch that restarted may never show a pod
         deleted meanwhile: the API server's list then decides whether it was lost)."""
-        for pod_name, (slot, attempt) in list(self.awaiting.items()):
+        for pod_name, (slot, attempt, since) in list(self.awaiting.items()):
             state = slots.get(str(slot))
             if (
                 pod_name in seen
                 or attempt < (state.attempt if state is not None else 0)
-                or now - self.awaited_since.get(pod_name, now) >= AWAIT_PATIENCE_SECONDS
+                or now - since >= AWAIT_PATIENCE_SECONDS
             ):
                 del self.awaiting[pod_name]
-                self.awaited_since.pop(pod_name, None)
 
     # --- token Secrets and drains
 
