@@ -11,7 +11,11 @@ a fresh spot node is added as Karpenter would. Measured over the churn window:
   stageTimestamp (microseconds); the time our own pod watch first saw the pod is
   reported beside it, but on a loaded machine that watch lags by seconds;
 - API requests per replacement and operator CPU seconds per 1,000 replacements, over
-  the churn window; startup: the job created -> every peer Running; the operator's RSS;
+  the churn window; the operator's RSS;
+- start-up: the job created -> its last peer pod created (audit log), and -> every peer
+  Running; beside them the control: the bench's own client creating the same pods and
+  token Secrets, as many at a time as the operator, on the same control plane before
+  the operator starts;
 - operator CPU seconds: utime + stime of the operator process (/proc/<pid>/stat);
 - API requests per minute issued by the operator: the API server's audit log, where the
   operator is the only client authenticating as its own user (kopf's watches, patches
@@ -61,6 +65,7 @@ CRD = ROOT / "crds" / "collaborativetrainingjobs.collabtrain.io.yaml"
 OPERATOR = ROOT / ".venv" / "bin" / "collabtrain-operator"
 GROUP, VERSION, PLURAL = "collabtrain.io", "v1alpha1", "collaborativetrainingjobs"
 NAMESPACE = "bench"
+BASELINE_NAMESPACE = "bench-baseline"
 JOB = "scale"
 CAPACITY_LABEL = "karpenter.sh/capacity-type"
 INTERRUPTION_TAINT = {"key": "karpenter.sh/disrupted", "effect": "NoSchedule"}
@@ -227,6 +232,7 @@ class PodTracker:
     """All peer pods of the jobs ever seen, from one watch (relisted if it expires)."""
 
     core: Any
+    namespace: str = NAMESPACE
     pods: dict[str, PodRecord] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
     stopping: threading.Event = field(default_factory=threading.Event)
@@ -237,12 +243,12 @@ class PodTracker:
 
         while not self.stopping.is_set():
             try:
-                listed = self.core.list_namespaced_pod(NAMESPACE, label_selector=PEER_SELECTOR)
+                listed = self.core.list_namespaced_pod(self.namespace, label_selector=PEER_SELECTOR)
                 for pod in listed.items:
                     self._record(self.core.api_client.sanitize_for_serialization(pod), "ADDED")
                 stream = watch.Watch().stream(  # type: ignore[no-untyped-call]
                     self.core.list_namespaced_pod,
-                    NAMESPACE,
+                    self.namespace,
                     label_selector=PEER_SELECTOR,
                     resource_version=listed.metadata.resource_version,
                     timeout_seconds=30,
@@ -408,6 +414,75 @@ def preempt(core: Any, record: PodRecord, replacement_node: str) -> Loss:
     )
 
 
+def bare_creates(api: Any, core: Any, jobs: int, peers: int) -> dict[str, Any]:
+    """The control for start-up: the same peer pods and token Secrets, created by the
+    bench itself (pod, then its Secret) PARALLEL_POD_CALLS at a time with no operator,
+    on the same control plane, scheduler and KWOK nodes. What this test bed allows; it
+    is deleted again before the operator starts."""
+    from collabtrain_operator import rendering
+    from collabtrain_operator.api import JobSpec
+    from collabtrain_operator.reconciler import PARALLEL_POD_CALLS
+
+    core.create_namespace({"metadata": {"name": BASELINE_NAMESPACE}})
+    wait_until(
+        lambda: bool(core.list_namespaced_service_account(BASELINE_NAMESPACE).items),
+        "the default ServiceAccount",
+        timeout=60,
+    )
+    tracker = PodTracker(core, namespace=BASELINE_NAMESPACE)
+    threading.Thread(target=tracker.run, daemon=True).start()
+    uid = "00000000-0000-0000-0000-000000000000"
+
+    def create(job: str, spec: JobSpec, slot: int) -> float:
+        pod = rendering.build_peer_pod(
+            job, BASELINE_NAMESPACE, spec, job_uid=uid, slot=slot, attempt=0, slot_capacity="spot"
+        )
+        pod["metadata"].pop("finalizers", None)  # nobody here to remove it
+        created = core.create_namespaced_pod(BASELINE_NAMESPACE, pod)
+        name = pod["metadata"]["name"]
+        secret = rendering.build_peer_token_secret(
+            job, uid, BASELINE_NAMESPACE, name, created.metadata.uid, secrets.token_hex(32)
+        )
+        core.create_namespaced_secret(BASELINE_NAMESPACE, secret)
+        return time.time()
+
+    names = [JOB if jobs == 1 else f"{JOB}-{index:02d}" for index in range(jobs)]
+    specs = {name: JobSpec.model_validate(job_manifest(name, peers)["spec"]) for name in names}
+    started = time.time()
+    with ThreadPoolExecutor(PARALLEL_POD_CALLS) as pool:
+        done = list(
+            pool.map(
+                lambda job_slot: create(job_slot[0], specs[job_slot[0]], job_slot[1]),
+                [(name, slot) for name in names for slot in range(peers)],
+            )
+        )
+    created_s = max(done) - started
+    wait_for(
+        lambda: tracker.running() >= jobs * peers,
+        "baseline pods Running",
+        120 + jobs * peers * 0.6,
+        every=0.5,
+    )
+    with tracker.lock:
+        running_s = max(r.running_at or 0.0 for r in tracker.pods.values()) - started
+    tracker.stopping.set()
+    # Gone before the operator starts: its peers need these nodes.
+    core.delete_collection_namespaced_pod(BASELINE_NAMESPACE, grace_period_seconds=0)
+    core.delete_collection_namespaced_secret(BASELINE_NAMESPACE)
+    wait_for(
+        lambda: not core.list_namespaced_pod(BASELINE_NAMESPACE, limit=1).items,
+        "baseline pods deleted",
+        300,
+        every=2,
+    )
+    return {
+        "created_s": created_s,
+        "running_s": running_s,
+        "what": f"the bench's own client creates the same {jobs * peers} peer pods and "
+        f"token Secrets, {PARALLEL_POD_CALLS} at a time, without the operator",
+    }
+
+
 def wait_for(predicate: Callable[[], bool], what: str, timeout: float, every: float = 1.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -500,6 +575,11 @@ def run(jobs: int, peers: int, nodes: int, minutes: float, rate: float) -> dict[
 
         timed("nodes Ready", lambda: wait_for(nodes_ready, "nodes Ready", 300, every=2))
 
+        baseline = timed(
+            f"baseline: {total_peers} bare pod creates, Running, deleted",
+            lambda: bare_creates(api, core, jobs, peers),
+        )
+
         tracker = PodTracker(core)
         threading.Thread(target=tracker.run, daemon=True).start()
         metrics_port = free_port()
@@ -534,7 +614,8 @@ def run(jobs: int, peers: int, nodes: int, minutes: float, rate: float) -> dict[
                 lambda: wait_for(all_running, "peers Running", 120 + total_peers * 0.6),
             )
             startup = {
-                "seconds": time.time() - setup_started,
+                "started_at": setup_started,
+                "running_s": time.time() - setup_started,
                 "operator_cpu_s": cpu_seconds(operator.pid) - setup_cpu,
                 "operator_rss_mib": rss_mib(operator.pid),
             }
@@ -621,6 +702,19 @@ def run(jobs: int, peers: int, nodes: int, minutes: float, rate: float) -> dict[
             created_clock["audit" if new.name in creates else "creationTimestamp"] += 1
             if new.running_at is not None:
                 running_latency.append(new.running_at - loss.deleted_at)
+        with tracker.lock:
+            first_pods = [
+                creates[r.name]
+                for r in tracker.pods.values()
+                if r.attempt == 0 and r.name in creates
+            ]
+        startup["created_s"] = (
+            max(first_pods) - startup["started_at"] if first_pods else float("nan")
+        )
+        startup["first_create_s"] = (
+            min(first_pods) - startup["started_at"] if first_pods else float("nan")
+        )
+        startup["baseline"] = baseline
         audit_total = sum(audit.values())
         own_requests = after.get("collabtrain_operator_api_requests_total", 0.0) - before.get(
             "collabtrain_operator_api_requests_total", 0.0
@@ -633,7 +727,12 @@ def run(jobs: int, peers: int, nodes: int, minutes: float, rate: float) -> dict[
             "operator_cpu_s_per_1000_replacements": (cpu_end - cpu_start)
             * 1000
             / max(1, replacements),
-            "startup_s": startup["seconds"],
+            # The issue's measure: the job created -> its last peer pod created (audit
+            # clock); Running, and the same without the operator, in details.startup.
+            "startup_s": startup["created_s"],
+            "startup_running_s": startup["running_s"],
+            "baseline_startup_s": baseline["created_s"],
+            "baseline_startup_running_s": baseline["running_s"],
             "operator_rss_mib": rss,
             "operator_cpu_s": cpu_end - cpu_start,
             "api_requests_per_min": audit_total / window_minutes,
@@ -714,6 +813,9 @@ def summary_row(result: dict[str, Any]) -> dict[str, Any]:
         "api_req_per_repl": result["api_requests_per_replacement"],
         "cpu_s_per_1000_repl": result["operator_cpu_s_per_1000_replacements"],
         "startup_s": result["startup_s"],
+        "bare_startup_s": result["baseline_startup_s"],
+        "running_s": result["startup_running_s"],
+        "bare_running_s": result["baseline_startup_running_s"],
         "rss_mib": result["operator_rss_mib"],
         "missing": len(details["replacements_missing"]),
     }
