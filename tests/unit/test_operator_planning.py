@@ -291,6 +291,17 @@ def test_replanning_with_the_written_status_counts_nothing_twice() -> None:
     assert third.create == [] and third.release == [] and third.status.preemptions == 1
 
 
+def test_planning_leaves_the_last_status_as_it_was() -> None:
+    # The status patch is the difference between the two: a plan that changed the last
+    # status in place would write nothing, and a loss would go uncounted.
+    previous = run(make_spec(), all_running()).status
+    before = previous.model_dump()
+    lost = running(1, deleting=True, disruption_reason="DeletionByTaintManager")
+    result = run(make_spec(), [running(0), lost, running(2)], previous)
+    assert result.status.preemptions == 1 and result.status.slots["1"].attempt == 1
+    assert previous.model_dump() == before
+
+
 def test_status_and_actions_are_stable_on_a_steady_state() -> None:
     result = run(make_spec(), all_running())
     again = run(make_spec(), all_running(), result.status)
