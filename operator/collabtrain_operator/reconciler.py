@@ -160,15 +160,7 @@ class Reconciler:
         patch = planning.merge_patch(
             planning.status_body(previous), planning.status_body(plan.status)
         )
-        acts = bool(
-            plan.create
-            or plan.release
-            or plan.losses
-            or plan.drain
-            or plan.request_checkpoint
-            or plan.delete_children
-        )
-        put_off = self.memory.put_off_report(patch, acts, time.monotonic())
+        put_off = self.memory.put_off_report(patch, plan.acts, time.monotonic())
         if put_off is not None:
             return put_off  # the whole pass: the next one plans (and reports) again
         written_version = resource_version

@@ -208,6 +208,19 @@ class Plan:
     # Seconds until something time-based is due (backoff, fallback, TTL); None if nothing.
     requeue_after: float | None = None
 
+    @property
+    def acts(self) -> bool:
+        """Whether the pass changes anything beyond the status (its status write is then
+        never put off)."""
+        return bool(
+            self.create
+            or self.release
+            or self.losses
+            or self.drain
+            or self.request_checkpoint
+            or self.delete_children
+        )
+
 
 # ---------------------------------------------------------------------------------- pass
 
