@@ -1,8 +1,9 @@
 """The kopf handlers: they register and delegate. Nothing is decided here.
 
 One daemon per job reconciles it (`reconciler.Reconciler`): it wakes on any change of
-the job, its peer pods or an interruption notice on their nodes (and at least every few
+the job, its peer pods or an interruption notice on a node (and at least every few
 seconds to read the coordinator), and reads kopf's in-memory indices instead of listing.
+Nodes are watched apart from kopf (`nodes.py` says why).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ COORDINATOR_LABELS = {
 
 # A burst of pod events is handled in one pass.
 DEBOUNCE_SECONDS = 0.2
+NODE_LISTING_WAIT_SECONDS = 30.0
 
 
 @kopf.on.startup()
@@ -74,7 +76,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     telemetry = Telemetry(metrics_port=options.metrics_port)
     kube = KubeClient(lambda: connection_info(settings), on_request=telemetry.record_api_request)
     http = aiohttp.ClientSession()
-    memo["runtime"] = Runtime(
+    runtime = memo["runtime"] = Runtime(
         options=options,
         master_key=master_key,
         kube=kube,
@@ -82,6 +84,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
         coordinator=CoordinatorClient(http),
         telemetry=telemetry,
     )
+    memo["node_watch"] = asyncio.create_task(runtime.nodes.run(), name="node watch")
 
 
 @kopf.on.login()
@@ -94,6 +97,9 @@ def login(settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInfo:
 @kopf.on.cleanup()
 async def shut_down(memo: kopf.Memo, **_: Any) -> None:
     runtime = runtime_of(memo)
+    node_watch: asyncio.Task[None] = memo["node_watch"]
+    node_watch.cancel()
+    await asyncio.gather(node_watch, return_exceptions=True)
     await runtime.kube.close()
     await runtime.http.close()
     runtime.telemetry.shutdown()
@@ -114,21 +120,6 @@ def peers_by_job(
     pod = planning.peer_pod_from_body(body)
     job = labels.get(rendering.LABEL_JOB)
     return {(namespace or "", job): pod} if pod is not None and job else None
-
-
-@kopf.index("pods", labels=PEER_LABELS)
-def peer_jobs_by_node(
-    namespace: str | None, labels: kopf.Labels, spec: kopf.Spec, **_: Any
-) -> dict[str, JobKey] | None:
-    node = spec.get("nodeName")
-    job = labels.get(rendering.LABEL_JOB)
-    return {node: (namespace or "", job)} if node and job else None
-
-
-@kopf.index("nodes")
-def node_interruptions(name: str, body: kopf.Body, **_: Any) -> dict[str, tuple[str, ...]] | None:
-    taints = planning.node_interruptions_from_body(body)
-    return {name: taints} if taints else None
 
 
 @kopf.index("deployments", labels=COORDINATOR_LABELS)
@@ -175,19 +166,6 @@ async def peer_changed(
         await runtime.kube.remove_pod_finalizer(key[0], name, rendering.PEER_FINALIZER)
 
 
-def _has_interruption_taint(body: kopf.Body, **_: Any) -> bool:
-    return bool(planning.node_interruptions_from_body(body))
-
-
-@kopf.on.event("nodes", when=_has_interruption_taint)  # type: ignore[arg-type]
-def node_interrupted(
-    name: str, memo: kopf.Memo, peer_jobs_by_node: kopf.Index[str, JobKey], **_: Any
-) -> None:
-    runtime = runtime_of(memo)
-    for key in set(peer_jobs_by_node.get(name, [])):
-        runtime.wake(key)
-
-
 # ------------------------------------------------------------------------ the job daemon
 
 
@@ -200,7 +178,6 @@ async def reconcile_job(
     memo: kopf.Memo,
     logger: kopf.Logger,
     peers_by_job: kopf.Index[JobKey, planning.PeerPod],
-    node_interruptions: kopf.Index[str, tuple[str, ...]],
     coordinators_by_job: kopf.Index[JobKey, int],
     **_: Any,
 ) -> None:
@@ -209,9 +186,9 @@ async def reconcile_job(
     memory = runtime.job(key)
     memory.pods_listed = False  # a new daemon: after a restart or a peering pause
     reconciler = Reconciler(
-        runtime, memory, name, namespace, body, logger,
-        peers_by_job, node_interruptions, coordinators_by_job,
-    )  # fmt: skip
+        runtime, memory, name, namespace, body, logger, peers_by_job, coordinators_by_job
+    )
+    await _first_node_listing(runtime, logger)
     interval = runtime.options.reconcile_interval_seconds
     while not stopped:
         started = time.monotonic()
@@ -228,6 +205,19 @@ async def reconcile_job(
         runtime.telemetry.reconcile_duration.record(time.monotonic() - started)
         await _sleep(stopped, memory.wakeup, min(delay, interval))
     runtime.telemetry.record_peers(namespace, name, None)
+
+
+async def _first_node_listing(runtime: Runtime, logger: kopf.Logger) -> None:
+    """Wait (a while) for the nodes' interruption notices: they decide whether a lost
+    peer counts as preempted or failed."""
+    try:
+        await asyncio.wait_for(runtime.nodes.listed.wait(), NODE_LISTING_WAIT_SECONDS)
+    except TimeoutError:
+        logger.warning(
+            "nodes not listed after %.0f s: interruption notices are not seen yet "
+            "(can the operator list and watch nodes?)",
+            NODE_LISTING_WAIT_SECONDS,
+        )
 
 
 async def _sleep(stopped: kopf.DaemonStopped, wakeup: asyncio.Event, seconds: float) -> None:

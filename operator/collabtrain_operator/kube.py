@@ -8,7 +8,7 @@ cluster, else the kubeconfig) and counts its requests for the operator's metrics
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 from urllib.parse import quote
 
@@ -80,6 +80,23 @@ def connection_info(settings: kopf.OperatorSettings) -> kopf.ConnectionInfo:
     return info
 
 
+# The API server ends a watch after this long (client-go draws 5 to 10 minutes); a
+# connection silent for longer than that is dead.
+WATCH_SECONDS = 300
+
+
+def _refusal(response: aiohttp.ClientResponse, text: str) -> KubeError:
+    try:
+        problem = json.loads(text)
+    except ValueError:
+        problem = {}
+    return KubeError(
+        response.status,
+        problem.get("reason", response.reason or ""),
+        problem.get("message", text[:500]),
+    )
+
+
 class KubeClient:
     def __init__(
         self,
@@ -137,18 +154,37 @@ class KubeClient:
                     continue
                 text = await response.text()
                 if response.status >= 400:
-                    try:
-                        problem = json.loads(text)
-                    except ValueError:
-                        problem = {}
-                    raise KubeError(
-                        response.status,
-                        problem.get("reason", response.reason or ""),
-                        problem.get("message", text[:500]),
-                    )
+                    raise _refusal(response, text)
                 result: KubeObject = json.loads(text) if text else {}
                 return result
         raise AssertionError("unreachable")
+
+    async def watch(self, path: str, params: Mapping[str, str]) -> AsyncIterator[KubeObject]:
+        """The events of one watch request as they come, until the API server ends the
+        stream (after WATCH_SECONDS). Lines are split here, not by aiohttp, whose line
+        reader refuses lines over 128 KiB (a node's JSON can be larger)."""
+        if self._on_request is not None:
+            self._on_request("WATCH", resource_of(path))
+        session = self._session or self._open()
+        async with session.get(
+            self._server + path,
+            params={**params, "watch": "true", "timeoutSeconds": str(WATCH_SECONDS)},
+            timeout=aiohttp.ClientTimeout(
+                total=None, sock_connect=30, sock_read=WATCH_SECONDS + 30
+            ),
+        ) as response:
+            if response.status >= 400:
+                if response.status == 401:
+                    await self.close()  # log in again on the next request
+                raise _refusal(response, await response.text())
+            buffer = b""
+            async for chunk in response.content.iter_any():
+                buffer += chunk
+                *lines, buffer = buffer.split(b"\n")
+                for line in lines:
+                    if line.strip():
+                        event: KubeObject = json.loads(line)
+                        yield event
 
     # --------------------------------------------------------------- object operations
 

@@ -21,6 +21,7 @@ from collabtrain_operator.api import JobSpec, JobStatus
 from collabtrain_operator.coordinator_client import CoordinatorClient
 from collabtrain_operator.kube import KubeClient, KubeError, KubeObject
 from collabtrain_operator.memory import JobMemory, slots_started, version_of
+from collabtrain_operator.nodes import NodeInterruptions
 from collabtrain_operator.settings import OperatorOptions
 from collabtrain_operator.telemetry import Telemetry
 from collabtrain_trainer import credentials
@@ -43,6 +44,11 @@ class Runtime:
     coordinator: CoordinatorClient
     telemetry: Telemetry
     jobs: dict[JobKey, JobMemory] = field(default_factory=dict)
+    nodes: NodeInterruptions = field(init=False)
+
+    def __post_init__(self) -> None:
+        # A notice is rare: every job looks whether it has a peer on that node.
+        self.nodes = NodeInterruptions(self.kube, on_notice=self.wake_all)
 
     def job(self, key: JobKey) -> JobMemory:
         return self.jobs.setdefault(key, JobMemory())
@@ -50,6 +56,10 @@ class Runtime:
     def wake(self, key: JobKey) -> None:
         memory = self.jobs.get(key)
         if memory is not None:
+            memory.wakeup.set()
+
+    def wake_all(self) -> None:
+        for memory in self.jobs.values():
             memory.wakeup.set()
 
 
@@ -80,7 +90,6 @@ class Reconciler:
         body: kopf.Body,
         logger: kopf.Logger,
         peers_by_job: kopf.Index[JobKey, planning.PeerPod],
-        node_interruptions: kopf.Index[str, tuple[str, ...]],
         coordinators_by_job: kopf.Index[JobKey, int],
     ) -> None:
         self.runtime = runtime
@@ -90,7 +99,6 @@ class Reconciler:
         self.body = body  # kopf keeps it current
         self.logger = logger
         self.peers_by_job = peers_by_job
-        self.node_interruptions = node_interruptions
         self.coordinators_by_job = coordinators_by_job
 
     @property
@@ -136,9 +144,7 @@ class Reconciler:
             now=datetime.now(UTC),
             generation=generation,
             pods=pods,
-            node_interruptions={
-                node: next(iter(taints)) for node, taints in self.node_interruptions.items()
-            },
+            node_interruptions=dict(self.runtime.nodes.by_node),
             coordinator_ready=coordinator_ready,
             coordinator=coordinator_status,
             drain_requested=frozenset(self.memory.drain_requested),

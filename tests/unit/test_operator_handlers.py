@@ -69,7 +69,7 @@ def one_pass(kube: RecordingKube, master_key: bytes) -> None:
     memory = runtime.job((NS, "demo"))
     body = kopf.Body(JOB_BODY)
     reconciler = Reconciler(
-        runtime, memory, "demo", NS, body, logging.getLogger("test"), {}, {}, {}
+        runtime, memory, "demo", NS, body, logging.getLogger("test"), {}, {}
     )
     spec = JobSpec.model_validate(JOB_BODY["spec"])
     plan = planning.Plan(status=JobStatus())
