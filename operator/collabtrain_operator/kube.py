@@ -161,8 +161,8 @@ class KubeClient:
 
     async def watch(self, path: str, params: Mapping[str, str]) -> AsyncIterator[KubeObject]:
         """The events of one watch request as they come, until the API server ends the
-        stream (after WATCH_SECONDS). Lines are split here, not by aiohttp, whose line
-        reader refuses lines over 128 KiB (a node's JSON can be larger)."""
+        stream (after WATCH_SECONDS). Lines are split here, not by aiohttp's line reader:
+        it refuses a line near 1 MiB, and an object can be up to 1.5 MiB."""
         if self._on_request is not None:
             self._on_request("WATCH", resource_of(path))
         session = self._session or self._open()

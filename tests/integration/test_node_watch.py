@@ -19,28 +19,39 @@ from collabtrain_operator.nodes import NodeInterruptions
 DISRUPTED = {"key": "karpenter.sh/disrupted", "effect": "NoSchedule"}
 
 
+class Nodes:
+    """Node objects this test makes (no kubelet behind them), deleted at the end."""
+
+    def __init__(self, core: Any) -> None:
+        self.core = core
+        self.made: set[str] = set()
+
+    def make(self, name: str, *, taints: list[dict[str, str]], images: int = 0) -> None:
+        self.core.create_node({"metadata": {"name": name}, "spec": {"taints": taints}})
+        self.made.add(name)
+        if images:  # a node's status lists the images it holds, and can be large
+            names = [[f"registry.example/{i}/{'x' * 1000}"] for i in range(images)]
+            status = {"images": [{"names": n, "sizeBytes": 1} for n in names]}
+            self.core.patch_node_status(name, {"status": status})
+
+    async def taint(self, name: str, taints: list[dict[str, str]]) -> None:
+        await asyncio.to_thread(self.core.patch_node, name, {"spec": {"taints": taints}})
+
+    async def delete(self, name: str) -> None:
+        await asyncio.to_thread(self.core.delete_node, name)
+        self.made.discard(name)
+
+
 @pytest.fixture
-def core(api_client: Any) -> Iterator[Any]:
+def test_nodes(api_client: Any) -> Iterator[Nodes]:
     from kubernetes import client
 
-    api = client.CoreV1Api(api_client)
-    made: list[str] = []
-    api.made = made
+    made = Nodes(client.CoreV1Api(api_client))
     try:
-        yield api
+        yield made
     finally:
-        for name in made:
-            api.delete_node(name)
-
-
-def make_node(core: Any, name: str, *, taints: list[dict[str, str]], annotation: str = "") -> None:
-    core.create_node(
-        {
-            "metadata": {"name": name, "annotations": {"padding": annotation}},
-            "spec": {"taints": taints},
-        }
-    )
-    core.made.append(name)
+        for name in made.made:
+            made.core.delete_node(name)
 
 
 async def until(condition: Any, what: str, timeout: float = 15.0) -> None:
@@ -52,41 +63,47 @@ async def until(condition: Any, what: str, timeout: float = 15.0) -> None:
 
 
 def test_notices_follow_the_nodes_taints(
-    core: Any, kubeconfig: Path, monkeypatch: pytest.MonkeyPatch
+    test_nodes: Nodes, kubeconfig: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
     monkeypatch.setattr(nodes, "PAGE_SIZE", "2")  # the test's nodes span pages
     prefix = f"watched-{secrets.token_hex(3)}"
-    # Over aiohttp's 128 KiB line limit, as a real node with many images can be.
-    large = "x" * 200_000
-    make_node(core, f"{prefix}-0", taints=[DISRUPTED], annotation=large)
+    # 1.2 MB of JSON: over the line limit of aiohttp's reader.
+    test_nodes.make(f"{prefix}-0", taints=[DISRUPTED], images=1200)
     for i in range(1, 5):
-        make_node(core, f"{prefix}-{i}", taints=[])
-    ours = lambda watch: {k: v for k, v in watch.by_node.items() if k.startswith(prefix)}  # noqa: E731
+        test_nodes.make(f"{prefix}-{i}", taints=[])
     notices: list[int] = []
 
     async def main() -> None:
-        kube = KubeClient(lambda: connection_info(kopf.OperatorSettings()))
+        requests: list[str] = []
+        kube = KubeClient(
+            lambda: connection_info(kopf.OperatorSettings()),
+            on_request=lambda method, _: requests.append(method),
+        )
         watch = NodeInterruptions(kube, on_notice=lambda: notices.append(1))
+
+        def ours() -> dict[str, tuple[str, ...]]:
+            return {k: v for k, v in watch.by_node.items() if k.startswith(prefix)}
+
         task = asyncio.create_task(watch.run())
         try:
             await asyncio.wait_for(watch.listed.wait(), 15)
-            assert ours(watch) == {f"{prefix}-0": ("karpenter.sh/disrupted",)}
+            assert ours() == {f"{prefix}-0": ("karpenter.sh/disrupted",)}
             listed_notices = len(notices)
+            assert requests.count("GET") >= 3  # five nodes at least, two to a page
 
-            await asyncio.to_thread(
-                core.patch_node, f"{prefix}-3", {"spec": {"taints": [DISRUPTED]}}
-            )
+            await test_nodes.taint(f"{prefix}-3", [DISRUPTED])
             await until(lambda: f"{prefix}-3" in watch.by_node, "the new notice")
             assert len(notices) == listed_notices + 1
 
-            # The large node's taint cleared: its event is one line over 128 KiB.
-            await asyncio.to_thread(core.patch_node, f"{prefix}-0", {"spec": {"taints": []}})
+            # The large node's taint cleared: its event is one line of 1.2 MB.
+            await test_nodes.taint(f"{prefix}-0", [])
             await until(lambda: f"{prefix}-0" not in watch.by_node, "the cleared notice")
-            await asyncio.to_thread(core.delete_node, f"{prefix}-3")
-            core.made.remove(f"{prefix}-3")
-            await until(lambda: not ours(watch), "the deleted node's notice gone")
+            await test_nodes.delete(f"{prefix}-3")
+            await until(lambda: not ours(), "the deleted node's notice gone")
             assert not task.done()
+            # One listing, one watch: nothing made it start over.
+            assert requests == ["GET"] * (len(requests) - 1) + ["WATCH"]
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)

@@ -68,9 +68,7 @@ def one_pass(kube: RecordingKube, master_key: bytes) -> None:
     )
     memory = runtime.job((NS, "demo"))
     body = kopf.Body(JOB_BODY)
-    reconciler = Reconciler(
-        runtime, memory, "demo", NS, body, logging.getLogger("test"), {}, {}
-    )
+    reconciler = Reconciler(runtime, memory, "demo", NS, body, logging.getLogger("test"), {}, {})
     spec = JobSpec.model_validate(JOB_BODY["spec"])
     plan = planning.Plan(status=JobStatus())
     asyncio.run(reconciler._ensure_children(spec, 1, plan, reconciler._job_key()))
