@@ -1,5 +1,6 @@
 """Find or build the test bed's binaries: etcd, the Kubernetes control plane, kubectl,
-kubelet, kube-proxy, CoreDNS, helm, KWOK and MinIO; and install the Debian packages real
+kubelet, kube-proxy, CoreDNS, helm, KWOK, MinIO and Karpenter (its KWOK cloud provider,
+with its CRDs beside it); and install the Debian packages real
 nodes and image builds need (containerd, runc, buildah, ...).
 
 Each tool is looked up in this order, the first acceptable copy winning:
@@ -40,6 +41,10 @@ HELM_KUBERNETES_MINOR = 34  # the client-go minor helm 3.19 is built with
 # MinIO tags releases as RELEASE.<date>, so the module proxy knows it by pseudo-version only.
 MINIO_VERSION = "0.0.0-20260212201848-7aac2a2c5b7c"
 COREDNS_VERSION = "1.15.0"
+KARPENTER_VERSION = "1.15.0"
+# Karpenter 1.15 needs Go 1.26.9 or newer; the Go module proxy serves this toolchain.
+# Only Karpenter's build uses it.
+KARPENTER_GO_TOOLCHAIN = "go1.27.3"
 
 GO_PROXY = os.environ.get("GOPROXY", "https://proxy.golang.org").split(",")[0]
 KUBERNETES_MINOR = int(KUBERNETES_VERSION.split(".")[1])
@@ -262,6 +267,36 @@ def go_install(package: str, *version_flags: str) -> Callable[[Tool, Path], None
     return build
 
 
+def build_karpenter(tool: Tool, output: Path) -> None:
+    """Karpenter with its KWOK cloud provider (NodeClaims become KWOK nodes), and its
+    CRDs (NodePools, NodeClaims, NodeOverlays, CapacityBuffers, KWOKNodeClasses) copied
+    into `crds/` beside the binary."""
+    module = "sigs.k8s.io/karpenter"
+    workdir = cache_root() / "build" / f"{tool.name}-{tool.version}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    write_module(workdir, {module: f"v{tool.version}"}, {})
+    toolchain = {"GOTOOLCHAIN": KARPENTER_GO_TOOLCHAIN}
+    run_go(
+        ["build", "-trimpath", "-ldflags", "-s -w", "-o", str(output), f"{module}/kwok"],
+        workdir,
+        tool.name,
+        extra_env=toolchain,
+    )
+    source = subprocess.run(
+        [go_binary(), "list", "-m", "-f", "{{.Dir}}", module],
+        cwd=workdir,
+        env={**os.environ, "GOFLAGS": "-mod=mod", **toolchain},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    crds = output.parent / "crds"
+    crds.mkdir(exist_ok=True)
+    for folder in ("pkg/apis/crds", "kwok/apis/crds"):
+        for crd in (Path(source) / folder).glob("*.yaml"):
+            shutil.copyfile(crd, crds / crd.name)
+
+
 TOOLS: dict[str, Tool] = {
     tool.name: tool
     for tool in (
@@ -304,6 +339,7 @@ TOOLS: dict[str, Tool] = {
         ),
         Tool("kwok", KWOK_VERSION, any_version, go_install("sigs.k8s.io/kwok/cmd/kwok")),
         Tool("minio", MINIO_VERSION, any_version, go_install("github.com/minio/minio")),
+        Tool("karpenter", KARPENTER_VERSION, any_version, build_karpenter),
     )
 }
 
@@ -349,7 +385,12 @@ def find(name: str, build: bool = True) -> Path:
         try:
             tool.build(tool, staging / tool.name)
             tool.cache_dir.mkdir(parents=True, exist_ok=True)
-            os.replace(staging / tool.name, cached)  # atomic: a reader never sees half a file
+            for extra in staging.iterdir():  # files a build leaves beside its binary
+                if extra.name != tool.name:
+                    shutil.rmtree(tool.cache_dir / extra.name, ignore_errors=True)
+                    shutil.move(extra, tool.cache_dir / extra.name)
+            # The binary last, atomically: once it is there, the rest is too.
+            os.replace(staging / tool.name, cached)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return cached

@@ -1,0 +1,183 @@
+"""Autoscaling onto spot nodes with a real Karpenter (its KWOK cloud provider).
+
+A control plane of its own (Karpenter would otherwise launch nodes for every other
+test's pending pods), KWOK running the nodes Karpenter launches, and the operator
+in-process with a loopback coordinator, as in test_operator.py.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kopf.testing import KopfRunner
+
+from testbed import tools
+from testbed.cluster import ControlPlane, Kwok
+from testbed.karpenter import NODE_POOL, Karpenter
+from testbed.nodes import kubectl
+from testbed.processes import wait_for
+from tests.integration.test_operator import (
+    CRD,
+    MASTER_KEY,
+    OPERATOR_LABELS,
+    Cluster,
+    FakeCoordinator,
+    peers_running,
+    running_operator,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+
+CAPACITY_TYPE = "karpenter.sh/capacity-type"
+GPU_PEER = {
+    "image": "example.invalid/trainer:1",
+    "resources": {
+        "requests": {"cpu": "2", "nvidia.com/gpu": "1"},
+        "limits": {"nvidia.com/gpu": "1"},
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def karpenter_plane() -> Iterator[tuple[ControlPlane, Karpenter]]:
+    try:
+        tools.find("karpenter", build=False)
+    except tools.ToolError:
+        pytest.skip("Karpenter is not built: `make tools` (python -m testbed.tools) builds it")
+    plane = ControlPlane().start()
+    kwok = Kwok(plane.kubeconfig).start()
+    karpenter = Karpenter(plane.kubeconfig).start()
+    try:
+        kubectl(plane.kubeconfig, "apply", "--server-side", "-f", str(CRD))
+        karpenter.apply_node_pool()
+        yield plane, karpenter
+    finally:
+        karpenter.stop()
+        kwok.stop()
+        plane.stop()
+
+
+@pytest.fixture
+def cluster(karpenter_plane: tuple[ControlPlane, Karpenter]) -> Iterator[Cluster]:
+    from kubernetes import client, config
+
+    plane, _ = karpenter_plane
+    api = config.new_client_from_config(config_file=str(plane.kubeconfig))
+    namespace = f"scale-{secrets.token_hex(3)}"
+    client.CoreV1Api(api).create_namespace({"metadata": {"name": namespace}})
+    try:
+        yield Cluster(api, namespace)
+    finally:
+        client.CoreV1Api(api).delete_namespace(namespace)
+        api.close()
+        client.Configuration.set_default(None)
+
+
+@pytest.fixture
+def operator(
+    karpenter_plane: tuple[ControlPlane, Karpenter],
+    cluster: Cluster,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> Iterator[tuple[KopfRunner, FakeCoordinator]]:
+    plane, _ = karpenter_plane
+    key_file = tmp_path / "master-key"
+    key_file.write_bytes(MASTER_KEY + b"\n")
+    coordinator = FakeCoordinator().start()
+    for name, value in {
+        "COLLABTRAIN_MASTER_KEY_FILE": str(key_file),
+        "COLLABTRAIN_OPERATOR_NAMESPACE": "collabtrain-system",
+        "COLLABTRAIN_OPERATOR_POD_LABELS": json.dumps(OPERATOR_LABELS),
+        "KUBECONFIG": str(plane.kubeconfig),
+        "COLLABTRAIN_METRICS_PORT": "off",
+        "COLLABTRAIN_RECONCILE_INTERVAL_SECONDS": "1",
+        "COLLABTRAIN_COORDINATOR_URL_TEMPLATE": f"http://127.0.0.1:{coordinator.port}",
+    }.items():
+        monkeypatch.setenv(name, value)
+    try:
+        with running_operator(cluster.namespace) as runner:
+            yield runner, coordinator
+    finally:
+        coordinator.stop()
+
+
+def node_of(cluster: Cluster, pod: Any) -> Any:
+    return cluster.core.read_node(pod.spec.node_name)
+
+
+def karpenter_nodes(cluster: Cluster) -> list[Any]:
+    selector = f"karpenter.sh/nodepool={NODE_POOL}"
+    return list(cluster.core.list_node(label_selector=selector).items)
+
+
+def test_pending_peers_bring_spot_nodes_and_the_coordinator_an_on_demand_one(
+    operator: tuple[KopfRunner, FakeCoordinator], cluster: Cluster
+) -> None:
+    cluster.create_job("grow", replicas=2, trainer=GPU_PEER)
+    pods = wait_for(peers_running(cluster, "grow", 2), "2 peers Running", timeout=180)
+    for pod in pods:
+        node = node_of(cluster, pod)
+        assert node.metadata.labels[CAPACITY_TYPE] == "spot"
+        assert node.metadata.labels["karpenter.sh/nodepool"] == NODE_POOL
+        assert node.status.capacity["nvidia.com/gpu"] == "1"
+    assert len({pod.spec.node_name for pod in pods}) == 2  # one GPU each
+
+    def coordinator_pod() -> Any:
+        selector = "collabtrain.io/job=grow,app.kubernetes.io/component=coordinator"
+        found = cluster.core.list_namespaced_pod(cluster.namespace, label_selector=selector)
+        return next((p for p in found.items if p.status.phase == "Running"), None)
+
+    pod = wait_for(coordinator_pod, "the coordinator Running", timeout=180)
+    assert node_of(cluster, pod).metadata.labels[CAPACITY_TYPE] == "on-demand"
+
+
+def test_a_node_karpenter_disrupts_is_a_preemption_and_its_peer_is_replaced(
+    operator: tuple[KopfRunner, FakeCoordinator], cluster: Cluster
+) -> None:
+    cluster.create_job("churn", replicas=2, trainer=GPU_PEER)
+    pods = wait_for(peers_running(cluster, "churn", 2), "2 peers Running", timeout=180)
+    victim = pods[0]
+    node = node_of(cluster, victim)
+    claim = node.metadata.labels.get("karpenter.sh/nodeclaim") or next(
+        ref.name for ref in node.metadata.owner_references if ref.kind == "NodeClaim"
+    )
+    # Deleting the NodeClaim is how Karpenter ends a node of its own accord
+    # (consolidation, expiry, drift all end there): it taints the node and evicts its
+    # pods at once, so the peer's SIGTERM (not a drain request) is its notice here.
+    cluster.custom.delete_cluster_custom_object("karpenter.sh", "v1", "nodeclaims", claim)
+    replaced = wait_for(
+        lambda: (
+            (running := peers_running(cluster, "churn", 2)())
+            and victim.metadata.name not in [p.metadata.name for p in running]
+            and running
+        ),
+        "the replacement Running on a node Karpenter launched",
+        timeout=180,
+    )
+    status = cluster.status("churn")
+    assert (status.get("preemptions"), status.get("failures", 0)) == (1, 0)
+    new_nodes = {p.spec.node_name for p in replaced} - {p.spec.node_name for p in pods}
+    (new_node,) = new_nodes
+    assert cluster.core.read_node(new_node).metadata.labels[CAPACITY_TYPE] == "spot"
+
+
+def test_scaling_down_lets_karpenter_consolidate_the_empty_nodes(
+    operator: tuple[KopfRunner, FakeCoordinator], cluster: Cluster
+) -> None:
+    cluster.create_job("shrink", replicas=3, trainer=GPU_PEER)
+    pods = wait_for(peers_running(cluster, "shrink", 3), "3 peers Running", timeout=180)
+    peer_nodes = {pod.spec.node_name for pod in pods}
+    cluster.patch_spec("shrink", {"replicas": 1})
+    (kept,) = wait_for(peers_running(cluster, "shrink", 1), "1 peer left", timeout=90)
+    emptied = peer_nodes - {kept.spec.node_name}
+    wait_for(
+        lambda: not emptied & {node.metadata.name for node in karpenter_nodes(cluster)},
+        "Karpenter consolidating the emptied nodes",
+        timeout=180,
+    )
+    assert cluster.status("shrink").get("preemptions", 0) == 0
