@@ -61,9 +61,13 @@ INSTANCE_TYPES = [
 
 
 def node_pool(
-    *, consolidate_after: str = "10s", limits: dict[str, str] | None = None
+    *,
+    capacity_types: tuple[str, ...] = ("spot", "on-demand"),
+    consolidate_after: str = "10s",
+    limits: dict[str, str] | None = None,
 ) -> list[dict[str, Any]]:
-    """A NodePool of spot and on-demand nodes of our instance types, and its KWOKNodeClass."""
+    """A NodePool of our instance types (spot and on-demand unless `capacity_types` says
+    otherwise), and its KWOKNodeClass."""
     pool: dict[str, Any] = {
         "apiVersion": "karpenter.sh/v1",
         "kind": "NodePool",
@@ -75,7 +79,7 @@ def node_pool(
                         {
                             "key": "karpenter.sh/capacity-type",
                             "operator": "In",
-                            "values": ["spot", "on-demand"],
+                            "values": list(capacity_types),
                         },
                         {"key": "kubernetes.io/os", "operator": "In", "values": ["linux"]},
                     ],

@@ -181,3 +181,34 @@ def test_scaling_down_lets_karpenter_consolidate_the_empty_nodes(
         timeout=180,
     )
     assert cluster.status("shrink").get("preemptions", 0) == 0
+
+
+def test_without_spot_capacity_peers_fall_back_to_on_demand_nodes_and_return(
+    operator: tuple[KopfRunner, FakeCoordinator],
+    cluster: Cluster,
+    karpenter_plane: tuple[ControlPlane, Karpenter],
+) -> None:
+    _, karpenter = karpenter_plane
+    karpenter.apply_node_pool(capacity_types=("on-demand",))  # spot refused
+    try:
+        capacity = {"providers": ["karpenter"], "spot": "Required", "onDemandFallbackAfter": "5s"}
+        cluster.create_job("fallback", replicas=2, trainer=GPU_PEER, capacity=capacity)
+        pods = wait_for(
+            peers_running(cluster, "fallback", 2), "2 peers on on-demand nodes", timeout=180
+        )
+        assert {node_of(cluster, pod).metadata.labels[CAPACITY_TYPE] for pod in pods} == {
+            "on-demand"
+        }
+        conditions = {c["type"]: c["status"] for c in cluster.status("fallback")["conditions"]}
+        assert conditions["OnDemandFallback"] == "True"
+    finally:
+        karpenter.apply_node_pool()  # spot is back
+
+    def on_spot() -> list[Any]:
+        running = peers_running(cluster, "fallback", 2)()
+        types = {node_of(cluster, pod).metadata.labels[CAPACITY_TYPE] for pod in running}
+        return running if types == {"spot"} else []
+
+    wait_for(on_spot, "both peers back on spot nodes Karpenter launched", timeout=240)
+    status = cluster.status("fallback")
+    assert status.get("preemptions", 0) == 0 and status.get("failures", 0) == 0
