@@ -133,6 +133,8 @@ class Karpenter:
                 "METRICS_PORT": str(free_port()),
                 "HEALTH_PROBE_PORT": str(health),
                 "INSTANCE_TYPES_FILE_PATH": str(instance_types),
+                # Standby capacity (CapacityBuffers) is alpha in Karpenter 1.15.
+                "FEATURE_GATES": "CapacityBuffer=true",
                 # Short batching windows: tests wait on it, a cloud would not mind.
                 "BATCH_IDLE_DURATION": "1s",
                 "BATCH_MAX_DURATION": "3s",

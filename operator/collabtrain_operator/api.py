@@ -269,6 +269,15 @@ class CapacitySpec(ApiModel):
     coordinator_on_demand: bool = Field(
         default=True, description="Keep the coordinator off spot capacity (recommended)."
     )
+    standby: int = Field(
+        default=0,
+        ge=0,
+        description="Spare spot capacity for this many more peers, which the cluster's "
+        "autoscaler keeps up through a CapacityBuffer (autoscaling.x-k8s.io/v1beta1: "
+        "Karpenter 1.15+ with its CapacityBuffer feature gate, or a cluster-autoscaler "
+        "that serves the API), so that a lost peer's replacement lands on a node that is "
+        "already up instead of waiting minutes for a new one. Costs that many idle nodes.",
+    )
 
 
 # ------------------------------------------------------------------------ spec: checkpoint
@@ -431,6 +440,13 @@ class JobSpec(ApiModel):
             "!has(self.maxReplicas) || self.minReplicas <= self.maxReplicas",
             "spec.minReplicas must be at most spec.maxReplicas",
             ".minReplicas",
+        ),
+        _cel(
+            "!has(self.maxReplicas) || !has(self.capacity) || !has(self.capacity.standby)"
+            " || self.capacity.standby <= self.maxReplicas",
+            "spec.capacity.standby must be at most spec.maxReplicas: standby capacity is "
+            "for replacing peers, not for more peers than the job may have",
+            ".capacity.standby",
         ),
     )
 

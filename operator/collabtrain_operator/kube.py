@@ -29,6 +29,11 @@ _RESOURCES: dict[tuple[str, str], tuple[str, str]] = {
     ("apps/v1", "Deployment"): ("/apis/apps/v1", "deployments"),
     ("networking.k8s.io/v1", "NetworkPolicy"): ("/apis/networking.k8s.io/v1", "networkpolicies"),
     ("policy/v1", "PodDisruptionBudget"): ("/apis/policy/v1", "poddisruptionbudgets"),
+    ("v1", "PodTemplate"): ("/api/v1", "podtemplates"),
+    ("autoscaling.x-k8s.io/v1beta1", "CapacityBuffer"): (
+        "/apis/autoscaling.x-k8s.io/v1beta1",
+        "capacitybuffers",
+    ),
     (api.API_VERSION, api.KIND): (f"/apis/{api.API_VERSION}", api.PLURAL),
 }
 

@@ -78,6 +78,9 @@ async def bounded(calls: Iterable[Awaitable[Any]]) -> list[Any]:
     return await asyncio.gather(*(one(call) for call in calls), return_exceptions=True)
 
 
+STANDBY_KINDS = (("autoscaling.x-k8s.io/v1beta1", "CapacityBuffer"), ("v1", "PodTemplate"))
+
+
 class Reconciler:
     """One job's pass: observe, plan, write status, act."""
 
@@ -282,6 +285,7 @@ class Reconciler:
                     ("networking.k8s.io/v1", "NetworkPolicy", policy)
                     for policy in rendering.network_policy_names(self.name)
                 ),
+                *((api_version, kind, names.standby) for api_version, kind in STANDBY_KINDS),
             ):
                 await kube.delete(api_version, kind, self.namespace, child_name)
             kopf.event(
@@ -349,8 +353,48 @@ class Reconciler:
             owner_uid=deployment["uid"],
         )
         await kube.create(secret)
+        await self._ensure_standby(
+            spec, active=plan.coordinator_replicas > 0, changed=self.memory.applied != wanted
+        )
         self.memory.applied = wanted
         self.memory.applied_at = time.monotonic()
+
+    async def _ensure_standby(self, spec: JobSpec, *, active: bool, changed: bool) -> None:
+        """The standby capacity while the job runs (none once it is suspended or
+        finished). Without the CapacityBuffer API in the cluster the job goes on without
+        it, and says so in a Warning Event (again at each resync)."""
+        kube = self.runtime.kube
+        standby = rendering.ChildNames(self.name).standby
+        if not spec.capacity.standby:
+            if not changed:
+                return  # none wanted before either: no writes for the many jobs without
+            for api_version, kind in STANDBY_KINDS:
+                await kube.delete(api_version, kind, self.namespace, standby)
+            return
+        children = rendering.build_standby(
+            self.name,
+            self.namespace,
+            spec,
+            job_uid=self.uid,
+            replicas=spec.capacity.standby if active else 0,
+        )
+        kopf.adopt(children, owner=self.body)
+        try:
+            for child in children:
+                await kube.apply(child)
+        except KubeError as error:
+            if error.status != 404:
+                raise
+            kopf.event(
+                self.body,
+                type="Warning",
+                reason="StandbyUnavailable",
+                message="spec.capacity.standby needs the CapacityBuffer API "
+                "(autoscaling.x-k8s.io/v1beta1), which this cluster does not serve: "
+                "enable Karpenter's CapacityBuffer feature gate (Karpenter 1.15+) or use "
+                "a cluster-autoscaler that serves it; until then the job has no standby "
+                "capacity",
+            )
 
     async def _create_peer_token(self, pod_name: str, pod_uid: str, job_key: str) -> None:
         """The peer's own token, in a Secret owned by its pod. Made after the pod (it

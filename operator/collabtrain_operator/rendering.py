@@ -65,6 +65,7 @@ ANNOTATION_CONFIG_HASH = "collabtrain.io/config-hash"
 MANAGED_BY = "collabtrain-operator"
 PEER = "peer"
 COORDINATOR = "coordinator"
+STANDBY = "standby"
 
 # Requests of a peer for what the user gives neither a request nor a limit: a pod
 # without requests is BestEffort, the first a node under pressure evicts.
@@ -96,6 +97,11 @@ class ChildNames:
     def peers_policy(self) -> str:
         """The peers' NetworkPolicy (the coordinator's is named like its Deployment)."""
         return f"{self.job}-peers"
+
+    @property
+    def standby(self) -> str:
+        """The standby capacity's PodTemplate and CapacityBuffer."""
+        return f"{self.job}-standby"
 
     def peer_pod(self, slot: int, attempt: int) -> str:
         return f"{self.job}-peer-{slot}-{attempt}"
@@ -519,6 +525,35 @@ def build_peer_pod(
         },
         "spec": pod_spec,
     }
+
+
+def build_standby(
+    job: str, namespace: str, spec: JobSpec, *, job_uid: str, replicas: int
+) -> list[KubeObject]:
+    """Spare spot capacity for `replicas` more peers: a PodTemplate shaped like a peer
+    (resources, node affinity, tolerations) and a CapacityBuffer asking the cluster's
+    autoscaler to keep room for that many of them. No pod runs: the autoscaler counts
+    virtual ones, and a replacement peer takes their room at once."""
+    names = ChildNames(job)
+    peer = build_peer_pod(
+        job, namespace, spec, job_uid=job_uid, slot=0, attempt=0, slot_capacity="spot"
+    )
+    template = {
+        "apiVersion": "v1",
+        "kind": "PodTemplate",
+        "metadata": child_metadata(job, STANDBY, names.standby, namespace),
+        "template": {
+            "metadata": {"labels": common_labels(job, STANDBY)},
+            "spec": peer["spec"],
+        },
+    }
+    buffer = {
+        "apiVersion": "autoscaling.x-k8s.io/v1beta1",
+        "kind": "CapacityBuffer",
+        "metadata": child_metadata(job, STANDBY, names.standby, namespace),
+        "spec": {"podTemplateRef": {"name": names.standby}, "replicas": replicas},
+    }
+    return [template, buffer]
 
 
 # -------------------------------------------------------------------------- coordinator

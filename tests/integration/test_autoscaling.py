@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -110,9 +111,19 @@ def node_of(cluster: Cluster, pod: Any) -> Any:
     return cluster.core.read_node(pod.spec.node_name)
 
 
+def node_claim(node: Any) -> str:
+    """The NodeClaim behind a node Karpenter launched (it owns the Node)."""
+    name: str = next(ref.name for ref in node.metadata.owner_references if ref.kind == "NodeClaim")
+    return name
+
+
 def karpenter_nodes(cluster: Cluster) -> list[Any]:
     selector = f"karpenter.sh/nodepool={NODE_POOL}"
     return list(cluster.core.list_node(label_selector=selector).items)
+
+
+def gpu_nodes(cluster: Cluster) -> list[Any]:
+    return [n for n in karpenter_nodes(cluster) if "nvidia.com/gpu" in (n.status.capacity or {})]
 
 
 def test_pending_peers_bring_spot_nodes_and_the_coordinator_an_on_demand_one(
@@ -142,10 +153,7 @@ def test_a_node_karpenter_disrupts_is_a_preemption_and_its_peer_is_replaced(
     cluster.create_job("churn", replicas=2, trainer=GPU_PEER)
     pods = wait_for(peers_running(cluster, "churn", 2), "2 peers Running", timeout=180)
     victim = pods[0]
-    node = node_of(cluster, victim)
-    claim = node.metadata.labels.get("karpenter.sh/nodeclaim") or next(
-        ref.name for ref in node.metadata.owner_references if ref.kind == "NodeClaim"
-    )
+    claim = node_claim(node_of(cluster, victim))
     # Deleting the NodeClaim is how Karpenter ends a node of its own accord
     # (consolidation, expiry, drift all end there): it taints the node and evicts its
     # pods at once, so the peer's SIGTERM (not a drain request) is its notice here.
@@ -212,3 +220,44 @@ def test_without_spot_capacity_peers_fall_back_to_on_demand_nodes_and_return(
     wait_for(on_spot, "both peers back on spot nodes Karpenter launched", timeout=240)
     status = cluster.status("fallback")
     assert status.get("preemptions", 0) == 0 and status.get("failures", 0) == 0
+
+
+def test_standby_capacity_takes_a_replacement_at_once_and_is_made_up_again(
+    operator: tuple[KopfRunner, FakeCoordinator], cluster: Cluster
+) -> None:
+    # Earlier tests' nodes gone first (consolidated once their namespace went), so
+    # that every GPU node without a peer here is this job's standby room.
+    wait_for(lambda: not gpu_nodes(cluster), "earlier tests' GPU nodes consolidated", timeout=180)
+    capacity = {"providers": ["karpenter"], "standby": 1}
+    cluster.create_job("standby", replicas=2, trainer=GPU_PEER, capacity=capacity)
+    pods = wait_for(peers_running(cluster, "standby", 2), "2 peers Running", timeout=180)
+    peer_nodes = {pod.spec.node_name for pod in pods}
+
+    def spare_nodes() -> list[str]:
+        ready = [n for n in gpu_nodes(cluster) if not n.spec.unschedulable and not n.spec.taints]
+        return [n.metadata.name for n in ready if n.metadata.name not in peer_nodes]
+
+    # Karpenter keeps one more GPU spot node up for the CapacityBuffer, and keeps it
+    # through consolidation (consolidateAfter is 10 s).
+    (spare,) = wait_for(spare_nodes, "a spare GPU node for the standby slot", timeout=180)
+    time.sleep(15)
+    assert spare in spare_nodes()
+
+    victim = pods[0]
+    claim = node_claim(node_of(cluster, victim))
+    cluster.custom.delete_cluster_custom_object("karpenter.sh", "v1", "nodeclaims", claim)
+    replaced = wait_for(
+        lambda: (
+            (running := peers_running(cluster, "standby", 2)())
+            and victim.metadata.name not in [p.metadata.name for p in running]
+            and running
+        ),
+        "the replacement Running",
+        timeout=180,
+    )
+    (replacement,) = [p for p in replaced if p.metadata.name != pods[1].metadata.name]
+    assert replacement.spec.node_name == spare, "the replacement took the standby room"
+    # And the standby room is made up again on a new node.
+    peer_nodes = {pod.spec.node_name for pod in replaced}
+    (new_spare,) = wait_for(spare_nodes, "a new spare GPU node", timeout=180)
+    assert new_spare != spare

@@ -932,6 +932,11 @@ def test_a_peer_token_missing_after_an_operator_stop_is_made_again(
             {"failurePolicy": {"initialBackoff": "10m", "maxBackoff": "1m"}},
             "spec.failurePolicy.maxBackoff must be at least",
         ),
+        (
+            {"maxReplicas": 4, "capacity": {"standby": 5}},
+            "spec.capacity.standby must be at most spec.maxReplicas",
+        ),
+        ({"capacity": {"standby": -1}}, "spec.capacity.standby"),
     ],
 )
 def test_invalid_objects_are_refused_with_their_message(

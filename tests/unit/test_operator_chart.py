@@ -210,6 +210,8 @@ NAMESPACED_GRANTS = {
     ("", "secrets"): ["create"],
     ("networking.k8s.io", "networkpolicies"): ["create", "delete", "patch"],
     ("policy", "poddisruptionbudgets"): ["create", "delete", "patch"],
+    ("", "podtemplates"): ["create", "delete", "patch"],
+    ("autoscaling.x-k8s.io", "capacitybuffers"): ["create", "delete", "patch"],
     ("", "events"): ["create"],
 }
 CLUSTER_GRANTS = {

@@ -495,3 +495,27 @@ def test_merge_node_affinity_keeps_user_preferences() -> None:
     theirs = {"preferredDuringSchedulingIgnoredDuringExecution": [{"weight": 1, "preference": {}}]}
     assert capacity.merge_node_affinity(ours, theirs) == theirs
     assert capacity.merge_node_affinity(ours, None) == ours
+
+
+def test_standby_capacity_is_a_buffer_of_peer_shaped_pods() -> None:
+    resources = {"requests": {"cpu": "4"}, "limits": {"nvidia.com/gpu": 1}}
+    spec = make_spec(
+        trainer={"image": "x", "resources": resources},
+        capacity={"providers": ["karpenter"], "standby": 2},
+    )
+    template, buffer = rendering.build_standby("demo", NS, spec, job_uid=UID, replicas=2)
+    assert (template["kind"], template["metadata"]["name"]) == ("PodTemplate", "demo-standby")
+    assert (buffer["kind"], buffer["apiVersion"]) == (
+        "CapacityBuffer",
+        "autoscaling.x-k8s.io/v1beta1",
+    )
+    assert buffer["spec"] == {"podTemplateRef": {"name": "demo-standby"}, "replicas": 2}
+    # The room a spot peer needs: its resources, node affinity and tolerations.
+    spot_peer = peer(spec, slot_capacity="spot")["spec"]
+    pod_spec = template["template"]["spec"]
+    assert pod_spec["containers"][0]["resources"] == spot_peer["containers"][0]["resources"]
+    assert pod_spec["affinity"] == spot_peer["affinity"]
+    assert pod_spec["tolerations"] == spot_peer["tolerations"]
+    # Not a peer: no selector of the job's peers matches it.
+    labels = template["template"]["metadata"]["labels"]
+    assert labels[rendering.LABEL_COMPONENT] == rendering.STANDBY

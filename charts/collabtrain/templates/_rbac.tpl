@@ -45,6 +45,14 @@ go into the ClusterRole. templates/rbac.yaml assembles them.
 - apiGroups: [policy]
   resources: [poddisruptionbudgets]
   verbs: [create, patch, delete]
+# Standby capacity (spec.capacity.standby): a PodTemplate shaped like a peer and a
+# CapacityBuffer that asks the node autoscaler to keep room for it; applied, deleted.
+- apiGroups: [""]
+  resources: [podtemplates]
+  verbs: [create, patch, delete]
+- apiGroups: [autoscaling.x-k8s.io]
+  resources: [capacitybuffers]
+  verbs: [create, patch, delete]
 # Kubernetes Events on the jobs.
 - apiGroups: [""]
   resources: [events]
