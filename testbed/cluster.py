@@ -15,6 +15,7 @@ import json
 import secrets
 import shutil
 import ssl
+import subprocess
 import tempfile
 import time
 import urllib.request
@@ -374,6 +375,8 @@ class Kwok:
     """KWOK managing the nodes annotated `kwok.x-k8s.io/node: fake` and their pods."""
 
     kubeconfig: Path
+    # Seconds from a node's creation to Ready: 0, or what a cloud VM takes to boot.
+    node_start_delay_s: float = 0.0
     workdir: Path = field(
         default_factory=lambda: Path(tempfile.mkdtemp(prefix="collabtrain-kwok-"))
     )
@@ -381,19 +384,20 @@ class Kwok:
 
     def start(self) -> Kwok:
         port = free_port()
-        self.process = ManagedProcess(
-            "kwok",
-            [
-                str(tools.find("kwok")),
-                f"--kubeconfig={self.kubeconfig}",
-                "--manage-all-nodes=false",
-                f"--manage-nodes-with-annotation-selector={KWOK_NODE_ANNOTATION}=fake",
-                "--cidr=10.0.0.1/16",
-                "--node-ip=10.0.0.1",
-                f"--server-address=127.0.0.1:{port}",
-            ],
-            self.workdir / "kwok.log",
-        )
+        argv = [
+            str(tools.find("kwok")),
+            f"--kubeconfig={self.kubeconfig}",
+            "--manage-all-nodes=false",
+            f"--manage-nodes-with-annotation-selector={KWOK_NODE_ANNOTATION}=fake",
+            "--cidr=10.0.0.1/16",
+            "--node-ip=10.0.0.1",
+            f"--server-address=127.0.0.1:{port}",
+        ]
+        if self.node_start_delay_s:
+            stages = self.workdir / "stages.yaml"
+            stages.write_text(kwok_node_stages(self.node_start_delay_s))
+            argv.append(f"--config={stages}")
+        self.process = ManagedProcess("kwok", argv, self.workdir / "kwok.log")
         wait_until(
             lambda: http_get(f"http://127.0.0.1:{port}/healthz") == b"ok",
             "kwok /healthz",
@@ -405,6 +409,45 @@ class Kwok:
         if self.process is not None:
             self.process.stop()
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def kwok_node_stages(delay_s: float) -> str:
+    """Node stages that boot a node the way a kubelet does: NotReady at once (so the
+    node controller taints it not-ready and nothing is scheduled there), Ready `delay_s`
+    later. KWOK's own initialize and heartbeat stages are read from its module source
+    (where its build left it); given any node stage, KWOK uses none of its defaults."""
+    cache = subprocess.run(
+        [tools.go_binary(), "env", "GOMODCACHE"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    source = Path(cache) / f"sigs.k8s.io/kwok@v{tools.KWOK_VERSION}/kustomize/stage/node"
+    ready = '.status.conditions.[] | select( .type == "Ready" ) | .status'
+    booting = {
+        "apiVersion": "kwok.x-k8s.io/v1alpha1",
+        "kind": "Stage",
+        "metadata": {"name": "node-booting"},
+        "spec": {
+            "resourceRef": {"apiGroup": "v1", "kind": "Node"},
+            "selector": {"matchExpressions": [{"key": ready, "operator": "DoesNotExist"}]},
+            "next": {
+                "statusTemplate": (
+                    "conditions:\n"
+                    "- type: Ready\n"
+                    "  status: 'False'\n"
+                    "  reason: KubeletNotReady\n"
+                    "  message: booting\n"
+                    "  lastHeartbeatTime: {{ Now | Quote }}\n"
+                    "  lastTransitionTime: {{ Now | Quote }}\n"
+                )
+            },
+        },
+    }
+    initialize = yaml.safe_load((source / "fast" / "node-initialize.yaml").read_text())
+    initialize["spec"]["selector"] = {
+        "matchExpressions": [{"key": ready, "operator": "In", "values": ["False"]}]
+    }
+    initialize["spec"]["delay"] = {"durationMilliseconds": int(delay_s * 1000)}
+    heartbeat = yaml.safe_load((source / "heartbeat" / "node-heartbeat.yaml").read_text())
+    return yaml.safe_dump_all([booting, initialize, heartbeat])
 
 
 def kwok_node(
