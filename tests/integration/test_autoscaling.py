@@ -117,6 +117,25 @@ def node_claim(node: Any) -> str:
     return name
 
 
+def end_node_and_wait(cluster: Cluster, job: str, pods: list[Any]) -> list[Any]:
+    """End the first peer's node as Karpenter does, and wait until the job's peers all
+    run again, the first one's replacement among them.
+
+    Deleting the NodeClaim is where Karpenter's own disruptions (consolidation, expiry,
+    drift) end: it taints the node and evicts its pods at once, so the peer's SIGTERM
+    is its only notice."""
+    victim = pods[0].metadata.name
+    claim = node_claim(node_of(cluster, pods[0]))
+    cluster.custom.delete_cluster_custom_object("karpenter.sh", "v1", "nodeclaims", claim)
+
+    def replaced() -> list[Any]:
+        running = peers_running(cluster, job, len(pods))()
+        return running if victim not in [p.metadata.name for p in running] else []
+
+    result: list[Any] = wait_for(replaced, "the replacement Running", timeout=180)
+    return result
+
+
 def karpenter_nodes(cluster: Cluster) -> list[Any]:
     selector = f"karpenter.sh/nodepool={NODE_POOL}"
     return list(cluster.core.list_node(label_selector=selector).items)
@@ -152,21 +171,8 @@ def test_a_node_karpenter_disrupts_is_a_preemption_and_its_peer_is_replaced(
 ) -> None:
     cluster.create_job("churn", replicas=2, trainer=GPU_PEER)
     pods = wait_for(peers_running(cluster, "churn", 2), "2 peers Running", timeout=180)
-    victim = pods[0]
-    claim = node_claim(node_of(cluster, victim))
-    # Deleting the NodeClaim is how Karpenter ends a node of its own accord
-    # (consolidation, expiry, drift all end there): it taints the node and evicts its
-    # pods at once, so the peer's SIGTERM (not a drain request) is its notice here.
-    cluster.custom.delete_cluster_custom_object("karpenter.sh", "v1", "nodeclaims", claim)
-    replaced = wait_for(
-        lambda: (
-            (running := peers_running(cluster, "churn", 2)())
-            and victim.metadata.name not in [p.metadata.name for p in running]
-            and running
-        ),
-        "the replacement Running on a node Karpenter launched",
-        timeout=180,
-    )
+    # No drain request comes first here: see end_node_and_wait.
+    replaced = end_node_and_wait(cluster, "churn", pods)
     status = cluster.status("churn")
     assert (status.get("preemptions"), status.get("failures", 0)) == (1, 0)
     new_nodes = {p.spec.node_name for p in replaced} - {p.spec.node_name for p in pods}
@@ -243,18 +249,7 @@ def test_standby_capacity_takes_a_replacement_at_once_and_is_made_up_again(
     time.sleep(15)
     assert spare in spare_nodes()
 
-    victim = pods[0]
-    claim = node_claim(node_of(cluster, victim))
-    cluster.custom.delete_cluster_custom_object("karpenter.sh", "v1", "nodeclaims", claim)
-    replaced = wait_for(
-        lambda: (
-            (running := peers_running(cluster, "standby", 2)())
-            and victim.metadata.name not in [p.metadata.name for p in running]
-            and running
-        ),
-        "the replacement Running",
-        timeout=180,
-    )
+    replaced = end_node_and_wait(cluster, "standby", pods)
     (replacement,) = [p for p in replaced if p.metadata.name != pods[1].metadata.name]
     assert replacement.spec.node_name == spare, "the replacement took the standby room"
     # And the standby room is made up again on a new node.
