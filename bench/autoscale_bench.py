@@ -24,7 +24,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ from bench.operator_scale_bench import operator_process
 from testbed.cluster import ControlPlane, Kwok
 from testbed.karpenter import NODE_POOL, Karpenter
 from testbed.nodes import kubectl
-from testbed.processes import free_port
+from testbed.processes import free_port, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 CRD = ROOT / "crds" / "collaborativetrainingjobs.collabtrain.io.yaml"
@@ -58,16 +58,6 @@ def job_manifest(peers: int) -> dict[str, Any]:
             "capacity": {"providers": ["karpenter"]},
         },
     }
-
-
-def wait(predicate: Callable[[], Any], what: str, timeout: float) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(Exception):
-            if result := predicate():
-                return result
-        time.sleep(0.25)
-    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 class Fleet:
@@ -134,7 +124,7 @@ def pending_to_running(fleet: Fleet, peers: int, applied_at: float) -> list[floa
 
 def replace_one(fleet: Fleet, peers: int) -> float:
     """End one peer's node the way Karpenter does; seconds until all peers run again."""
-    victim = wait(lambda: fleet.running(peers), "every peer Running", timeout=600)[0]
+    victim = wait_for(lambda: fleet.running(peers), "every peer Running", timeout=600)[0]
     claim = fleet.claim_of(victim)
     started = time.monotonic()
     fleet.custom.delete_cluster_custom_object("karpenter.sh", "v1", "nodeclaims", claim)
@@ -144,7 +134,7 @@ def replace_one(fleet: Fleet, peers: int) -> float:
         running = fleet.running(peers)
         return bool(running) and victim.metadata.name not in {p.metadata.name for p in running}
 
-    wait(back, "the replacement Running", timeout=600)
+    wait_for(back, "the replacement Running", timeout=600)
     return time.monotonic() - started
 
 
@@ -163,7 +153,7 @@ def bed(node_start_s: float, workdir: Path) -> Iterator[tuple[Any, Fleet]]:
         api = config.new_client_from_config(config_file=str(plane.kubeconfig))  # type: ignore[no-untyped-call]
         fleet = Fleet(api)
         fleet.core.create_namespace({"metadata": {"name": NAMESPACE}})
-        wait(
+        wait_for(
             lambda: fleet.core.list_namespaced_service_account(NAMESPACE).items,
             "the namespace's service account",
             timeout=60,
@@ -195,7 +185,7 @@ def run(peers: int, losses: int, node_start_s: float, workdir: Path) -> dict[str
         )
         with_standby = []
         for _ in range(losses):
-            wait(fleet.spare_nodes, "a spare node for the standby slot", timeout=600)
+            wait_for(fleet.spare_nodes, "a spare node for the standby slot", timeout=600)
             with_standby.append(replace_one(fleet, peers))
             print(f"[bench] replaced with standby: {with_standby[-1]:.1f} s", flush=True)
         remaining = fleet.claims()

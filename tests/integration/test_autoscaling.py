@@ -7,7 +7,6 @@ in-process with a loopback coordinator, as in test_operator.py.
 
 from __future__ import annotations
 
-import json
 import secrets
 import time
 from collections.abc import Iterator
@@ -24,12 +23,11 @@ from testbed.nodes import kubectl
 from testbed.processes import wait_for
 from tests.integration.test_operator import (
     CRD,
-    MASTER_KEY,
-    OPERATOR_LABELS,
     Cluster,
     FakeCoordinator,
     peers_running,
     running_operator,
+    set_operator_env,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
@@ -87,19 +85,8 @@ def operator(
     tmp_path: Path,
 ) -> Iterator[tuple[KopfRunner, FakeCoordinator]]:
     plane, _ = karpenter_plane
-    key_file = tmp_path / "master-key"
-    key_file.write_bytes(MASTER_KEY + b"\n")
     coordinator = FakeCoordinator().start()
-    for name, value in {
-        "COLLABTRAIN_MASTER_KEY_FILE": str(key_file),
-        "COLLABTRAIN_OPERATOR_NAMESPACE": "collabtrain-system",
-        "COLLABTRAIN_OPERATOR_POD_LABELS": json.dumps(OPERATOR_LABELS),
-        "KUBECONFIG": str(plane.kubeconfig),
-        "COLLABTRAIN_METRICS_PORT": "off",
-        "COLLABTRAIN_RECONCILE_INTERVAL_SECONDS": "1",
-        "COLLABTRAIN_COORDINATOR_URL_TEMPLATE": f"http://127.0.0.1:{coordinator.port}",
-    }.items():
-        monkeypatch.setenv(name, value)
+    set_operator_env(monkeypatch, plane.kubeconfig, coordinator, tmp_path)
     try:
         with running_operator(cluster.namespace) as runner:
             yield runner, coordinator

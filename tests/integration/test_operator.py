@@ -185,13 +185,14 @@ def coordinator() -> Iterator[FakeCoordinator]:
         server.stop()
 
 
-@pytest.fixture
-def operator_env(
+def set_operator_env(
     monkeypatch: pytest.MonkeyPatch,
     kubeconfig: Path,
     coordinator: FakeCoordinator,
     tmp_path: Path,
 ) -> None:
+    """The environment an in-process operator reads, against `kubeconfig`'s cluster and
+    with `coordinator` standing in for every job's coordinator."""
     key_file = tmp_path / "master-key"
     key_file.write_bytes(MASTER_KEY + b"\n")
     monkeypatch.setenv("COLLABTRAIN_MASTER_KEY_FILE", str(key_file))
@@ -204,6 +205,16 @@ def operator_env(
     monkeypatch.setenv(
         "COLLABTRAIN_COORDINATOR_URL_TEMPLATE", f"http://127.0.0.1:{coordinator.port}"
     )
+
+
+@pytest.fixture
+def operator_env(
+    monkeypatch: pytest.MonkeyPatch,
+    kubeconfig: Path,
+    coordinator: FakeCoordinator,
+    tmp_path: Path,
+) -> None:
+    set_operator_env(monkeypatch, kubeconfig, coordinator, tmp_path)
 
 
 @contextmanager
