@@ -190,6 +190,8 @@ def test_without_spot_capacity_peers_fall_back_to_on_demand_nodes_and_return(
     karpenter_plane: tuple[ControlPlane, Karpenter],
 ) -> None:
     _, karpenter = karpenter_plane
+    # Earlier tests' spot nodes gone first: a peer could still land on one.
+    wait_for(lambda: not gpu_nodes(cluster), "earlier tests' GPU nodes consolidated", timeout=180)
     karpenter.apply_node_pool(capacity_types=("on-demand",))  # spot refused
     try:
         capacity = {"providers": ["karpenter"], "spot": "Required", "onDemandFallbackAfter": "5s"}
