@@ -280,6 +280,36 @@ class CapacitySpec(ApiModel):
     )
 
 
+class AutoscalingSpec(ApiModel):
+    """Sizing by measured throughput, after DeDLOC: a peer is worth adding while the
+    samples/s it adds outweigh the averaging it costs everyone else."""
+
+    min_peer_gain: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="Grow while each added peer raises the job's committed samples/s by at "
+        "least this fraction of one peer's own rate; shrink when the last peers added fell "
+        "short of it.",
+    )
+    measure_for: Duration = Field(
+        default="2m",
+        description="How long a peer count must run, all its peers live, before its "
+        "samples/s counts (make it cover several steps). Nothing grows before the current "
+        "count has been measured: this is also the scale-up cool-down.",
+    )
+    scale_down_cooldown: Duration = Field(
+        default="5m",
+        description="No shrink sooner than this after any change of spec.replicas.",
+    )
+    forget_after: Duration = Field(
+        default="30m",
+        description="A peer count measured longer ago than this is measured again: links "
+        "and peers change, so a count that did not pay off is tried again after this.",
+    )
+    step: int = Field(default=1, ge=1, description="Peers added or removed at a time.")
+
+
 # ------------------------------------------------------------------------ spec: checkpoint
 
 
@@ -448,6 +478,11 @@ class JobSpec(ApiModel):
             "for replacing peers, not for more peers than the job may have",
             ".capacity.standby",
         ),
+        _cel(
+            "!has(self.autoscaling) || has(self.maxReplicas)",
+            "spec.autoscaling needs spec.maxReplicas: the most peers it may scale the job to",
+            ".autoscaling",
+        ),
     )
 
     replicas: int = Field(ge=0, description="Peers wanted (the scale subresource sets this).")
@@ -456,6 +491,13 @@ class JobSpec(ApiModel):
     )
     max_replicas: int | None = Field(
         default=None, ge=1, description="Most peers `kubectl scale` or an autoscaler may ask for."
+    )
+    autoscaling: AutoscalingSpec | None = Field(
+        default=None,
+        description="Let the operator set spec.replicas, between spec.minReplicas and "
+        "spec.maxReplicas, from the job's measured samples/s per peer count. Omit to set "
+        "replicas yourself (kubectl scale, an HPA or KEDA through the scale subresource); "
+        "do not use both.",
     )
     trainer: TrainerSpec = Field(description="The peers' trainer container.")
     training: TrainingSpec = Field(
@@ -565,6 +607,31 @@ class SlotState(ApiModel):
     )
 
 
+class ThroughputSample(ApiModel):
+    peers: int = Field(description="Peers live throughout the measurement.")
+    samples_per_second: float = Field(description="Samples committed per second with them.")
+    measured_at: datetime = Field(description="When the measurement ended.")
+
+
+class AutoscalingStatus(ApiModel):
+    history: list[ThroughputSample] = Field(
+        default_factory=list,
+        description="The newest measurement of each peer count, fewest peers first; "
+        "older than spec.autoscaling.forgetAfter are dropped.",
+    )
+    measuring_since: datetime | None = Field(
+        default=None, description="Start of the measurement under way, if any."
+    )
+    measuring_samples: int = Field(default=0, description="Samples committed at its start.")
+    last_scale_time: datetime | None = Field(
+        default=None, description="When spec.replicas last changed, by the operator or not."
+    )
+    last_scale_replicas: int | None = Field(
+        default=None, description="spec.replicas as of that change."
+    )
+    reason: str = Field(default="", description="The last sizing decision, and why.")
+
+
 class SuspendState(ApiModel):
     requested_at: datetime = Field(description="When suspension was requested.")
     checkpoint_requested: bool = Field(
@@ -604,6 +671,9 @@ class JobStatus(ApiModel):
         default=None, description="Last time a spot peer was moved to on-demand capacity."
     )
     suspending: SuspendState | None = Field(default=None, description="Pre-suspend checkpoint.")
+    autoscaling: AutoscalingStatus | None = Field(
+        default=None, description="Measurements and decisions of spec.autoscaling."
+    )
     children_deleted: bool = Field(default=False, description="ttlSecondsAfterFinished has run.")
     slots: dict[str, SlotState] = Field(
         default_factory=dict, description="Per-slot bookkeeping (slot index -> state)."

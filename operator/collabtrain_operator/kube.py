@@ -265,3 +265,14 @@ class KubeClient:
         return await self.request(
             "PATCH", path, body=body, content_type="application/merge-patch+json"
         )
+
+    async def scale_job(
+        self, namespace: str, name: str, resource_version: str, replicas: int
+    ) -> KubeObject:
+        """Set the job's spec.replicas, only if the job is still at `resource_version`
+        (raises KubeError 409 otherwise); returns the job as the patch left it."""
+        path = object_path(api.API_VERSION, api.KIND, namespace, name)
+        body = {"metadata": {"resourceVersion": resource_version}, "spec": {"replicas": replicas}}
+        return await self.request(
+            "PATCH", path, body=body, content_type="application/merge-patch+json"
+        )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from collabtrain_operator.api import JobStatus, SlotState
@@ -53,6 +54,7 @@ class JobMemory:
     written: KubeObject | None = None  # the job as our last status write left it
     coordinator_status: CoordinatorStatus | None = None
     coordinator_polled_at: float = float("-inf")
+    coordinator_read_at: datetime | None = None  # the same moment, by the wall clock
     # Peer pods whose token Secret exists (created, or found existing).
     peer_tokens: set[str] = field(default_factory=set)
     # The daemon's first pass lists the pods from the API server; later ones trust the

@@ -150,6 +150,7 @@ class Reconciler:
             node_interruptions=dict(self.runtime.nodes.by_node),
             coordinator_ready=coordinator_ready,
             coordinator=coordinator_status,
+            coordinator_read_at=self.memory.coordinator_read_at,
             drain_requested=frozenset(self.memory.drain_requested),
             vanished=list(vanished),
             awaiting=frozenset(self.memory.awaiting),
@@ -186,6 +187,8 @@ class Reconciler:
             self.memory.wrote_status(resource_version, written, time.monotonic())
             written_version = version_of(written)
         self.memory.accounted(vanished)  # in the status just written
+        if plan.scale_to is not None:
+            written_version = await self._scale(plan.scale_to, written_version)
         seen = {pod.name for pod in [*observed.pods, *observed.vanished]}
         self.memory.forget_awaited(seen, plan.status.slots, time.monotonic())
 
@@ -241,6 +244,22 @@ class Reconciler:
             )
             kopf.event(self.body, type="Warning", reason="InvalidSpec", message=problems)
 
+    async def _scale(self, replicas: int, resource_version: str) -> str:
+        """spec.autoscaling's decision, written after the status that records it. If the
+        job changed meanwhile, the decision is dropped: the next pass sees replicas the
+        status did not record and measures again from there."""
+        try:
+            scaled = await self.runtime.kube.scale_job(
+                self.namespace, self.name, resource_version, replicas
+            )
+        except KubeError as error:
+            if not error.conflict:
+                raise
+            self.logger.info("the job changed before its scaling to %d was written", replicas)
+            return resource_version
+        self.memory.wrote_status(resource_version, scaled, time.monotonic())
+        return version_of(scaled)
+
     async def _coordinator_status(
         self, url: str, token: str, ready: bool
     ) -> CoordinatorStatus | None:
@@ -254,6 +273,7 @@ class Reconciler:
         if time.monotonic() >= due:
             memory.coordinator_status = await self.runtime.coordinator.status(url, token)
             memory.coordinator_polled_at = time.monotonic()
+            memory.coordinator_read_at = datetime.now(UTC)
         return memory.coordinator_status
 
     def _job_key(self) -> str:

@@ -8,6 +8,7 @@ in-process with a loopback coordinator, as in test_operator.py.
 from __future__ import annotations
 
 import secrets
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -69,8 +70,12 @@ def cluster(karpenter_plane: tuple[ControlPlane, Karpenter]) -> Iterator[Cluster
     api = config.new_client_from_config(config_file=str(plane.kubeconfig))
     namespace = f"scale-{secrets.token_hex(3)}"
     client.CoreV1Api(api).create_namespace({"metadata": {"name": namespace}})
+    cluster = Cluster(api, namespace)
     try:
-        yield Cluster(api, namespace)
+        # Earlier tests' GPU nodes consolidated first: Karpenter may be disrupting one
+        # already when a new peer lands on it, a preemption the test did not make.
+        wait_for(lambda: not gpu_nodes(cluster), "earlier GPU nodes consolidated", timeout=180)
+        yield cluster
     finally:
         client.CoreV1Api(api).delete_namespace(namespace)
         api.close()
@@ -184,14 +189,81 @@ def test_scaling_down_lets_karpenter_consolidate_the_empty_nodes(
     assert cluster.status("shrink").get("preemptions", 0) == 0
 
 
+class Throughput:
+    """Feeds the loopback coordinator what a job of `rate(n)` samples/s with n live peers
+    would report (its live peers are the job's Running pods; samples committed), and
+    records each spec.replicas the job is seen with."""
+
+    def __init__(self, cluster: Cluster, job: str, coordinator: FakeCoordinator) -> None:
+        self.cluster, self.job, self.coordinator = cluster, job, coordinator
+        self.replicas: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._feed, daemon=True)
+
+    @staticmethod
+    def rate(peers: int) -> float:
+        return 100.0 * min(peers, 2)  # a third peer adds nothing
+
+    def _feed(self) -> None:
+        samples, last = 0.0, time.monotonic()
+        while not self._stop.wait(0.25):
+            live = [
+                pod.metadata.name
+                for pod in self.cluster.peers(self.job)
+                if pod.status.phase == "Running" and not pod.metadata.deletion_timestamp
+            ]
+            now = time.monotonic()
+            samples += self.rate(len(live)) * (now - last)
+            last = now
+            self.coordinator.status = self.coordinator.status.model_copy(
+                update={"peers": live, "samples_committed": int(samples)}
+            )
+            replicas = self.cluster.job(self.job)["spec"]["replicas"]
+            if not self.replicas or self.replicas[-1] != replicas:
+                self.replicas.append(replicas)
+
+    def __enter__(self) -> Throughput:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def test_the_job_sizes_itself_by_throughput_and_karpenter_follows(
+    operator: tuple[KopfRunner, FakeCoordinator], cluster: Cluster
+) -> None:
+    _, coordinator = operator
+    autoscaling = {"measureFor": "8s", "scaleDownCooldown": "10s", "minPeerGain": 0.5}
+    cluster.create_job(
+        "sized", replicas=1, maxReplicas=4, trainer=GPU_PEER, autoscaling=autoscaling
+    )
+    with Throughput(cluster, "sized", coordinator) as throughput:
+        # 1 -> 2 pays off; 2 -> 3 does not: back to 2.
+        wait_for(lambda: len(throughput.replicas) >= 4, "1 -> 2 -> 3 -> 2", timeout=300)
+        assert throughput.replicas[:4] == [1, 2, 3, 2]
+        wait_for(peers_running(cluster, "sized", 2), "2 peers Running", timeout=120)
+        time.sleep(15)  # more measurements of 2 peers: it stays
+        assert throughput.replicas == [1, 2, 3, 2]
+    status = cluster.status("sized")
+    history = {h["peers"]: h["samplesPerSecond"] for h in status["autoscaling"]["history"]}
+    assert history[1] == pytest.approx(100, rel=0.2)
+    assert history[2] == pytest.approx(200, rel=0.2)
+    assert history[3] == pytest.approx(200, rel=0.2)
+    assert "staying" in status["autoscaling"]["reason"]
+    assert {"ScaledUp", "ScaledDown"} <= cluster.event_reasons("sized")
+    assert status.get("preemptions", 0) == 0
+    # The peers got GPU nodes Karpenter launched, and the third one's is consolidated.
+    wait_for(lambda: len(gpu_nodes(cluster)) == 2, "2 GPU nodes left", timeout=180)
+
+
 def test_without_spot_capacity_peers_fall_back_to_on_demand_nodes_and_return(
     operator: tuple[KopfRunner, FakeCoordinator],
     cluster: Cluster,
     karpenter_plane: tuple[ControlPlane, Karpenter],
 ) -> None:
     _, karpenter = karpenter_plane
-    # Earlier tests' spot nodes gone first: a peer could still land on one.
-    wait_for(lambda: not gpu_nodes(cluster), "earlier tests' GPU nodes consolidated", timeout=180)
     karpenter.apply_node_pool(capacity_types=("on-demand",))  # spot refused
     try:
         capacity = {"providers": ["karpenter"], "spot": "Required", "onDemandFallbackAfter": "5s"}
@@ -220,9 +292,8 @@ def test_without_spot_capacity_peers_fall_back_to_on_demand_nodes_and_return(
 def test_standby_capacity_takes_a_replacement_at_once_and_is_made_up_again(
     operator: tuple[KopfRunner, FakeCoordinator], cluster: Cluster
 ) -> None:
-    # Earlier tests' nodes gone first (consolidated once their namespace went), so
-    # that every GPU node without a peer here is this job's standby room.
-    wait_for(lambda: not gpu_nodes(cluster), "earlier tests' GPU nodes consolidated", timeout=180)
+    # No GPU node is left from earlier tests (the cluster fixture), so every GPU node
+    # without a peer here is this job's standby room.
     capacity = {"providers": ["karpenter"], "standby": 1}
     cluster.create_job("standby", replicas=2, trainer=GPU_PEER, capacity=capacity)
     pods = wait_for(peers_running(cluster, "standby", 2), "2 peers Running", timeout=180)

@@ -948,6 +948,13 @@ def test_a_peer_token_missing_after_an_operator_stop_is_made_again(
             "spec.capacity.standby must be at most spec.maxReplicas",
         ),
         ({"capacity": {"standby": -1}}, "spec.capacity.standby"),
+        ({"autoscaling": {}}, "spec.autoscaling needs spec.maxReplicas"),
+        (
+            {"replicas": 3, "minReplicas": 3, "maxReplicas": 2, "autoscaling": {}},
+            "spec.minReplicas must be at most spec.maxReplicas",
+        ),
+        ({"maxReplicas": 4, "autoscaling": {"minPeerGain": 2}}, "spec.autoscaling.minPeerGain"),
+        ({"maxReplicas": 4, "autoscaling": {"measureFor": "2"}}, "spec.autoscaling.measureFor"),
     ],
 )
 def test_invalid_objects_are_refused_with_their_message(

@@ -6,7 +6,8 @@ go into the ClusterRole. templates/rbac.yaml assembles them.
 */}}
 
 {{- define "collabtrain.namespacedRules" -}}
-# Watch jobs; kopf patches its finalizer and annotations onto them.
+# Watch jobs; kopf patches its finalizer and annotations onto them, and
+# spec.autoscaling's decisions patch spec.replicas.
 - apiGroups: [collabtrain.io]
   resources: [collaborativetrainingjobs]
   verbs: [list, watch, patch]

@@ -4,14 +4,15 @@ to take out. No I/O here, so every rule is a unit test.
 
 A pass runs its parts in this order, each reading what the earlier ones decided:
 `conditions` (what the status reports), `lifecycle` (the phase, each transition in one
-place) and `slots` (which pod is each slot's peer, losses, creation). `model` holds the
+place), `slots` (which pod is each slot's peer, losses, creation) and `sizing`
+(spec.autoscaling). `model` holds the
 inputs, the plan and the pass; `patches` the status writes.
 """
 
 from __future__ import annotations
 
 from collabtrain_operator.api import JobSpec, JobStatus
-from collabtrain_operator.planning import conditions, lifecycle, slots
+from collabtrain_operator.planning import conditions, lifecycle, sizing, slots
 from collabtrain_operator.planning.conditions import get_condition, set_condition
 from collabtrain_operator.planning.model import (
     MAX_CREATIONS_PER_TICK,
@@ -66,5 +67,6 @@ def plan(name: str, spec: JobSpec, previous: JobStatus, observed: Observed) -> P
     slots.drain_interrupted(p)
     conditions.peer_counts(p)
     lifecycle.settle(p)
+    sizing.size_by_throughput(p)
     lifecycle.clean_up_after_end(p)
     return p.finish()

@@ -154,6 +154,8 @@ class Observed:
     coordinator_ready: bool = False
     # None when the coordinator could not be reached.
     coordinator: CoordinatorStatus | None = None
+    # When `coordinator` was read (passes in between reuse it); None: at `now`.
+    coordinator_read_at: datetime | None = None
     # Pods seen deleted while their finalizer should have kept them (last states).
     vanished: Sequence[PeerPod] = ()
     # Peers the coordinator has already been asked to drain.
@@ -204,6 +206,8 @@ class Plan:
     request_checkpoint: bool = False
     coordinator_replicas: int = 1
     delete_children: bool = False
+    # spec.autoscaling's new spec.replicas, to write once `status` is written.
+    scale_to: int | None = None
     events: list[Event] = field(default_factory=list)
     # Seconds until something time-based is due (backoff, fallback, TTL); None if nothing.
     requeue_after: float | None = None
@@ -219,6 +223,7 @@ class Plan:
             or self.drain
             or self.request_checkpoint
             or self.delete_children
+            or self.scale_to is not None
         )
 
 
