@@ -72,9 +72,9 @@ def cluster(karpenter_plane: tuple[ControlPlane, Karpenter]) -> Iterator[Cluster
     client.CoreV1Api(api).create_namespace({"metadata": {"name": namespace}})
     cluster = Cluster(api, namespace)
     try:
-        # Earlier tests' GPU nodes consolidated first: Karpenter may be disrupting one
-        # already when a new peer lands on it, a preemption the test did not make.
-        wait_for(lambda: not gpu_nodes(cluster), "earlier GPU nodes consolidated", timeout=180)
+        # Earlier tests' nodes consolidated first: Karpenter may be disrupting one already
+        # when a new peer or coordinator lands on it, a loss the test did not make.
+        wait_for(lambda: not karpenter_nodes(cluster), "earlier nodes consolidated", timeout=180)
         yield cluster
     finally:
         client.CoreV1Api(api).delete_namespace(namespace)
@@ -241,7 +241,11 @@ def test_the_job_sizes_itself_by_throughput_and_karpenter_follows(
     )
     with Throughput(cluster, "sized", coordinator) as throughput:
         # 1 -> 2 pays off; 2 -> 3 does not: back to 2.
-        wait_for(lambda: len(throughput.replicas) >= 4, "1 -> 2 -> 3 -> 2", timeout=300)
+        try:
+            wait_for(lambda: len(throughput.replicas) >= 4, "1 -> 2 -> 3 -> 2", timeout=300)
+        except AssertionError as error:
+            seen = f"replicas seen {throughput.replicas}, status {cluster.status('sized')}"
+            raise AssertionError(f"{error}; {seen}") from None
         assert throughput.replicas[:4] == [1, 2, 3, 2]
         wait_for(peers_running(cluster, "sized", 2), "2 peers Running", timeout=120)
         time.sleep(15)  # more measurements of 2 peers: it stays
@@ -292,7 +296,7 @@ def test_without_spot_capacity_peers_fall_back_to_on_demand_nodes_and_return(
 def test_standby_capacity_takes_a_replacement_at_once_and_is_made_up_again(
     operator: tuple[KopfRunner, FakeCoordinator], cluster: Cluster
 ) -> None:
-    # No GPU node is left from earlier tests (the cluster fixture), so every GPU node
+    # No node is left from earlier tests (the cluster fixture), so every GPU node
     # without a peer here is this job's standby room.
     capacity = {"providers": ["karpenter"], "standby": 1}
     cluster.create_job("standby", replicas=2, trainer=GPU_PEER, capacity=capacity)
