@@ -387,6 +387,7 @@ def job_manifest(name: str, **spec: Any) -> dict[str, Any]:
         "failurePolicy": {"initialBackoff": "1s", "maxBackoff": "2s"},
     }
     body.update(spec)
+    body = {key: value for key, value in body.items() if value is not None}  # None: left out
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "CollaborativeTrainingJob",
@@ -948,7 +949,7 @@ def test_a_peer_token_missing_after_an_operator_stop_is_made_again(
             "spec.capacity.standby must be at most spec.maxReplicas",
         ),
         ({"capacity": {"standby": -1}}, "spec.capacity.standby"),
-        ({"autoscaling": {}}, "spec.autoscaling needs spec.maxReplicas"),
+        ({"maxReplicas": None, "autoscaling": {}}, "spec.autoscaling needs spec.maxReplicas"),
         (
             {"replicas": 3, "minReplicas": 3, "maxReplicas": 2, "autoscaling": {}},
             "spec.minReplicas must be at most spec.maxReplicas",
