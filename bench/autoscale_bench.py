@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bench.common import print_table, write_result
+from bench.common import job_object, print_table, write_result
 from bench.operator_scale_bench import operator_process
 from testbed.cluster import ControlPlane, Kwok
 from testbed.karpenter import NODE_POOL, Karpenter
@@ -44,20 +44,16 @@ GPU = {"nvidia.com/gpu": "1"}
 
 
 def job_manifest(peers: int) -> dict[str, Any]:
-    return {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "CollaborativeTrainingJob",
-        "metadata": {"name": JOB, "namespace": NAMESPACE},
-        "spec": {
-            "replicas": peers,
-            "maxReplicas": peers + 1,
-            "trainer": {
-                "image": "example.invalid/trainer:1",
-                "resources": {"requests": {"cpu": "2", **GPU}, "limits": GPU},
-            },
-            "capacity": {"providers": ["karpenter"]},
+    spec = {
+        "replicas": peers,
+        "maxReplicas": peers + 1,
+        "trainer": {
+            "image": "example.invalid/trainer:1",
+            "resources": {"requests": {"cpu": "2", **GPU}, "limits": GPU},
         },
+        "capacity": {"providers": ["karpenter"]},
     }
+    return job_object(JOB, NAMESPACE, spec)
 
 
 class Fleet:

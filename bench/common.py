@@ -75,3 +75,15 @@ def bar_plot(path: Path, bars: dict[str, dict[str, float]], xlabel: str, title: 
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def job_object(name: str, namespace: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """A CollaborativeTrainingJob with `spec`, as the benches create them."""
+    from collabtrain_operator.api import API_VERSION, KIND
+
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": spec,
+    }

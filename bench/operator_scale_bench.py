@@ -57,7 +57,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import print_table, write_result  # noqa: E402
+from bench.common import job_object, print_table, write_result  # noqa: E402
 from testbed import tools  # noqa: E402
 from testbed.cluster import ControlPlane, Kwok, kwok_node  # noqa: E402
 from testbed.processes import ManagedProcess, free_port, wait_until  # noqa: E402
@@ -345,11 +345,10 @@ def spot_node(name: str) -> dict[str, Any]:
 
 
 def job_manifest(name: str, peers: int) -> dict[str, Any]:
-    return {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "CollaborativeTrainingJob",
-        "metadata": {"name": name, "namespace": NAMESPACE},
-        "spec": {
+    return job_object(
+        name,
+        NAMESPACE,
+        {
             "replicas": peers,
             "minReplicas": 1,
             "maxReplicas": peers,
@@ -372,7 +371,7 @@ def job_manifest(name: str, peers: int) -> dict[str, Any]:
             "capacity": {"spot": "Preferred", "onDemandFallbackAfter": "30m"},
             "failurePolicy": {"maxFailures": 5},
         },
-    }
+    )
 
 
 def percentile(values: list[float], q: float) -> float:
