@@ -69,11 +69,6 @@ def test_peer_killed_in_any_phase_costs_only_its_contribution(
         assert killed_at.step + 1 in applied_steps(cluster, survivors[0])
 
 
-# Known intermittent bug (about 1 run in 6 on 2 cores, seen 2026-11-29): on loopback two
-# peers commit a step every ~25 ms; the newcomer loads step S, the others commit S+1
-# before its next report, and it re-syncs again and again without ever being a member of
-# a round, although rounds should not form while a peer syncs (state_sync_grace_s). Left
-# for the fault-tolerance work (issue 14); the assertion is unchanged.
 @pytest.mark.timeout(60, func_only=True)
 def test_newcomer_joins_mid_run_and_catches_up(make_cluster: ClusterFactory) -> None:
     cluster = make_cluster()

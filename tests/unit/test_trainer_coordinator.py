@@ -1222,3 +1222,23 @@ def test_training_waits_a_while_for_the_holders_of_a_durable_step_to_come_back()
     h.advance(wait, keep_alive=("c",))
     assert h.state.step == 1
     assert h.state.last_rewind == Rewind(lost=2, resumed=1, durable=2)
+
+
+def test_a_newcomer_that_catches_up_while_a_round_is_in_flight_is_waited_for() -> None:
+    """Seen on loopback, where two peers commit a step every ~25 ms: the newcomer loads the
+    step of the round in flight, that round commits, and unless the next round waits for it,
+    it is one step behind at every report and never takes part."""
+    h, round_id = three_peers_in_a_round()
+    h.join("d")
+    assert h.report("d", 0).action == "wait"  # it holds the step, but the round is not its
+    for peer in ("a", "b", "c"):
+        h.ready(peer, round_id)
+        h.vote(peer, round_id)
+    assert h.state.step == 1
+    for peer in ("a", "b"):
+        h.report(peer, 50, param_hash="h1")
+    assert h.state.round is None or h.state.round.outcome is not None  # waiting for d
+    assert h.report("d", 0, step=0).action == "resync"
+    h.report("d", 0, param_hash="h1")
+    assert h.report("c", 50, param_hash="h1").round is not None
+    assert h.state.round is not None and "d" in h.state.round.members
