@@ -1,19 +1,21 @@
-"""A newcomer's time from process start to its first contributed round, vs the raw link.
+"""A newcomer's time from process start to its first contributed round, and its state
+transfer against the raw link, through the product's real path.
 
-Two peers train `tinylm` with a real coordinator on loopback (`LocalCluster`), once at
-about 10M parameters (width 512, 5 layers) and once at about 100M (width 1024, 12
-layers). Once they have committed a few steps a third peer is started; the clock runs
-from `start_peer()` until that peer logs its first applied step ("step N applied", i.e.
-a round its gradient took part in). Peers are forked from collabtrain's fork server with
-torch preloaded, so the torch import is not in the time. The state-loaded time (the
-newcomer has fetched and verified parameters and optimizer state from a live peer) is
-recorded on the way; the rest is building the model, computing a micro-batch and waiting
-for the next round to form.
+`sources` peers (1 or 2) train `tinylm` with a real coordinator on loopback
+(`LocalCluster`), once at about 10M parameters (width 512, 5 layers) and once at about
+100M (width 1024, 12 layers). Once they have committed a few steps a newcomer is started;
+the clock runs from `start_peer()` until that peer logs its first applied step ("step N
+applied", i.e. a round its gradient took part in). Peers are forked from collabtrain's
+fork server with torch preloaded, so the torch import is not in the time. The newcomer's
+own log line "state loaded from ...: (N bytes in T s)" gives the transfer: every source's
+manifest, the chunks (several in flight, from every source at once), their BLAKE3
+digests, and the parameter hash check; the rest of the join is building the model,
+computing a micro-batch and waiting for the next round to form.
 
-The link figure is a plain socket copy over the same loopback of the bytes a newcomer
-must fetch: parameters plus AdamW's two moment buffers, fp32 (12 bytes per parameter).
-`fraction_of_link` = that copy's time / the join time, i.e. how much of the join is the
-unavoidable transfer (the 100M row's, in the summary).
+The link figure is a plain socket copy over the same loopback of the same number of
+bytes, in one stream. `fraction_of_link` = that copy's time / the transfer's time (the
+100M row with the most sources, in the summary); `join_fraction_of_link` the same against
+the whole join.
 
     python -m bench.join_bench [--quick]   # --quick: the 10M model only
 """
@@ -72,7 +74,10 @@ def socket_copy_seconds(nbytes: int) -> float:
     return elapsed
 
 
-def run_join(model: str) -> dict[str, Any]:
+_LOADED = re.compile(r"state loaded from ([^:]+): .*\((\d+) bytes in ([0-9.]+)s")
+
+
+def run_join(model: str, sources: int) -> dict[str, Any]:
     from collabtrain_trainer.config import LOOPBACK_TIMING, TrainerConfig
     from collabtrain_trainer.local import LocalCluster
     from collabtrain_trainer.tasks import load_task
@@ -105,29 +110,33 @@ def run_join(model: str) -> dict[str, Any]:
     try:
         cluster.start_coordinator()
         cluster.wait_coordinator()
-        for _ in range(2):
+        for _ in range(sources):
             cluster.start_peer()
-        cluster.wait_for(lambda s: s.step >= 3, 600, "3 steps by the first two peers")
+        cluster.wait_for(lambda s: s.step >= 3, 600, f"3 steps by the first {sources} peers")
         started = time.monotonic()
         newcomer = cluster.start_peer()
-        state_loaded = None
+        loaded = None
         applied = re.compile(r"step \d+ applied")
         while time.monotonic() - started < 600:
             text = cluster.log_text(newcomer)
-            if state_loaded is None and "state loaded from" in text:
-                state_loaded = time.monotonic() - started
+            loaded = loaded or _LOADED.search(text)
             if applied.search(text):
                 join = time.monotonic() - started
                 break
             time.sleep(0.05)
         else:
             raise TimeoutError("the newcomer contributed to no round within 600 s")
+        if loaded is None:
+            raise RuntimeError("the newcomer contributed without loading the state")
         status = cluster.status()
         return {
             "model": model,
             "params": params_count,
+            "sources": sources,
+            "served_by": loaded[1].split(", "),
             "join_seconds": round(join, 2),
-            "state_loaded_seconds": round(state_loaded, 2) if state_loaded else None,
+            "transfer_seconds": float(loaded[3]),
+            "state_bytes": int(loaded[2]),
             "step_at_join": status.step if status else None,
         }
     finally:
@@ -142,34 +151,40 @@ def main() -> None:
     began = time.monotonic()
     rows = []
     for model in ["10m"] if args.quick else list(MODELS):
-        result = run_join(model)
-        nbytes = 12 * result["params"]
-        copy = min(socket_copy_seconds(nbytes) for _ in range(3))
-        rows.append(
-            {
-                **result,
-                "state_bytes": nbytes,
-                "socket_copy_seconds": round(copy, 3),
-                "link_MB_per_s": round(nbytes / copy / 1e6, 1),
-                "fraction_of_link": round(copy / result["join_seconds"], 4),
-            }
-        )
-        print_table(rows[-1:], ["model", "params", "join_seconds", "state_loaded_seconds"])
-    by = {row["model"]: row for row in rows}
+        for sources in (1, 2):
+            result = run_join(model, sources)
+            nbytes = result["state_bytes"]
+            copy = min(socket_copy_seconds(nbytes) for _ in range(3))
+            rows.append(
+                {
+                    **result,
+                    "socket_copy_seconds": round(copy, 3),
+                    "link_MB_per_s": round(nbytes / copy / 1e6, 1),
+                    "transfer_MB_per_s": round(nbytes / result["transfer_seconds"] / 1e6, 1),
+                    "fraction_of_link": round(copy / result["transfer_seconds"], 3),
+                    "join_fraction_of_link": round(copy / result["join_seconds"], 4),
+                }
+            )
+            print_table(rows[-1:], ["model", "sources", "join_seconds", "transfer_seconds"])
+    headline = rows[-1]  # the largest model, the most sources
+    by = {(row["model"], row["sources"]): row for row in rows}
     summary = {
-        "join_seconds_100m": by["100m"]["join_seconds"] if "100m" in by else None,
-        "join_seconds_10m": by["10m"]["join_seconds"],
-        "fraction_of_link": rows[-1]["fraction_of_link"],
+        "join_seconds_100m": by[("100m", 2)]["join_seconds"] if ("100m", 2) in by else None,
+        "join_seconds_10m": by[("10m", 2)]["join_seconds"],
+        "fraction_of_link": headline["fraction_of_link"],
+        "transfer_seconds": headline["transfer_seconds"],
+        "hash": "BLAKE3 per 8 MiB chunk; SHA-256 parameter hash over the whole model",
         "wall_seconds": round(time.monotonic() - began, 1),
     }
     print_table(
         rows,
         [
             "model",
-            "params",
+            "sources",
             "join_seconds",
-            "state_loaded_seconds",
+            "transfer_seconds",
             "socket_copy_seconds",
+            "transfer_MB_per_s",
             "fraction_of_link",
         ],
     )
@@ -178,15 +193,15 @@ def main() -> None:
     bar_plot(
         RESULTS / f"{name}.png",
         {
-            f"{row['params'] / 1e6:.0f}M parameters": {
+            f"{row['params'] / 1e6:.0f}M parameters, {row['sources']} source(s)": {
                 "join (start to first contributed round)": row["join_seconds"],
-                "state loaded": row["state_loaded_seconds"] or 0.0,
+                "state transfer": row["transfer_seconds"],
                 "socket copy of the state": row["socket_copy_seconds"],
             }
             for row in rows
         },
         "seconds",
-        "a newcomer joining two peers on loopback",
+        "a newcomer joining on loopback",
     )
 
 

@@ -263,8 +263,10 @@ class CapacitySpec(ApiModel):
     on_demand_fallback_after: Duration | None = Field(
         default=None,
         description="A spot peer pending longer than this is replaced by an on-demand "
-        "peer (condition OnDemandFallback); peers move back to spot when spot pods "
-        "schedule again. Omit to wait for spot capacity forever.",
+        "peer (condition OnDemandFallback). After as long again without a fallback, one "
+        "on-demand peer tries spot again; each try that falls back doubles that wait (up "
+        "to 32x), one that runs moves the others back. Omit to wait for spot capacity "
+        "forever.",
     )
     coordinator_on_demand: bool = Field(
         default=True, description="Keep the coordinator off spot capacity (recommended)."
@@ -605,6 +607,10 @@ class SlotState(ApiModel):
         description="The current attempt's pod was created or has been seen: if it "
         "disappears without being released, it was lost.",
     )
+    spot_probe: bool = Field(
+        default=False,
+        description="The current attempt tries spot again after an on-demand fallback.",
+    )
 
 
 class ThroughputSample(ApiModel):
@@ -669,6 +675,12 @@ class JobStatus(ApiModel):
     )
     last_fallback_time: datetime | None = Field(
         default=None, description="Last time a spot peer was moved to on-demand capacity."
+    )
+    spot_probes_failed: int = Field(
+        default=0,
+        ge=0,
+        description="Tries of spot capacity again that fell back in a row; each doubles the "
+        "quiet period before the next (up to 32x spec.capacity.onDemandFallbackAfter).",
     )
     suspending: SuspendState | None = Field(default=None, description="Pre-suspend checkpoint.")
     autoscaling: AutoscalingStatus | None = Field(

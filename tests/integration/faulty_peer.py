@@ -131,11 +131,11 @@ def _instrument(faults: Faults, dump_dir: str | None) -> None:
         rate = (self.accumulator.samples - samples) / max(elapsed * faults.slowdown, 1e-6)
         self.accumulator.recent_rate = rate if not before else 0.8 * before + 0.2 * rate
 
-    real_serve = state_server.StateServer._serve_state
+    real_serve = state_server.StateServer._serve_chunk
 
     @functools.wraps(real_serve)
-    def serve_state(self: Any, handler: Any) -> None:
-        step = self._snapshot().step
+    def serve_chunk(self: Any, handler: Any, snapshot: Any, index: int) -> None:
+        step = snapshot.manifest.step
         writes = handler.wfile
 
         class PausingHalfwayThroughTheBody:
@@ -157,9 +157,9 @@ def _instrument(faults: Faults, dump_dir: str | None) -> None:
                 writes.flush()
 
         handler.wfile = PausingHalfwayThroughTheBody()
-        real_serve(self, handler)
+        real_serve(self, handler, snapshot, index)
 
-    state_server.StateServer._serve_state = serve_state  # type: ignore[method-assign]
+    state_server.StateServer._serve_chunk = serve_chunk  # type: ignore[method-assign]
     peer_class._round_phases = round_phases  # type: ignore[method-assign]
     peer_class._apply = apply  # type: ignore[method-assign]
     if faults.slowdown > 1:

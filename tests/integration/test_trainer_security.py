@@ -17,14 +17,10 @@ import torch
 
 from collabtrain_trainer import credentials
 from collabtrain_trainer.local import LocalCluster
-from collabtrain_trainer.peer.model_state import param_hash, serialize_state
+from collabtrain_trainer.peer.model_state import param_hash
 from collabtrain_trainer.peer.runtime import Peer
-from collabtrain_trainer.peer.state_server import (
-    StateServer,
-    StateTransferError,
-    fetch_state,
-    make_snapshot,
-)
+from collabtrain_trainer.peer.state_server import StateServer, StateTransferError, fetch_state
+from collabtrain_trainer.peer.state_snapshot import StateLayout, take_snapshot
 from collabtrain_trainer.protocol import TOKEN_HEADER, CoordinatorStatus, StateSource
 from tests.integration.trainer_fixtures import (
     ClusterFactory,
@@ -175,14 +171,34 @@ def test_state_is_served_only_with_a_ticket_for_that_peer_and_within_a_size_boun
     expired = credentials.state_ticket(
         credentials.peer_token(cluster.job_key, source), int(time.time()) - 1
     )
-    with pytest.raises(StateTransferError, match="HTTP 401"):
-        fetch_state(url, expired, max_bytes=1 << 30)
-
+    assert requests.get(url + "/state", headers=_bearer(expired), timeout=5).status_code == 401
     ticket = credentials.state_ticket(credentials.peer_token(cluster.job_key, source), expires)
-    snapshot = fetch_state(url, ticket, max_bytes=1 << 30)
-    assert snapshot.step >= 2
-    with pytest.raises(StateTransferError, match="more than the 1000"):
-        fetch_state(url, ticket, max_bytes=1000)
+    manifest = requests.get(url + "/state", headers=_bearer(ticket), timeout=5).json()
+    assert manifest["step"] >= 2
+    newcomer = Peer(fast_config(coordinator_url="http://127.0.0.1:9"), "n", "unused")
+    try:
+        layout = newcomer.state_layout
+        with pytest.raises(StateTransferError, match="HTTP 401"):
+            fetch_state(
+                [StateSource(peer_id=source, state_url=url, ticket=expired)],
+                manifest["step"],
+                manifest["param_hash"],
+                layout,
+            )
+        tight = StateLayout(layout.model, layout.param_shapes, max_bytes=1000, max_tensors=100)
+        with pytest.raises(StateTransferError, match="more than the 1000"):
+            fetch_state(
+                [StateSource(peer_id=source, state_url=url, ticket=ticket)],
+                manifest["step"],
+                manifest["param_hash"],
+                tight,
+            )
+    finally:
+        newcomer.server.stop()
+
+
+def _bearer(ticket: str) -> dict[str, str]:
+    return {TOKEN_HEADER: f"Bearer {ticket}"}
 
 
 def test_a_newcomer_keeps_its_state_when_a_source_serves_another_one(tmp_path: Path) -> None:
@@ -197,10 +213,12 @@ def test_a_newcomer_keeps_its_state_when_a_source_serves_another_one(tmp_path: P
     with torch.no_grad():
         for parameter in tampered.model.parameters():
             parameter.add_(1.0)
-    lie = make_snapshot(
-        serialize_state(tampered.model, tampered.optimizer, 5), 5, newcomer.seed_hash
-    )
-    junk = make_snapshot(b"\x80\x04not a state", 5, newcomer.seed_hash)
+    # Parameters that are not the agreed ones under the agreed hash, and another model.
+    lie = take_snapshot(tampered.model, tampered.optimizer, 5, newcomer.seed_hash)
+    other = fast_config(coordinator_url="http://127.0.0.1:9", task_args={"hidden": "48"})
+    stranger = Peer(other, "stranger", credentials.peer_token(job_key, "stranger"))
+    junk = take_snapshot(stranger.model, stranger.optimizer, 5, newcomer.seed_hash)
+    stranger.server.stop()
     servers = [
         StateServer("127.0.0.1", 0, liar_token, lambda snapshot=snapshot: snapshot)
         for snapshot in (lie, junk)

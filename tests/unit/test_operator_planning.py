@@ -591,6 +591,36 @@ def test_peers_move_back_to_spot_after_a_quiet_period() -> None:
     assert "BackToSpot" in reasons(later)
 
 
+def test_a_spot_probe_that_falls_back_doubles_the_quiet_period_until_spot_returns() -> None:
+    spec = make_spec(capacity={"onDemandFallbackAfter": "5m"})
+    status = JobStatus(
+        slots={"2": SlotState(attempt=1, capacity="on-demand")},
+        last_fallback_time=NOW - timedelta(minutes=5),
+    )
+    probe = run(spec, [running(0), running(1), running(2, 1, capacity="on-demand")], status)
+    assert [(c.slot, c.capacity) for c in probe.create] == [(2, "spot")]
+
+    # The probe stays pending: it falls back, and the next probe waits twice as long.
+    later = NOW + timedelta(minutes=6)
+    stuck = pending(2, attempt=2, age=timedelta(minutes=6))
+    failed = run(spec, [running(0), running(1), stuck], probe.status, now=later)
+    assert failed.release == [stuck]
+    assert failed.status.spot_probes_failed == 1
+    on_demand = running(2, 3, capacity="on-demand")
+    quiet = run(spec, [running(0), running(1), on_demand], failed.status, now=later)
+    assert quiet.release == [] and quiet.requeue_after == 600
+    again = run(
+        spec, [running(0), running(1), on_demand], failed.status, now=later + timedelta(minutes=10)
+    )
+    assert again.release == [on_demand]
+
+    # This time spot has room: the probe runs there, and the backoff is forgotten.
+    on_spot = running(2, 4)
+    back = run(spec, [running(0), running(1), on_spot], again.status, now=later)
+    assert back.status.spot_probes_failed == 0
+    assert not back.status.slots["2"].spot_probe
+
+
 def test_interruption_notice_drains_that_nodes_peers_once() -> None:
     notice = {"node-1": ("cloud.google.com/impending-node-termination",)}
     result = run(make_spec(), all_running(), node_interruptions=notice)

@@ -1,14 +1,11 @@
-"""What a peer takes from the wire: credentials that are not ASCII, a state source that
-trickles, a state that carries another optimizer's hyperparameters."""
+"""What a peer takes from the wire: credentials that are not ASCII, tickets with odd
+digits. (State transfer: test_trainer_state_transfer.py.)"""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-import threading
 import time
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import requests
@@ -17,13 +14,8 @@ from torch import nn
 
 from collabtrain_trainer import credentials
 from collabtrain_trainer.coordinator.server import identify
-from collabtrain_trainer.peer.model_state import load_state, serialize_state
-from collabtrain_trainer.peer.state_server import (
-    StateServer,
-    StateTransferError,
-    fetch_state,
-    make_snapshot,
-)
+from collabtrain_trainer.peer.state_server import StateServer
+from collabtrain_trainer.peer.state_snapshot import take_snapshot
 
 JOB_KEY = "unit-job-key"
 
@@ -75,7 +67,9 @@ def test_a_ticket_needs_ascii_digits_and_an_ascii_mac() -> None:
 
 def test_the_state_server_answers_401_to_a_ticket_with_odd_digits() -> None:
     token = credentials.peer_token(JOB_KEY, "a")
-    server = StateServer("127.0.0.1", 0, token, lambda: make_snapshot(b"x", 1, "h"))
+    model = nn.Linear(2, 1)
+    snapshot = take_snapshot(model, torch.optim.SGD(model.parameters(), lr=0.1), 1, "h")
+    server = StateServer("127.0.0.1", 0, token, lambda: snapshot)
     server.start()
     try:
         url = f"http://127.0.0.1:{server.port}/state"
@@ -85,86 +79,6 @@ def test_the_state_server_answers_401_to_a_ticket_with_odd_digits() -> None:
             assert response.status_code == 401
         good = credentials.state_ticket(token, int(time.time()) + 60)
         response = requests.get(url, headers={"Authorization": f"Bearer {good}"}, timeout=5)
-        assert response.status_code == 200 and response.content == b"x"
+        assert response.status_code == 200 and response.json()["step"] == 1
     finally:
         server.stop()
-
-
-# --- state transfer ---------------------------------------------------------------------
-
-
-@pytest.fixture
-def trickling_source() -> Iterator[str]:
-    """A state source that announces 1000 bytes and sends one every 50 ms."""
-
-    class Trickle(BaseHTTPRequestHandler):
-        def log_message(self, format: str, *args: object) -> None:
-            pass
-
-        def do_GET(self) -> None:
-            self.send_response(200)
-            self.send_header("Content-Length", "1000")
-            self.send_header("X-Collabtrain-Step", "1")
-            self.send_header("X-Collabtrain-Param-Hash", "h")
-            self.send_header("X-Content-Sha256", "0" * 64)
-            self.end_headers()
-            try:
-                for _ in range(1000):
-                    self.wfile.write(b"x")
-                    self.wfile.flush()
-                    time.sleep(0.05)
-            except OSError:
-                pass  # the reader gave up
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-
-
-def test_a_source_that_trickles_is_given_up_at_the_deadline(trickling_source: str) -> None:
-    started = time.monotonic()
-    with pytest.raises(StateTransferError, match="not received within") as error:
-        fetch_state(trickling_source, "ticket", max_bytes=10_000, timeout_s=5.0, deadline_s=0.5)
-    assert trickling_source in str(error.value)
-    assert time.monotonic() - started < 3.0  # the whole body would take 50 s
-
-
-# --- loading a state ----------------------------------------------------------------------
-
-
-def test_a_loaded_state_keeps_this_peers_optimizer_hyperparameters() -> None:
-    torch.manual_seed(0)
-    source_model = nn.Linear(3, 2)
-    source_optimizer = torch.optim.AdamW(
-        source_model.parameters(), lr=1e6, betas=(0.1, 0.2), weight_decay=5.0, eps=1.0
-    )
-    for param in source_model.parameters():  # moments to carry over (as a step leaves them)
-        source_optimizer.state[param] = {
-            "step": torch.tensor(1.0),
-            "exp_avg": torch.randn_like(param),
-            "exp_avg_sq": torch.rand_like(param),
-        }
-    source_optimizer.param_groups[0]["injected"] = "from the source"
-    data = serialize_state(source_model, source_optimizer, step=4)
-
-    model = nn.Linear(3, 2)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
-    own = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
-    assert load_state(data, model, optimizer) == 4
-
-    group = optimizer.param_groups[0]
-    assert {k: v for k, v in group.items() if k != "params"} == own
-    assert group["lr"] == 1e-3 and group["betas"] == (0.9, 0.999) and group["eps"] == 1e-8
-    assert group["params"] == list(model.parameters())
-    # The source's per-parameter state (moments) is kept.
-    for source_param, param in zip(source_model.parameters(), model.parameters(), strict=True):
-        assert torch.equal(param, source_param)
-        assert torch.equal(
-            optimizer.state[param]["exp_avg"], source_optimizer.state[source_param]["exp_avg"]
-        )

@@ -10,11 +10,10 @@ from collabtrain_trainer.config import OptimizerConfig
 from collabtrain_trainer.peer.model_state import (
     assign_flat_gradient,
     flat_mean_gradient,
-    load_state,
     make_optimizer,
     param_hash,
-    serialize_state,
 )
+from collabtrain_trainer.peer.state_snapshot import apply_snapshot, take_snapshot
 from collabtrain_trainer.tasks import DataShard, Task, load_task, shard_indices
 
 
@@ -89,11 +88,11 @@ def test_state_round_trip_keeps_hash_and_optimizer() -> None:
     loss = source(torch.ones(2, 64)).sum()
     loss.backward()
     optimizer.step()
-    data = serialize_state(source, optimizer, step=7)
+    snapshot = take_snapshot(source, optimizer, 7, param_hash(source))
 
     target = load_task("digits", {}, seed=1).model
     target_optimizer = make_optimizer(list(target.parameters()), OptimizerConfig.model_validate({}))
     assert param_hash(target) != param_hash(source)
-    assert load_state(data, target, target_optimizer) == 7
+    apply_snapshot(snapshot, target, target_optimizer)
     assert param_hash(target) == param_hash(source)
     assert target_optimizer.state_dict()["state"][0]["step"] == 1

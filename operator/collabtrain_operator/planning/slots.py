@@ -157,10 +157,15 @@ def retire_unwanted(p: Pass) -> None:
         state.consecutive_failures = 0
 
 
+_MAX_PROBE_DOUBLINGS = 5  # the quiet period grows to 32x onDemandFallbackAfter
+
+
 def move_between_spot_and_on_demand(p: Pass) -> None:
     """A spot peer pending longer than spec.capacity.onDemandFallbackAfter starts again on
     on-demand capacity; after a quiet period, on-demand slots try spot again (one as a
-    probe, a tenth of the job when spot peers are running)."""
+    probe, a tenth of the job when spot peers are running). A probe that falls back
+    doubles the quiet period before the next: a probe costs its slot a running peer, so
+    a long spot shortage is not paid for every few minutes."""
     spec = p.spec
     if not spec.capacity.on_demand_fallback_after or spec.capacity.spot == "Never":
         return
@@ -181,8 +186,11 @@ def move_between_spot_and_on_demand(p: Pass) -> None:
             p.due(due)
             continue
         state = p.slot(pod.slot)
+        if state.spot_probe:
+            status.spot_probes_failed += 1
         _advance(state)
         state.capacity = "on-demand"
+        state.spot_probe = False
         del p.current[pod.slot]
         p.plan.release.append(pod)
         status.last_fallback_time = p.now
@@ -192,6 +200,11 @@ def move_between_spot_and_on_demand(p: Pass) -> None:
             f"{pod.name} pending on spot for over {spec.capacity.on_demand_fallback_after};"
             " starting it on on-demand capacity",
         )
+    for pod in p.current.values():
+        state = p.slot(pod.slot)
+        if state.spot_probe and pod.capacity == "spot" and pod.scheduled:
+            state.spot_probe = False  # spot is back: the next probes need no backoff
+            status.spot_probes_failed = 0
     still_pending = any(pod.slot in p.current for pod in pending_spot)
     on_demand_slots = sorted(
         (s for s in range(p.desired) if p.slot(s).capacity == "on-demand"), reverse=True
@@ -199,14 +212,16 @@ def move_between_spot_and_on_demand(p: Pass) -> None:
     if not on_demand_slots or still_pending:
         return
     quiet_since = status.last_fallback_time
-    if quiet_since is not None and p.now - quiet_since < fallback_after:
-        p.due(quiet_since + fallback_after)
+    quiet = fallback_after * 2 ** min(status.spot_probes_failed, _MAX_PROBE_DOUBLINGS)
+    if quiet_since is not None and p.now - quiet_since < quiet:
+        p.due(quiet_since + quiet)
         return
     spot_running = any(pod.capacity == "spot" and pod.scheduled for pod in p.current.values())
     batch = max(1, p.desired // 10) if spot_running else 1
     for slot in on_demand_slots[:batch]:
         state = p.slot(slot)
         state.capacity = "spot"
+        state.spot_probe = True
         old = p.current.pop(slot, None)
         if old is not None:
             _advance(state)

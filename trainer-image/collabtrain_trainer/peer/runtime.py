@@ -35,17 +35,16 @@ from collabtrain_trainer.peer.client import (
 from collabtrain_trainer.peer.model_state import (
     assign_flat_gradient,
     flat_mean_gradient,
-    load_state,
     make_optimizer,
     param_hash,
-    serialize_state,
 )
-from collabtrain_trainer.peer.state_server import (
-    StateServer,
+from collabtrain_trainer.peer.state_server import StateServer, StateTransferError, fetch_state
+from collabtrain_trainer.peer.state_snapshot import (
+    StateLayout,
     StateSnapshot,
-    StateTransferError,
-    fetch_state,
-    make_snapshot,
+    apply_snapshot,
+    copy_state,
+    describe,
 )
 from collabtrain_trainer.protocol import (
     CheckpointResult,
@@ -121,11 +120,8 @@ class Peer:
         # restarted coordinator with that step.
         self.certificate: tuple[int, str] | None = None
         self.has_state = False
-        # A state a source serves cannot be much larger than ours: parameters, two Adam
-        # moments and a margin. A larger body is refused before it fills memory.
-        self.max_state_bytes = 4 * sum(
-            t.numel() * t.element_size() for t in self.model.state_dict().values()
-        ) + (16 << 20)
+        # What a source's state must look like: this model's, within a size bound.
+        self.state_layout = StateLayout.of(self.model, self.optimizer)
         self.accumulator = Accumulator()
         self.exchange_state = self._fresh_exchange_state()
         self.groups: EpochGroups | None = None
@@ -139,6 +135,7 @@ class Peer:
         # Held while parameters change, so the state server never serves a half-step.
         self.state_lock = threading.Lock()
         self._snapshot: StateSnapshot | None = None
+        self._snapshot_lock = threading.Lock()
         self.client = CoordinatorClient(config.coordinator_url, token)
         self.server = StateServer(bind_host, state_port, token, self._current_snapshot)
         self.state_url = f"http://{advertise_host}:{self.server.port}"
@@ -167,78 +164,59 @@ class Peer:
     # --- state serving ---------------------------------------------------------------
 
     def _current_snapshot(self) -> StateSnapshot:
-        with self.state_lock:
-            cached = self._snapshot
-            if (
-                cached is None
-                or cached.step != self.step
-                or cached.param_hash != self.hash
-                or cached.step_certificate != self.step_certificate
-            ):
-                data = serialize_state(self.model, self.optimizer, self.step)
-                cached = make_snapshot(data, self.step, self.hash, self.step_certificate)
-                self._snapshot = cached
-            return cached
-
-    def _load(
-        self,
-        data: bytes,
-        expected_step: int,
-        expected_hash: str,
-        origin: str,
-        certificate: str | None = None,
-    ) -> None:
-        """Load a state from another peer, all or nothing: one that does not parse, is at
-        another step or has another hash leaves this peer's state as it was."""
-        with self.state_lock:
-            backup = serialize_state(self.model, self.optimizer, self.step)
-            try:
-                step = load_state(data, self.model, self.optimizer)
-                loaded_hash = param_hash(self.model)
-                if loaded_hash != expected_hash:
-                    raise StateTransferError(
-                        f"state from {origin} has parameter hash {loaded_hash}, "
-                        f"expected {expected_hash}"
-                    )
-                if step != expected_step:
-                    raise StateTransferError(
-                        f"state from {origin} is at step {step}, expected {expected_step}"
-                    )
-            except Exception as error:
-                load_state(backup, self.model, self.optimizer)
-                if isinstance(error, StateTransferError):
-                    raise
-                raise StateTransferError(
-                    f"state from {origin} does not load: {type(error).__name__}: {error}"[:500]
-                ) from error
-            self.step = step
-            self.hash = loaded_hash
-            if certificate is not None:
-                self.certificate = (step, certificate)
-            self._reset_accumulation()
-            # A fresh state starts with zero residual: what others owe is not ours to send.
-            self.exchange_state = self._fresh_exchange_state()
-        log_context.step = self.step
-        log.info("state loaded from %s: step %d, hash %s", origin, step, loaded_hash)
+        with self._snapshot_lock:  # one snapshot is built at a time, whoever asks
+            with self.state_lock:  # training waits for the copy only, not the digests
+                cached = self._snapshot
+                key = (self.step, self.hash, self.step_certificate)
+                if cached is not None and key == (
+                    cached.manifest.step,
+                    cached.manifest.param_hash,
+                    cached.manifest.step_certificate,
+                ):
+                    return cached
+                copied = copy_state(self.model, self.optimizer)
+            self._snapshot = describe(copied, *key)
+            return self._snapshot
 
     def _sync_from(self, sources: list[StateSource], step: int, agreed_hash: str | None) -> bool:
-        """Load `step`'s state from the first source that serves it with the hash the
-        coordinator agreed on (at step 0, the seed's)."""
+        """Load `step`'s state from the sources that serve it with the hash the coordinator
+        agreed on (at step 0, the seed's). A state that does not verify leaves this peer's
+        as it was: it is checked whole before any of it is loaded."""
         expected = agreed_hash
         if expected is None and step == 0:
             expected = self.seed_hash
         if expected is None:
             log.warning("no agreed parameter hash for step %d yet; not syncing", step)
             return False
-        for source in sources:
-            try:
-                snapshot = fetch_state(source.state_url, source.ticket, self.max_state_bytes)
-                self._load(snapshot.data, step, expected, source.peer_id, snapshot.step_certificate)
-                self.has_state = True
-                return True
-            except StateTransferError as error:
-                log.warning("state from %s unusable: %s", source.peer_id, error)
-        return False
+        started = time.monotonic()
+        try:
+            snapshot, served_by = fetch_state(sources, step, expected, self.state_layout)
+        except StateTransferError as error:
+            log.warning("state for step %d not loaded: %s", step, error)
+            return False
+        manifest = snapshot.manifest
+        with self.state_lock:
+            apply_snapshot(snapshot, self.model, self.optimizer)
+            self.step = manifest.step
+            self.hash = manifest.param_hash  # verified by fetch_state
+            if manifest.step_certificate is not None:
+                self.certificate = (manifest.step, manifest.step_certificate)
+            self._reset_accumulation()
+            # A fresh state starts with zero residual: what others owe is not ours to send.
+            self.exchange_state = self._fresh_exchange_state()
+            self.has_state = True
+        log_context.step = self.step
+        seconds = time.monotonic() - started
+        log.info(
+            "state loaded from %s: step %d, hash %s (%d bytes in %.3fs, %.0f MB/s)",
+            ", ".join(served_by),
+            manifest.step,
+            manifest.param_hash,
+            manifest.total_bytes,
+            seconds,
+            manifest.total_bytes / max(seconds, 1e-9) / 1e6,
+        )
+        return True
 
     def _note_certificate(self, step: int, certificate: str | None) -> None:
         if step == self.step and certificate is not None:

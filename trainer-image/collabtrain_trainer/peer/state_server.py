@@ -1,49 +1,59 @@
-"""Each peer serves its state to newcomers over HTTP; newcomers stream and verify it.
+"""Each peer serves its state to newcomers over HTTP; newcomers fetch it in chunks, from
+every source that serves the agreed step at once, and verify it.
 
-`GET /state` (`Authorization: Bearer <ticket>`, a state ticket the coordinator minted for
-this peer, see `credentials.state_ticket`) answers the serialized model and optimizer with
-headers naming the step, the parameter hash and the sha256 of the body. The reader stops
-at a size bound, checks the sha256 while streaming, and checks the parameter hash after
-loading against the hash the coordinator agreed on, never the one the server claims.
-`/metrics` and `/healthz` are open.
+- `GET /state` -> the manifest (JSON, `state_snapshot.StateManifest`): step, claimed
+  parameter hash, the tensors' layout and one BLAKE3 digest per chunk.
+- `GET /state/chunks/<snapshot id>/<index>` -> that chunk's raw bytes. A source keeps the
+  last two snapshots it described, so a transfer that straddles a step still completes;
+  an older one answers 410.
+
+Both need `Authorization: Bearer <ticket>`, a state ticket the coordinator minted for this
+source (see `credentials.state_ticket`). `/metrics` and `/healthz` are open.
+
+The newcomer checks each manifest against its own model before reading any chunk (layout,
+size and tensor-count bounds), reads each chunk straight into its own tensors, checks the
+chunk's digest, gives a failing source's chunks to the others (a broken transfer goes on
+where it was), and checks the parameter hash against the one the coordinator agreed on,
+never the one a source claims.
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
+import http.client
 import logging
+import queue
+import re
+import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
 
-import requests
-import urllib3
+import blake3
+from pydantic import ValidationError
 
 from collabtrain_trainer import credentials
 from collabtrain_trainer.observability import CONTENT_TYPE_LATEST, metrics_text
-from collabtrain_trainer.protocol import TOKEN_HEADER, certificate_or_none
+from collabtrain_trainer.peer.model_state import hash_tensors
+from collabtrain_trainer.peer.state_snapshot import (
+    StateLayout,
+    StateManifest,
+    StateMismatch,
+    StateSnapshot,
+    empty_like,
+    model_tensors,
+)
+from collabtrain_trainer.protocol import TOKEN_HEADER, StateSource
 
 log = logging.getLogger("collabtrain.peer")
 
-STEP_HEADER = "X-Collabtrain-Step"
-HASH_HEADER = "X-Collabtrain-Param-Hash"
-SHA256_HEADER = "X-Content-Sha256"
-# The coordinator's certificate of the step (see `credentials`): the newcomer keeps it, so
-# that it can show the step to a restarted coordinator. Not checked here: the coordinator
-# checks it when it matters.
-CERTIFICATE_HEADER = "X-Collabtrain-Step-Certificate"
-_CHUNK = 1 << 16
-
-
-@dataclass(frozen=True)
-class StateSnapshot:
-    data: bytes
-    step: int
-    param_hash: str
-    sha256: str
-    step_certificate: str | None = None
+_CHUNK_PATH = re.compile(r"^/state/chunks/([0-9a-f]{32})/(\d{1,9})$")
+_KEPT_SNAPSHOTS = 2
+STREAMS = 4  # chunks in flight per newcomer
 
 
 class StateTransferError(Exception):
@@ -62,15 +72,16 @@ class StateServer:
 
             def do_GET(self) -> None:
                 if self.path == "/healthz":
-                    self._send(200, b"ok", "text/plain")
+                    self.send_body(200, b"ok", "text/plain")
                 elif self.path == "/metrics":
-                    self._send(200, metrics_text(), CONTENT_TYPE_LATEST)
-                elif self.path == "/state":
-                    server._serve_state(self)
+                    self.send_body(200, metrics_text(), CONTENT_TYPE_LATEST)
+                elif self.path == "/state" or self.path.startswith("/state/"):
+                    if server._authorized(self):
+                        server._serve_state(self)
                 else:
-                    self._send(404, b"not found", "text/plain")
+                    self.send_body(404, b"not found", "text/plain")
 
-            def _send(self, status: int, body: bytes, content_type: str) -> None:
+            def send_body(self, status: int, body: bytes, content_type: str) -> None:
                 self.send_response(status)
                 self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(body)))
@@ -79,6 +90,8 @@ class StateServer:
 
         self._token = token
         self._snapshot = snapshot
+        self._served: OrderedDict[str, StateSnapshot] = OrderedDict()
+        self._lock = threading.Lock()
         self._httpd = ThreadingHTTPServer((host, port), Handler)
         self._httpd.daemon_threads = True
         self.port = self._httpd.server_address[1]
@@ -94,117 +107,291 @@ class StateServer:
             self._httpd.shutdown()
         self._httpd.server_close()
 
-    def _serve_state(self, handler: BaseHTTPRequestHandler) -> None:
+    def _authorized(self, handler: BaseHTTPRequestHandler) -> bool:
         header = handler.headers.get(TOKEN_HEADER, "")
         ticket = header.removeprefix("Bearer ")
-        if not header.startswith("Bearer ") or not credentials.ticket_valid(
+        if header.startswith("Bearer ") and credentials.ticket_valid(
             self._token, ticket, time.time()
         ):
-            log.warning(
-                "refused a state request from %s: missing, wrong or expired ticket",
-                handler.client_address[0],
-            )
-            handler.send_response(401)
-            handler.send_header("Content-Length", "0")
-            handler.end_headers()
+            return True
+        log.warning(
+            "refused a state request from %s: missing, wrong or expired ticket",
+            handler.client_address[0],
+        )
+        handler.send_response(401)
+        handler.send_header("Content-Length", "0")
+        handler.end_headers()
+        return False
+
+    def _serve_state(self, handler: BaseHTTPRequestHandler) -> None:
+        send = handler.send_body  # type: ignore[attr-defined]
+        if handler.path == "/state":
+            snapshot = self._snapshot()
+            with self._lock:
+                self._served[snapshot.manifest.snapshot_id] = snapshot
+                self._served.move_to_end(snapshot.manifest.snapshot_id)
+                while len(self._served) > _KEPT_SNAPSHOTS:
+                    self._served.popitem(last=False)
+            send(200, snapshot.manifest.model_dump_json().encode(), "application/json")
             return
-        snapshot = self._snapshot()
+        match = _CHUNK_PATH.match(handler.path)
+        if match is None:
+            send(404, b"not found", "text/plain")
+            return
+        with self._lock:
+            served = self._served.get(match[1])
+        index = int(match[2])
+        if served is None:
+            send(410, b"this source has moved on from that snapshot", "text/plain")
+        elif index >= served.manifest.chunks:
+            send(404, b"no such chunk", "text/plain")
+        else:
+            self._serve_chunk(handler, served, index)
+
+    def _serve_chunk(
+        self, handler: BaseHTTPRequestHandler, snapshot: StateSnapshot, index: int
+    ) -> None:
+        start, end = snapshot.manifest.chunk_range(index)
         handler.send_response(200)
         handler.send_header("Content-Type", "application/octet-stream")
-        handler.send_header("Content-Length", str(len(snapshot.data)))
-        handler.send_header(STEP_HEADER, str(snapshot.step))
-        handler.send_header(HASH_HEADER, snapshot.param_hash)
-        handler.send_header(SHA256_HEADER, snapshot.sha256)
-        if snapshot.step_certificate:
-            handler.send_header(CERTIFICATE_HEADER, snapshot.step_certificate)
+        handler.send_header("Content-Length", str(end - start))
         handler.end_headers()
-        view = memoryview(snapshot.data)
-        for start in range(0, len(view), _CHUNK):
-            handler.wfile.write(view[start : start + _CHUNK])
+        for piece in snapshot.pieces(index):
+            handler.wfile.write(piece)
 
 
-def make_snapshot(
-    data: bytes, step: int, param_hash: str, step_certificate: str | None = None
-) -> StateSnapshot:
-    return StateSnapshot(
-        data=data,
-        step=step,
-        param_hash=param_hash,
-        sha256=hashlib.sha256(data).hexdigest(),
-        step_certificate=step_certificate,
-    )
+@dataclass
+class _Source:
+    peer_id: str
+    host: str
+    port: int
+    ticket: str
+    failure: str | None = None
+    chunks: int = 0
+
+    @classmethod
+    def of(cls, source: StateSource) -> _Source:
+        url = urlsplit(source.state_url)
+        if url.scheme != "http" or not url.hostname:
+            raise StateTransferError(f"state URL {source.state_url!r} is not http://host:port")
+        return cls(source.peer_id, url.hostname, url.port or 80, source.ticket)
+
+
+@dataclass
+class _Transfer:
+    """One fetch: the chunks still to read, and the sources still usable."""
+
+    manifest: StateManifest
+    target: StateSnapshot
+    sources: list[_Source]
+    give_up_at: float
+    timeout_s: float
+    todo: queue.SimpleQueue[int] = field(default_factory=queue.SimpleQueue)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def live(self) -> list[_Source]:
+        with self.lock:
+            return [s for s in self.sources if s.failure is None]
+
+    def fail(self, source: _Source, reason: str) -> None:
+        with self.lock:
+            if source.failure is not None:
+                return
+            source.failure = reason
+        log.warning("state from %s unusable: %s", source.peer_id, reason)
 
 
 def fetch_state(
-    state_url: str,
-    ticket: str,
-    max_bytes: int,
+    sources: Iterable[StateSource],
+    step: int,
+    agreed_hash: str,
+    layout: StateLayout,
+    *,
+    streams: int = STREAMS,
     timeout_s: float = 30.0,
     deadline_s: float = 120.0,
-) -> StateSnapshot:
-    """Stream a peer's state, checking the body's sha256 as it arrives; refuse a body
-    larger than `max_bytes` before reading past it, and give up on a source that has not
-    sent it all within `deadline_s` (`timeout_s` bounds each read only: a source
-    trickling a byte per read would otherwise hold the newcomer forever)."""
+) -> tuple[StateSnapshot, list[str]]:
+    """Fetch `step`'s state from the sources that serve it with `agreed_hash` (several at
+    once, a share of the chunks each), verified; return it and the sources it came from.
+    A source that has not sent its chunks within `deadline_s` is given up (`timeout_s`
+    bounds each read only: a source trickling a byte per read would otherwise hold the
+    newcomer forever)."""
     give_up_at = time.monotonic() + deadline_s
-    try:
-        with requests.get(
-            state_url.rstrip("/") + "/state",
-            headers={TOKEN_HEADER: f"Bearer {ticket}"},
-            stream=True,
-            # No single read outlasts the deadline either.
-            timeout=(timeout_s, min(timeout_s, deadline_s)),
-            allow_redirects=False,  # the ticket goes to the source and nowhere else
-        ) as response:
-            if response.status_code != 200:
-                raise StateTransferError(f"{state_url} answered HTTP {response.status_code}")
-            expected_sha = response.headers[SHA256_HEADER]
-            step = int(response.headers[STEP_HEADER])
-            claimed_hash = response.headers[HASH_HEADER]
-            certificate = response.headers.get(CERTIFICATE_HEADER)
-            if int(response.headers.get("Content-Length", 0)) > max_bytes:
+    usable: list[tuple[_Source, StateManifest]] = []
+    problems = []
+    for source in sources:
+        try:
+            candidate = _Source.of(source)
+            manifest = _fetch_manifest(candidate, layout, timeout_s, give_up_at)
+            if manifest.step != step or manifest.param_hash != agreed_hash:
                 raise StateTransferError(
-                    f"state from {state_url} is {response.headers['Content-Length']} bytes, "
-                    f"more than the {max_bytes} this model's state can take"
+                    f"it serves step {manifest.step} with hash {manifest.param_hash}, "
+                    f"not step {step} with {agreed_hash}"
                 )
-            digest = hashlib.sha256()
-            chunks = []
-            received = 0
-            for chunk in _chunks(response):
-                if time.monotonic() > give_up_at:
-                    raise StateTransferError(
-                        f"state from {state_url} not received within {deadline_s:g}s "
-                        f"({received} bytes so far); giving up on this source"
-                    )
-                received += len(chunk)
-                if received > max_bytes:
-                    raise StateTransferError(
-                        f"state from {state_url} exceeds {max_bytes} bytes; stopped reading"
-                    )
-                digest.update(chunk)
-                chunks.append(chunk)
-    except (requests.RequestException, urllib3.exceptions.HTTPError, KeyError, ValueError) as error:
-        raise StateTransferError(f"fetching state from {state_url} failed: {error}") from error
-    if digest.hexdigest() != expected_sha:
-        raise StateTransferError(f"state from {state_url} is corrupt: sha256 mismatch")
-    data = b"".join(chunks)
-    return StateSnapshot(
-        data=data,
-        step=step,
-        param_hash=claimed_hash,
-        sha256=expected_sha,
-        step_certificate=certificate_or_none(certificate),
+            usable.append((candidate, manifest))
+        except StateTransferError as error:
+            log.warning("state from %s unusable: %s", source.peer_id, error)
+            problems.append(f"{source.peer_id}: {error}")
+    if not usable:
+        raise StateTransferError("no source serves the agreed state: " + "; ".join(problems))
+    reference = usable[0][1]
+    same = [s for s, m in usable if _same_bytes(m, reference)]
+    for other, _ in usable:
+        if other not in same:
+            log.warning("state from %s unusable: it serves other bytes", other.peer_id)
+    transfer = _Transfer(reference, empty_like(reference), same, give_up_at, timeout_s)
+    for index in range(reference.chunks):
+        transfer.todo.put(index)
+    workers = [
+        threading.Thread(target=_work, args=(transfer, n), name=f"state-fetch-{n}", daemon=True)
+        for n in range(min(streams * len(same), reference.chunks))
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    if not transfer.todo.empty():
+        reasons = "; ".join(f"{s.peer_id}: {s.failure}" for s in same if s.failure)
+        raise StateTransferError(f"the state did not arrive whole: {reasons}")
+    served_by = [s.peer_id for s in same if s.failure is None and s.chunks]
+    loaded = hash_tensors(model_tensors(transfer.target))
+    if loaded != agreed_hash:
+        raise StateTransferError(
+            f"state from {', '.join(served_by)} has parameter hash {loaded}, expected {agreed_hash}"
+        )
+    return transfer.target, served_by
+
+
+def _same_bytes(a: StateManifest, b: StateManifest) -> bool:
+    return a.model_dump(exclude={"step_certificate"}) == b.model_dump(exclude={"step_certificate"})
+
+
+def _work(transfer: _Transfer, worker: int) -> None:
+    """Read chunks until none are left or no source is; a failing source's chunk goes back
+    for another source."""
+    while True:
+        try:
+            index = transfer.todo.get_nowait()
+        except queue.Empty:
+            return
+        live = transfer.live()
+        if not live:
+            transfer.todo.put(index)
+            return
+        source = live[worker % len(live)]
+        try:
+            _fetch_chunk(transfer, source, index)
+        except StateTransferError as error:
+            transfer.fail(source, str(error))
+            transfer.todo.put(index)
+        else:
+            with transfer.lock:
+                source.chunks += 1
+
+
+def _fetch_manifest(
+    source: _Source, layout: StateLayout, timeout_s: float, give_up_at: float
+) -> StateManifest:
+    # The manifest's size grows with the tensor count, which the layout bounds.
+    limit = (1 << 20) + 4096 * layout.max_tensors
+    body = _get(source, "/state", timeout_s, give_up_at, limit)
+    try:
+        manifest = StateManifest.model_validate_json(body)
+        layout.check(manifest)
+    except (ValidationError, StateMismatch) as error:
+        raise StateTransferError(f"its manifest does not fit this model: {error}"[:800]) from error
+    return manifest
+
+
+def _get(source: _Source, path: str, timeout_s: float, give_up_at: float, limit: int) -> bytes:
+    buffer = bytearray(limit)
+    view = memoryview(buffer)
+    received = _request(source, path, [view], timeout_s, give_up_at, exact=False)
+    return bytes(view[:received])
+
+
+def _fetch_chunk(transfer: _Transfer, source: _Source, index: int) -> None:
+    snapshot_id = transfer.manifest.snapshot_id
+    pieces = list(transfer.target.pieces(index))
+    _request(
+        source,
+        f"/state/chunks/{snapshot_id}/{index}",
+        pieces,
+        transfer.timeout_s,
+        transfer.give_up_at,
+        exact=True,
     )
+    digest = blake3.blake3()
+    for piece in pieces:
+        digest.update(piece)
+    if digest.hexdigest() != transfer.manifest.chunk_digests[index]:
+        raise StateTransferError(f"chunk {index} is corrupt (BLAKE3 mismatch)")
 
 
-def _chunks(response: requests.Response) -> Iterator[bytes]:
-    """The body as it arrives: each chunk is what one read of the socket returned (at most
-    `_CHUNK` bytes), so the caller sees time pass even when the source sends a byte at a
-    time. (`iter_content` waits for a whole chunk before it yields.)"""
-    raw = response.raw
-    read1 = getattr(raw, "read1", None)
-    if read1 is None:  # urllib3 before 2.1: whole chunks
-        yield from response.iter_content(_CHUNK)
-        return
-    while chunk := read1(_CHUNK):
-        yield chunk
+def _request(
+    source: _Source,
+    path: str,
+    into: list[memoryview],
+    timeout_s: float,
+    give_up_at: float,
+    *,
+    exact: bool,
+) -> int:
+    """GET `path` from `source` into the buffers `into`; return the bytes received. With
+    `exact`, the body must fill them exactly; otherwise it must fit."""
+    room = sum(len(view) for view in into)
+    connection = http.client.HTTPConnection(source.host, source.port, timeout=timeout_s)
+    watchdog: threading.Timer | None = None
+    received = 0
+    try:
+        connection.connect()
+        # The deadline holds for the whole body: cut the connection when it passes. (The
+        # response takes the socket over, so it is held here.)
+        watchdog = threading.Timer(
+            max(0.0, give_up_at - time.monotonic()), _cut, (connection.sock,)
+        )
+        watchdog.daemon = True
+        watchdog.start()
+        connection.request("GET", path, headers={TOKEN_HEADER: f"Bearer {source.ticket}"})
+        response = connection.getresponse()
+        if response.status != 200:
+            raise StateTransferError(f"{path} answered HTTP {response.status}")
+        length = int(response.getheader("Content-Length") or -1)
+        if length < 0 or length > room or (exact and length != room):
+            raise StateTransferError(
+                f"{path} is {length} bytes, more than the {room} this model's state can take"
+                if length > room
+                else f"{path} is {length} bytes, expected {room}"
+            )
+        for view in into:
+            want = min(len(view), length - received)
+            if want <= 0:
+                break
+            got = response.readinto(view[:want])
+            received += got
+            if got < want:
+                break
+        if received < length:
+            if time.monotonic() >= give_up_at:
+                raise StateTransferError(
+                    f"{path} not received within the deadline ({received} of {length} bytes); "
+                    "giving up on this source"
+                )
+            raise StateTransferError(f"{path} broke off after {received} of {length} bytes")
+        return received
+    except (OSError, http.client.HTTPException, ValueError) as error:
+        if time.monotonic() >= give_up_at:
+            raise StateTransferError(
+                f"{path} not received within the deadline ({received} bytes so far); "
+                "giving up on this source"
+            ) from error
+        raise StateTransferError(f"{path} failed: {type(error).__name__}: {error}") from error
+    finally:
+        if watchdog is not None:
+            watchdog.cancel()
+        connection.close()
+
+
+def _cut(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):  # already closed
+        sock.shutdown(socket.SHUT_RDWR)
