@@ -401,6 +401,8 @@ def test_final_checkpoint_loads_into_a_fresh_model(
     optimizer = make_optimizer(list(task.model.parameters()), config.optimizer)
     progress = restore_state(loaded.objects, task.model, optimizer, restore_global_rng=False)
     assert progress.step == 7 and progress.samples_seen >= 7 * config.target_batch_size
-    final_hashes = {applied_steps(cluster, p)[7][2] for p in cluster.peers}
+    # A peer left out of the last round loads step 7 from the other instead of applying it.
+    applied = [applied_steps(cluster, p) for p in cluster.peers]
+    final_hashes = {steps[7][2] for steps in applied if 7 in steps}
     assert final_hashes == {param_hash(task.model)}
     assert optimizer.state_dict()["state"], "optimizer state was restored too"

@@ -29,6 +29,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
@@ -217,9 +218,8 @@ def fetch_state(
     bounds each read only: a source trickling a byte per read would otherwise hold the
     newcomer forever)."""
     give_up_at = time.monotonic() + deadline_s
-    usable: list[tuple[_Source, StateManifest]] = []
-    problems = []
-    for source in sources:
+
+    def manifest_of(source: StateSource) -> tuple[_Source, StateManifest] | str:
         try:
             candidate = _Source.of(source)
             manifest = _fetch_manifest(candidate, layout, timeout_s, give_up_at)
@@ -228,10 +228,17 @@ def fetch_state(
                     f"it serves step {manifest.step} with hash {manifest.param_hash}, "
                     f"not step {step} with {agreed_hash}"
                 )
-            usable.append((candidate, manifest))
+            return candidate, manifest
         except StateTransferError as error:
             log.warning("state from %s unusable: %s", source.peer_id, error)
-            problems.append(f"{source.peer_id}: {error}")
+            return f"{source.peer_id}: {error}"
+
+    # At once: each source copies and digests its state before it answers.
+    listed = list(sources)
+    with ThreadPoolExecutor(max(1, len(listed)), thread_name_prefix="state-manifest") as pool:
+        answers = list(pool.map(manifest_of, listed))
+    usable = [answer for answer in answers if not isinstance(answer, str)]
+    problems = [answer for answer in answers if isinstance(answer, str)]
     if not usable:
         raise StateTransferError("no source serves the agreed state: " + "; ".join(problems))
     reference = usable[0][1]
@@ -239,6 +246,7 @@ def fetch_state(
     for other, _ in usable:
         if other not in same:
             log.warning("state from %s unusable: it serves other bytes", other.peer_id)
+    manifests_at = time.monotonic()
     transfer = _Transfer(reference, empty_like(reference), same, give_up_at, timeout_s)
     for index in range(reference.chunks):
         transfer.todo.put(index)
@@ -254,11 +262,20 @@ def fetch_state(
         reasons = "; ".join(f"{s.peer_id}: {s.failure}" for s in same if s.failure)
         raise StateTransferError(f"the state did not arrive whole: {reasons}")
     served_by = [s.peer_id for s in same if s.failure is None and s.chunks]
+    chunks_at = time.monotonic()
     loaded = hash_tensors(model_tensors(transfer.target))
     if loaded != agreed_hash:
         raise StateTransferError(
             f"state from {', '.join(served_by)} has parameter hash {loaded}, expected {agreed_hash}"
         )
+    log.info(
+        "state of step %d fetched: manifests %.3fs, %d chunks %.3fs, parameter hash %.3fs",
+        step,
+        manifests_at - (give_up_at - deadline_s),
+        reference.chunks,
+        chunks_at - manifests_at,
+        time.monotonic() - chunks_at,
+    )
     return transfer.target, served_by
 
 

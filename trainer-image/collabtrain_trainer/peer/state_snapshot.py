@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import bisect
 import math
+import os
 import re
 from collections import defaultdict
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -52,6 +54,7 @@ DTYPES: dict[str, torch.dtype] = {
         torch.bool,
     )
 }
+_DIGEST_THREADS = max(1, min(8, os.cpu_count() or 1))
 _OPTIMIZER_NAME = re.compile(r"^optimizer/(\d+)/([A-Za-z_][A-Za-z0-9_]*)$")
 
 Scalar = int | float | bool | None
@@ -216,10 +219,16 @@ def describe(
             )
         )
         offset += nbytes
-    digests = [
-        _digest(_pieces(entries, copy.tensors, start, min(start + chunk_bytes, offset)))
-        for start in range(0, offset, chunk_bytes)
-    ]
+    # BLAKE3 releases the GIL: the chunks are digested on every core.
+    with ThreadPoolExecutor(_DIGEST_THREADS, thread_name_prefix="state-digest") as pool:
+        digests = list(
+            pool.map(
+                lambda start: _digest(
+                    _pieces(entries, copy.tensors, start, min(start + chunk_bytes, offset))
+                ),
+                range(0, offset, chunk_bytes),
+            )
+        )
     manifest = StateManifest(
         step=step,
         param_hash=param_hash,
