@@ -185,7 +185,7 @@ def test_state_is_served_only_with_a_ticket_for_that_peer_and_within_a_size_boun
                 manifest["param_hash"],
                 layout,
             )
-        tight = StateLayout(layout.model, layout.param_shapes, max_bytes=1000, max_tensors=100)
+        tight = StateLayout(layout.model, layout.params, max_bytes=1000, max_tensors=100)
         with pytest.raises(StateTransferError, match="more than the 1000"):
             fetch_state(
                 [StateSource(peer_id=source, state_url=url, ticket=ticket)],

@@ -111,9 +111,17 @@ def test_a_source_of_another_model_or_too_large_a_state_is_refused_before_any_ch
     with pytest.raises(StateTransferError, match=r"does not fit this model: .*0\.weight"):
         fetch_state([source], 3, param_hash(other), layout)
 
+    # Moments typed unlike their parameter would break this peer's next optimizer step.
+    model, optimizer = trained(0)
+    first = next(model.parameters())
+    optimizer.state[first]["exp_avg"] = optimizer.state[first]["exp_avg"].double()
+    source = sources.add(take_snapshot(model, optimizer, 3, param_hash(model)))
+    with pytest.raises(StateTransferError, match="optimizer/0/exp_avg is float64"):
+        fetch_state([source], 3, param_hash(model), layout)
+
     model, optimizer = trained(0)
     source = sources.add(take_snapshot(model, optimizer, 3, param_hash(model)))
-    tight = StateLayout(layout.model, layout.param_shapes, max_bytes=1000, max_tensors=100)
+    tight = StateLayout(layout.model, layout.params, max_bytes=1000, max_tensors=100)
     with pytest.raises(StateTransferError, match="more than the 1000 this model's state"):
         fetch_state([source], 3, param_hash(model), tight)
 

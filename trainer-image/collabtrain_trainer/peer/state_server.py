@@ -157,8 +157,11 @@ class StateServer:
         handler.send_header("Content-Type", "application/octet-stream")
         handler.send_header("Content-Length", str(end - start))
         handler.end_headers()
-        for piece in snapshot.pieces(index):
-            handler.wfile.write(piece)
+        try:
+            for piece in snapshot.pieces(index):
+                handler.wfile.write(piece)
+        except (BrokenPipeError, ConnectionResetError):
+            handler.close_connection = True  # the reader gave up on this chunk
 
 
 @dataclass
@@ -172,10 +175,13 @@ class _Source:
 
     @classmethod
     def of(cls, source: StateSource) -> _Source:
-        url = urlsplit(source.state_url)
-        if url.scheme != "http" or not url.hostname:
-            raise StateTransferError(f"state URL {source.state_url!r} is not http://host:port")
-        return cls(source.peer_id, url.hostname, url.port or 80, source.ticket)
+        try:
+            url = urlsplit(source.state_url)
+            if url.scheme == "http" and url.hostname:
+                return cls(source.peer_id, url.hostname, url.port or 80, source.ticket)
+        except ValueError:
+            pass  # a port that is not a number
+        raise StateTransferError(f"state URL {source.state_url!r} is not http://host:port")
 
 
 @dataclass

@@ -259,7 +259,7 @@ class StateLayout:
     state shaped like its parameters, and no more bytes or tensors than that can take."""
 
     model: dict[str, tuple[torch.dtype, tuple[int, ...]]]
-    param_shapes: list[tuple[int, ...]]
+    params: list[tuple[torch.dtype, tuple[int, ...]]]
     max_bytes: int
     max_tensors: int
 
@@ -270,7 +270,7 @@ class StateLayout:
         model_bytes = sum(t.numel() * t.element_size() for t in state.values())
         return cls(
             model={key: (value.dtype, tuple(value.shape)) for key, value in state.items()},
-            param_shapes=[tuple(p.shape) for p in params],
+            params=[(p.dtype, tuple(p.shape)) for p in params],
             # Parameters and buffers, two moments per parameter (Adam) and a margin.
             max_bytes=4 * model_bytes + (16 << 20),
             max_tensors=len(state) + 4 * len(params) + 16,
@@ -299,11 +299,13 @@ class StateLayout:
                     )
                 seen.add(key)
             else:
+                # A step counter (a scalar), or a buffer shaped and typed like its parameter.
                 index = self._param_index(entry.name)
-                if tuple(entry.shape) not in ((), self.param_shapes[index]):
+                dtype, shape = self.params[index]
+                if entry.shape and (tuple(entry.shape), entry.torch_dtype) != (shape, dtype):
                     raise StateMismatch(
-                        f"{entry.name} has shape {entry.shape}; parameter {index} has "
-                        f"{list(self.param_shapes[index])}"
+                        f"{entry.name} is {entry.dtype} {entry.shape}; parameter {index} is "
+                        f"{dtype} {list(shape)}"
                     )
         for name in manifest.scalars:
             self._param_index(name)
@@ -312,7 +314,7 @@ class StateLayout:
 
     def _param_index(self, name: str) -> int:
         match = _OPTIMIZER_NAME.match(name)
-        if match is None or int(match[1]) >= len(self.param_shapes):
+        if match is None or int(match[1]) >= len(self.params):
             raise StateMismatch(f"{name} names no parameter of this optimizer")
         return int(match[1])
 
