@@ -7,6 +7,7 @@ in-process with a loopback coordinator, as in test_operator.py.
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import threading
 import time
@@ -72,12 +73,26 @@ def cluster(karpenter_plane: tuple[ControlPlane, Karpenter]) -> Iterator[Cluster
     client.CoreV1Api(api).create_namespace({"metadata": {"name": namespace}})
     cluster = Cluster(api, namespace)
     try:
-        # Earlier tests' nodes consolidated first: Karpenter may be disrupting one already
-        # when a new peer or coordinator lands on it, a loss the test did not make.
-        wait_for(lambda: not karpenter_nodes(cluster), "earlier nodes consolidated", timeout=180)
+        # Earlier tests' nodes (and node claims still launching) consolidated first:
+        # Karpenter may be disrupting one already when a new peer or coordinator lands on
+        # it, a loss the test did not make.
+        wait_for(
+            lambda: not karpenter_nodes(cluster) and not node_claims(cluster),
+            "earlier nodes and node claims consolidated",
+            timeout=240,
+        )
         yield cluster
     finally:
-        client.CoreV1Api(api).delete_namespace(namespace)
+        # The operator has stopped: take its pods' finalizer off and delete them now, so
+        # none of them stays pending and brings Karpenter a node for the next test.
+        core = client.CoreV1Api(api)
+        for pod in core.list_namespaced_pod(namespace).items:
+            with contextlib.suppress(client.ApiException):
+                core.patch_namespaced_pod(
+                    pod.metadata.name, namespace, {"metadata": {"finalizers": None}}
+                )
+        core.delete_collection_namespaced_pod(namespace, grace_period_seconds=0)
+        core.delete_namespace(namespace)
         api.close()
         client.Configuration.set_default(None)
 
@@ -126,6 +141,11 @@ def end_node_and_wait(cluster: Cluster, job: str, pods: list[Any]) -> list[Any]:
 
     result: list[Any] = wait_for(replaced, "the replacement Running", timeout=180)
     return result
+
+
+def node_claims(cluster: Cluster) -> list[Any]:
+    claims = cluster.custom.list_cluster_custom_object("karpenter.sh", "v1", "nodeclaims")
+    return list(claims["items"])
 
 
 def karpenter_nodes(cluster: Cluster) -> list[Any]:
