@@ -569,13 +569,12 @@ class CoordinatorState:
             self._record_writer_report(report.peer_id, report.checkpoint_status)
         self._record_hash(report.peer_id, report.step, report.param_hash)
         self._note_durable()
-        current = self.round
-        in_flight = current is not None and current.outcome is None
+        in_flight = self.round if self.round is not None and self.round.outcome is None else None
         if not self.in_sync(record):
-            if current is not None and in_flight and record.peer_id in current.members:
+            if in_flight is not None and record.peer_id in in_flight.members:
                 # It must re-sync first, so it cannot take part: re-form without it.
-                self._decide(current, "abort", f"member {record.peer_id} must re-sync", now)
-        elif not (in_flight and current is not None and record.peer_id not in current.members):
+                self._decide(in_flight, "abort", f"member {record.peer_id} must re-sync", now)
+        elif in_flight is None or record.peer_id in in_flight.members:
             # Caught up. Not while a round without it is in flight: that round's commit puts
             # it one step behind again, and the next round must still wait for it.
             record.syncing_since = None

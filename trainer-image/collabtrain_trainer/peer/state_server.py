@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
-import blake3
 from pydantic import ValidationError
 
 from collabtrain_trainer import credentials
@@ -223,7 +222,8 @@ def fetch_state(
     A source that has not sent its chunks within `deadline_s` is given up (`timeout_s`
     bounds each read only: a source trickling a byte per read would otherwise hold the
     newcomer forever)."""
-    give_up_at = time.monotonic() + deadline_s
+    started = time.monotonic()
+    give_up_at = started + deadline_s
 
     def manifest_of(source: StateSource) -> tuple[_Source, StateManifest] | str:
         try:
@@ -277,7 +277,7 @@ def fetch_state(
     log.info(
         "state of step %d fetched: manifests %.3fs, %d chunks %.3fs, parameter hash %.3fs",
         step,
-        manifests_at - (give_up_at - deadline_s),
+        manifests_at - started,
         reference.chunks,
         chunks_at - manifests_at,
         time.monotonic() - chunks_at,
@@ -344,10 +344,7 @@ def _fetch_chunk(transfer: _Transfer, source: _Source, index: int) -> None:
         transfer.give_up_at,
         exact=True,
     )
-    digest = blake3.blake3()
-    for piece in pieces:
-        digest.update(piece)
-    if digest.hexdigest() != transfer.manifest.chunk_digests[index]:
+    if transfer.target.chunk_digest(index) != transfer.manifest.chunk_digests[index]:
         raise StateTransferError(f"chunk {index} is corrupt (BLAKE3 mismatch)")
 
 
