@@ -429,19 +429,31 @@ def node_image(archives: dict[str, Path], pause_image: str) -> NodeImage:
             log(f"loading {', '.join(changed)} into the node image ({base / 'root'})")
             manifest.unlink(missing_ok=True)  # a load cut short is redone next time
             shutil.rmtree(base / "state", ignore_errors=True)
-            runtime = Containerd(base, pause_image, base / "net.d", "containerd-node-image")
             try:
-                for ref in changed:
-                    runtime.ctr("images", "import", str(archives[ref]))
-                    if ref not in runtime.ctr("images", "ls", "-q").split():
-                        raise TestbedError(f"importing {archives[ref]} did not yield image {ref}")
-            finally:
-                runtime.stop()
-                unmount_under(base)
-                shutil.rmtree(base / "state", ignore_errors=True)
+                _import_images(base, pause_image, {ref: archives[ref] for ref in changed})
+            except TestbedError as error:
+                # containerd's snapshot metadata can disagree with the layers on disk after
+                # an earlier load was cut short ("parent snapshot ... does not exist"):
+                # start the node image over from every archive, once.
+                log(f"{error}; rebuilding the node image from scratch")
+                shutil.rmtree(base / "root", ignore_errors=True)
+                _import_images(base, pause_image, archives)
             manifest.write_text(json.dumps(wanted, indent=1))
             log(f"node image loaded in {time.monotonic() - started:.0f} s")
     return NodeImage(base / "root", tuple(sorted(archives)))
+
+
+def _import_images(base: Path, pause_image: str, archives: dict[str, Path]) -> None:
+    runtime = Containerd(base, pause_image, base / "net.d", "containerd-node-image")
+    try:
+        for ref, archive in archives.items():
+            runtime.ctr("images", "import", str(archive))
+            if ref not in runtime.ctr("images", "ls", "-q").split():
+                raise TestbedError(f"importing {archive} did not yield image {ref}")
+    finally:
+        runtime.stop()
+        unmount_under(base)
+        shutil.rmtree(base / "state", ignore_errors=True)
 
 
 def copy_node_image(image: NodeImage, destination: Path) -> None:

@@ -3,6 +3,8 @@ a storage outage, corruption, retention, TLS, and credentials that never reach a
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import io
 import logging
 import os
@@ -30,12 +32,14 @@ from collabtrain_trainer.checkpoint import (
     CheckpointWriter,
     CredentialsError,
     LatestPointer,
+    LoadedCheckpoint,
     Snapshot,
     restore_state,
     snapshot_state,
 )
 from collabtrain_trainer.checkpoint.storage import MIN_PART_SIZE
 from collabtrain_trainer.config import CheckpointConfig
+from collabtrain_trainer.state_snapshot import StateLayout, model_tensors
 from testbed import tools
 from testbed.cluster import MinioServer, Pki
 from testbed.processes import ManagedProcess, free_port, wait_until
@@ -99,14 +103,19 @@ def reader(config: CheckpointConfig, env: dict[str, str]) -> CheckpointReader:
 
 
 def small_snapshot(step: int, megabytes: float = 0.01) -> Snapshot:
-    numel = int(megabytes * 1024 * 1024 / 4)
-    return Snapshot.capture(
-        step,
-        {
-            "metadata": {"step": step},
-            "parameters": {"w": torch.full((numel,), float(step))},
-        },
-    )
+    """A one-tensor model whose weight is all `step`, as `snapshot_state` takes it."""
+    model = small_model(megabytes)
+    with torch.no_grad():
+        model.weight.fill_(float(step))
+    return snapshot_state(model, torch.optim.SGD(model.parameters(), lr=0.1), step, step, step)
+
+
+def small_model(megabytes: float) -> torch.nn.Linear:
+    return torch.nn.Linear(int(megabytes * 1024 * 1024 / 4), 1, bias=False)
+
+
+def small_weight(loaded: LoadedCheckpoint) -> torch.Tensor:
+    return model_tensors(loaded.objects["state"])["weight"]
 
 
 def steps_in_bucket(client: Minio, config: CheckpointConfig) -> tuple[set[int], set[int]]:
@@ -170,6 +179,8 @@ def test_save_and_restore_is_bit_exact_and_training_continues(
     train(model, optimizer, 3, data)
     writer = make_writer(part_size=MIN_PART_SIZE)
     snapshot = snapshot_state(model, optimizer, 3, 48, {"epoch": 0, "offset": 48}, data)
+    saved_model = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    saved_optimizer = copy.deepcopy(optimizer.state_dict())
     started = time.perf_counter()
     writer.submit(snapshot, 3)
     assert time.perf_counter() - started < 0.05, "submit must not wait on storage"
@@ -182,13 +193,15 @@ def test_save_and_restore_is_bit_exact_and_training_continues(
     assert not status.stale and status.last_error is None and status.blocked_ms_last > 0
 
     client = minio_server.client()
-    key = f"runs/{JOB}/step-000000003/parameters.pt"
+    key = f"runs/{JOB}/step-000000003/state.bin"
     assert "-" in client.stat_object(config.bucket, key).etag, "expected a multipart upload"
     assert latest_in_bucket(client, config).step == 3
 
-    loaded = reader(config, env).load_latest()
+    loaded = reader(config, env).load_latest(layout=StateLayout.of(*make_model(1)))
     assert loaded is not None and loaded.step == 3 and loaded.skipped == ()
-    assert set(loaded.manifest.objects) == {"parameters", "optimizer", "metadata"}
+    assert loaded.manifest.format == 2 and loaded.manifest.state is not None
+    assert set(loaded.manifest.objects) == {"metadata"}
+    assert loaded.manifest.state.manifest.chunks > 1  # several ranged reads, in parallel
 
     # A different process's state: different init, different data position and RNGs.
     fresh, fresh_optimizer = make_model(99)
@@ -197,26 +210,83 @@ def test_save_and_restore_is_bit_exact_and_training_continues(
     progress = restore_state(loaded.objects, fresh, fresh_optimizer, fresh_data)
     assert (progress.step, progress.samples_seen) == (3, 48)
     assert progress.data_position == {"epoch": 0, "offset": 48}
-    for name, tensor in snapshot.objects["parameters"].items():
+    for name, tensor in saved_model.items():
         assert torch.equal(fresh.state_dict()[name], tensor), name
-    saved_state = snapshot.objects["optimizer"]["state"]
-    for index, state in fresh_optimizer.state_dict()["state"].items():
+    restored_optimizer = fresh_optimizer.state_dict()
+    assert restored_optimizer["param_groups"] == saved_optimizer["param_groups"]
+    for index, state in restored_optimizer["state"].items():
         for field, value in state.items():
-            assert torch.equal(value, saved_state[index][field]), (index, field)
+            assert torch.equal(value, saved_optimizer["state"][index][field]), (index, field)
     # Same RNG streams and state, so the loss curve continues exactly where it stopped.
     assert train(fresh, fresh_optimizer, 3, fresh_data) == expected_losses
 
-    # A newcomer sizes the checkpoint without downloading it, then takes the weights only.
+    # Its size and facts without downloading the state; a model it does not fit is
+    # refused before any chunk is read.
     peeked = reader(config, env).peek_latest()
     assert peeked is not None and peeked.step == 3
-    assert peeked.total_bytes == sum(e.size for e in loaded.manifest.objects.values())
-    weights = reader(config, env).load_latest(only={"parameters", "metadata"})
-    assert weights is not None and set(weights.objects) == {"parameters", "metadata"}
-    newcomer, _ = make_model(5)
-    assert restore_state(weights.objects, newcomer, None, restore_global_rng=False).step == 3
-    assert torch.equal(
-        newcomer.state_dict()["0.weight"], snapshot.objects["parameters"]["0.weight"]
+    assert peeked.total_bytes == loaded.manifest.state.manifest.total_bytes + sum(
+        entry.size for entry in loaded.manifest.objects.values()
     )
+    facts = reader(config, env).load_latest(only={"metadata"})
+    assert facts is not None and set(facts.objects) == {"metadata"}
+    other = torch.nn.Linear(1024, 4)
+    with pytest.raises(CheckpointCorruptError, match="does not fit this model"):
+        reader(config, env).load_latest(
+            layout=StateLayout.of(other, torch.optim.AdamW(other.parameters()))
+        )
+
+
+FORMAT_1 = Path(__file__).parent.parent / "fixtures" / "checkpoint-format1"
+
+
+def test_a_checkpoint_in_the_first_format_still_restores(
+    config: CheckpointConfig, env: dict[str, str], minio_server: MinioServer
+) -> None:
+    """A real format-1 checkpoint (parameters.pt, optimizer.pt), written by the writer as it
+    was before the state stream: it restores bit for bit."""
+    client = minio_server.client()
+    for path in FORMAT_1.rglob("*"):
+        if path.is_file() and path.name != "expected.pt":
+            key = f"{config.prefix.strip('/')}/old/{path.relative_to(FORMAT_1)}"
+            client.fput_object(config.bucket, key, str(path))
+    loaded = CheckpointReader(config, "old", env=env).load_latest()
+    assert loaded is not None and loaded.manifest.format == 1 and loaded.step == 3
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.5)
+    progress = restore_state(loaded.objects, model, optimizer, restore_global_rng=False)
+    assert (progress.step, progress.samples_seen) == (3, 15)
+    expected = torch.load(FORMAT_1 / "expected.pt", weights_only=True)
+    for name, tensor in expected["model"].items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+    restored = optimizer.state_dict()
+    assert restored["param_groups"][0]["lr"] == 0.01
+    for index, state in expected["optimizer"]["state"].items():
+        for field, value in state.items():
+            assert torch.equal(restored["state"][index][field], value), (index, field)
+
+
+def test_a_checkpoint_format_from_the_future_is_named(
+    make_writer: Callable[..., CheckpointWriter],
+    config: CheckpointConfig,
+    env: dict[str, str],
+    minio_server: MinioServer,
+) -> None:
+    writer = make_writer()
+    writer.submit(small_snapshot(1), 1)
+    assert writer.flush(timeout=30)
+    client = minio_server.client()
+    key = f"runs/{JOB}/step-000000001/manifest.json"
+    response = client.get_object(config.bucket, key)
+    body = response.read().replace(b'"format": 2', b'"format": 3')
+    response.close()
+    response.release_conn()
+    client.put_object(config.bucket, key, io.BytesIO(body), len(body))
+    # As a newer writer would leave it: `latest` vouches for the new manifest.
+    latest = LatestPointer(step=1, manifest=key, manifest_sha256=hashlib.sha256(body).hexdigest())
+    pointer = latest.model_dump_json().encode()
+    client.put_object(config.bucket, f"runs/{JOB}/latest", io.BytesIO(pointer), len(pointer))
+    with pytest.raises(CheckpointCorruptError, match="checkpoint format 3 is not one this"):
+        reader(config, env).load_latest()
 
 
 def test_nothing_to_load_returns_none(config: CheckpointConfig, env: dict[str, str]) -> None:
@@ -226,14 +296,15 @@ def test_nothing_to_load_returns_none(config: CheckpointConfig, env: dict[str, s
 KILLED_WRITER = textwrap.dedent(
     """
     import logging, sys, time, torch
-    from collabtrain_trainer.checkpoint import CheckpointWriter, Snapshot
+    from collabtrain_trainer.checkpoint import CheckpointWriter, snapshot_state
     from collabtrain_trainer.config import CheckpointConfig
 
     logging.basicConfig(stream=sys.stdout, level=logging.DEBUG, format="%(message)s")
     config = CheckpointConfig.model_validate_json(sys.argv[1])
     writer = CheckpointWriter(config, sys.argv[2], part_size=5 * 1024 * 1024)
-    big = {"w": torch.randn(24 * 1024 * 1024)}  # 96 MiB: ~20 parts
-    writer.submit(Snapshot.capture(2, {"metadata": {"step": 2}, "parameters": big}), 2)
+    big = torch.nn.Linear(24 * 1024 * 1024, 1, bias=False)  # 96 MiB: ~20 parts
+    optimizer = torch.optim.SGD(big.parameters(), lr=0.1)
+    writer.submit(snapshot_state(big, optimizer, 2, 2, 2), 2)
     print("submitted", flush=True)
     time.sleep(600)
     """
@@ -263,7 +334,7 @@ def test_writer_killed_mid_upload_leaves_latest_on_the_previous_checkpoint(
         assert child.stdout is not None
         deadline = time.monotonic() + 120
         # The small metadata object goes first; once it is up, the 96 MiB multipart
-        # upload of the parameters is under way.
+        # upload of the state is under way.
         while time.monotonic() < deadline:
             line = child.stdout.readline()
             seen.append(line)
@@ -282,7 +353,7 @@ def test_writer_killed_mid_upload_leaves_latest_on_the_previous_checkpoint(
     assert complete == {1}, f"step 2 must not be complete; output: {''.join(seen)}"
     assert incomplete == {2}  # its metadata made it, its manifest did not
     with pytest.raises(S3Error, match="NoSuchKey"):  # killed inside the multipart upload
-        client.stat_object(config.bucket, f"runs/{JOB}/step-000000002/parameters.pt")
+        client.stat_object(config.bucket, f"runs/{JOB}/step-000000002/state.bin")
     assert latest_in_bucket(client, config).step == 1
     loaded = reader(config, env).load_latest()
     assert loaded is not None and loaded.step == 1 and loaded.skipped == ()
@@ -357,7 +428,7 @@ def test_corrupt_checkpoint_is_detected_and_the_previous_one_loads(
 
     client = minio_server.client()
     folder = f"runs/{JOB}/step-000000002/"
-    target = folder + ("manifest.json" if damage == "manifest" else "parameters.pt")
+    target = folder + ("manifest.json" if damage == "manifest" else "state.bin")
     response = client.get_object(config.bucket, target)
     body = bytearray(response.read())
     response.close()
@@ -376,19 +447,17 @@ def test_corrupt_checkpoint_is_detected_and_the_previous_one_loads(
     assert loaded is not None and loaded.step == 1
     assert len(loaded.skipped) == 1 and loaded.skipped[0].startswith("step 2:")
     expected = {
-        "flip-a-byte": "sha256",
-        "truncate": "bytes",
+        "flip-a-byte": "BLAKE3",
+        "truncate": "ends at byte",
         "delete": "missing",
         "manifest": "latest expects",
     }[damage]
     assert expected in loaded.skipped[0]
     assert "falling back" in caplog.text and expected in caplog.text
-    assert torch.equal(
-        loaded.objects["parameters"]["w"], small_snapshot(1, 0.5).objects["parameters"]["w"]
-    )
+    assert torch.equal(small_weight(loaded), torch.full_like(small_weight(loaded), 1.0))
 
     # Only corrupt checkpoints left: refuse rather than silently start from scratch.
-    client.remove_object(config.bucket, f"runs/{JOB}/step-000000001/parameters.pt")
+    client.remove_object(config.bucket, f"runs/{JOB}/step-000000001/state.bin")
     with pytest.raises(CheckpointCorruptError, match="no usable checkpoint"):
         reader(config, env).load_latest()
 
@@ -444,7 +513,7 @@ def test_retention_leaves_a_folder_another_writer_is_still_uploading(
     writer = make_writer(config.model_copy(update={"keep_last": 1}))
     client = minio_server.client()
     # A leaving writer's upload of step 3, in progress: an object, no manifest yet.
-    part = writer.store.layout.object_key(3, "parameters.pt")
+    part = writer.store.layout.object_key(3, "state.bin")
     client.put_object(config.bucket, part, io.BytesIO(b"uploading"), length=9)
     for step in (4, 5):
         writer.submit(small_snapshot(step), step)

@@ -20,8 +20,8 @@ from collabtrain_trainer.local import LocalCluster
 from collabtrain_trainer.peer.model_state import param_hash
 from collabtrain_trainer.peer.runtime import Peer
 from collabtrain_trainer.peer.state_server import StateServer, StateTransferError, fetch_state
-from collabtrain_trainer.peer.state_snapshot import StateLayout, take_snapshot
 from collabtrain_trainer.protocol import TOKEN_HEADER, CoordinatorStatus, StateSource
+from collabtrain_trainer.state_snapshot import StateLayout, take_snapshot
 from tests.integration.trainer_fixtures import (
     ClusterFactory,
     assert_each_step_committed_once,

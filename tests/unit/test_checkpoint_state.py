@@ -18,6 +18,7 @@ from collabtrain_trainer.checkpoint.state import (
     restore_state,
     snapshot_state,
 )
+from collabtrain_trainer.state_snapshot import byte_view, describe, empty_like, hash_tensors
 
 
 def make_model(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -37,23 +38,40 @@ def train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, n: int
 
 
 def through_bytes(snapshot: Snapshot) -> dict[str, Any]:
-    """What the writer uploads and the reader loads: torch.save, then a safe torch.load."""
-    loaded = {}
+    """What the writer uploads and the reader loads: torch.save and a safe torch.load of
+    the small objects; the state as one byte stream read back into fresh tensors."""
+    loaded: dict[str, Any] = {}
     for name, value in snapshot.objects.items():
         buffer = io.BytesIO()
         torch.save(value, buffer)
         buffer.seek(0)
         loaded[name] = torch.load(buffer, weights_only=True)
+    assert snapshot.state is not None
+    described = describe(
+        snapshot.state, snapshot.step, hash_tensors(snapshot.state.model_tensors())
+    )
+    stream = b"".join(bytes(view) for view in map(byte_view, described.tensors))
+    target = empty_like(described.manifest)
+    offset = 0
+    for view in map(byte_view, target.tensors):
+        view[:] = stream[offset : offset + len(view)]
+        offset += len(view)
+    loaded["state"] = target
     return loaded
+
+
+def weight(snapshot: Snapshot) -> torch.Tensor:
+    assert snapshot.state is not None
+    return snapshot.state.model_tensors()["0.weight"]
 
 
 def test_snapshot_does_not_share_memory_with_training() -> None:
     model, optimizer = make_model(0)
     train_steps(model, optimizer, 2)
     snapshot = snapshot_state(model, optimizer, 2, 64, {"epoch": 0, "index": 64})
-    before = snapshot.objects["parameters"]["0.weight"].clone()
+    before = weight(snapshot).clone()
     train_steps(model, optimizer, 1)
-    assert torch.equal(snapshot.objects["parameters"]["0.weight"], before)
+    assert torch.equal(weight(snapshot), before)
     assert snapshot.blocked_s > 0
 
 
@@ -110,6 +128,8 @@ def test_restore_says_which_object_is_missing() -> None:
     model, optimizer = make_model(0)
     with pytest.raises(KeyError, match="optimizer"):
         restore_state({"parameters": {}, "metadata": {}}, model, optimizer)
+    with pytest.raises(KeyError, match="metadata"):
+        restore_state({"state": None}, model, optimizer)
 
 
 def test_buffer_pool_reuses_memory_once_a_snapshot_is_released() -> None:
@@ -117,17 +137,17 @@ def test_buffer_pool_reuses_memory_once_a_snapshot_is_released() -> None:
     train_steps(model, optimizer, 1)
     pool = SnapshotBuffers(max_free=1)
     first = snapshot_state(model, optimizer, 1, 32, 32, buffers=pool)
-    first_weight = first.objects["parameters"]["0.weight"]
+    first_weight = weight(first)
     assert torch.equal(first_weight, model.state_dict()["0.weight"])
 
     # Still held by the writer: the next snapshot must not overwrite it.
     second = snapshot_state(model, optimizer, 2, 64, 64, buffers=pool)
-    assert second.objects["parameters"]["0.weight"].data_ptr() != first_weight.data_ptr()
+    assert weight(second).data_ptr() != first_weight.data_ptr()
 
     first.release()
     train_steps(model, optimizer, 1)
     third = snapshot_state(model, optimizer, 3, 96, 96, buffers=pool)
-    reused = third.objects["parameters"]["0.weight"]
+    reused = weight(third)
     assert reused.data_ptr() == first_weight.data_ptr()
     assert torch.equal(reused, model.state_dict()["0.weight"])
     loaded = through_bytes(third)

@@ -15,7 +15,7 @@ from torch import nn
 from collabtrain_trainer import credentials
 from collabtrain_trainer.coordinator.server import identify
 from collabtrain_trainer.peer.state_server import StateServer
-from collabtrain_trainer.peer.state_snapshot import take_snapshot
+from collabtrain_trainer.state_snapshot import take_snapshot
 
 JOB_KEY = "unit-job-key"
 

@@ -17,13 +17,13 @@ from torch import nn
 from collabtrain_trainer import credentials
 from collabtrain_trainer.peer.model_state import param_hash
 from collabtrain_trainer.peer.state_server import StateServer, StateTransferError, fetch_state
-from collabtrain_trainer.peer.state_snapshot import (
+from collabtrain_trainer.protocol import TOKEN_HEADER, StateSource
+from collabtrain_trainer.state_snapshot import (
     StateLayout,
     StateSnapshot,
     apply_snapshot,
     take_snapshot,
 )
-from collabtrain_trainer.protocol import TOKEN_HEADER, StateSource
 
 JOB_KEY = "unit-job-key"
 SMALL_CHUNKS = 4096  # the smallest a manifest may name: many chunks, tensors split across them

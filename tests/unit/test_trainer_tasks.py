@@ -13,7 +13,7 @@ from collabtrain_trainer.peer.model_state import (
     make_optimizer,
     param_hash,
 )
-from collabtrain_trainer.peer.state_snapshot import apply_snapshot, take_snapshot
+from collabtrain_trainer.state_snapshot import apply_snapshot, take_snapshot
 from collabtrain_trainer.tasks import DataShard, Task, load_task, shard_indices
 
 

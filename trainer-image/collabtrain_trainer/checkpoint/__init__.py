@@ -33,7 +33,6 @@ from collabtrain_trainer.checkpoint.reader import (
 )
 from collabtrain_trainer.checkpoint.state import (
     Snapshot,
-    SnapshotBuffers,
     TrainingProgress,
     restore_state,
     snapshot_state,
@@ -44,6 +43,7 @@ from collabtrain_trainer.checkpoint.storage import (
     CredentialsError,
 )
 from collabtrain_trainer.checkpoint.writer import CheckpointWriter, WriterStatus
+from collabtrain_trainer.state_snapshot import SnapshotBuffers
 
 __all__ = [
     "CheckpointCorruptError",

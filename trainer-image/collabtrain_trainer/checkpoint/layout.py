@@ -1,15 +1,18 @@
 """Where checkpoints live in the bucket, what the manifest and the `latest` pointer hold, and
-which folders retention deletes. Pure functions and models: no I/O, no torch.
+which folders retention deletes. Pure functions and models: no I/O.
 
-Layout under ``s3://BUCKET/PREFIX/JOB/``::
+Layout under ``s3://BUCKET/PREFIX/JOB/`` (format 2)::
 
-    step-000000123/metadata.pt      torch.save of step, samples seen, data position, RNG states
-    step-000000123/parameters.pt    the model's state_dict
-    step-000000123/optimizer.pt     the optimizer's state_dict
-    step-000000123/manifest.json    size and sha256 of every object above; written LAST
+    step-000000123/metadata.pt      torch.save of step, samples seen, data position, RNG
+                                    states, the optimizer's hyperparameters
+    step-000000123/state.bin        the model's and optimizer's tensors as raw bytes: the
+                                    stream a peer serves a newcomer (`state_snapshot`)
+    step-000000123/manifest.json    size and sha256 of every object, and the state's
+                                    manifest (layout, BLAKE3 digest per chunk); LAST
     latest                          {"step": 123, "manifest": ..., "manifest_sha256": ...};
                                     written only after the manifest
 
+Format 1 (still read) had `parameters.pt` and `optimizer.pt` instead of `state.bin`.
 A folder without a manifest is incomplete (a writer died or is still uploading) and is
 never loaded. Steps are zero-padded so a plain listing sorts by step.
 """
@@ -21,12 +24,16 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from collabtrain_trainer.state_snapshot import StateManifest
 
 MANIFEST_NAME = "manifest.json"
 LATEST_NAME = "latest"
+STATE_FILE = "state.bin"
 STEP_DIGITS = 9
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
 
 _STEP_DIR = re.compile(rf"^step-(\d{{{STEP_DIGITS},}})$")
 # Object names become file names inside the step folder: keep them boring.
@@ -40,9 +47,16 @@ class _Model(BaseModel):
 class ObjectEntry(_Model):
     """One object of a checkpoint, as the manifest records it."""
 
-    key: str  # file name inside the step folder, e.g. "parameters.pt"
+    key: str  # file name inside the step folder, e.g. "metadata.pt"
     size: int = Field(ge=0)
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class StateObject(_Model):
+    """The raw state stream of a checkpoint; its chunks' digests are in `manifest`."""
+
+    key: str = STATE_FILE
+    manifest: StateManifest
 
 
 class Manifest(_Model):
@@ -52,13 +66,26 @@ class Manifest(_Model):
     job: str
     step: int = Field(ge=0)
     created_at: float  # unix seconds, from the writer's clock
-    objects: dict[str, ObjectEntry]  # logical name ("parameters") -> entry
+    objects: dict[str, ObjectEntry]  # logical name ("metadata") -> entry
+    state: StateObject | None = None  # format 2
     # Small facts (samples seen, writer id) readable without downloading the objects.
     info: dict[str, int | float | str] = Field(default_factory=dict)
 
+    @field_validator("format")
+    @classmethod
+    def _readable(cls, value: int) -> int:
+        if value not in READABLE_FORMATS:
+            raise ValueError(
+                f"checkpoint format {value} is not one this trainer reads "
+                f"({', '.join(map(str, READABLE_FORMATS))}): run a trainer image at least "
+                "as new as the one that wrote it"
+            )
+        return value
+
     @property
     def total_bytes(self) -> int:
-        return sum(entry.size for entry in self.objects.values())
+        state = self.state.manifest.total_bytes if self.state else 0
+        return state + sum(entry.size for entry in self.objects.values())
 
 
 class LatestPointer(_Model):

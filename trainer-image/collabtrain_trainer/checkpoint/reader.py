@@ -1,5 +1,9 @@
 """Loading checkpoints: follow `latest`, verify every object against the manifest, and fall
-back to the previous complete checkpoint when something is corrupt or missing."""
+back to the previous complete checkpoint when something is corrupt or missing.
+
+The state stream (format 2) is read the way a newcomer reads a peer's state: ranged GETs
+of its chunks, several in flight, straight into the tensors that will hold it, each chunk
+checked against the BLAKE3 digest the manifest names (which `latest` vouches for)."""
 
 from __future__ import annotations
 
@@ -17,14 +21,17 @@ from pydantic import ValidationError
 from collabtrain_trainer.checkpoint.layout import (
     LatestPointer,
     Manifest,
+    StateObject,
     fallback_order,
 )
+from collabtrain_trainer.checkpoint.state import STATE
 from collabtrain_trainer.checkpoint.storage import (
     MISSING_CODES,
     CheckpointStorageError,
     CheckpointStore,
 )
 from collabtrain_trainer.config import CheckpointConfig
+from collabtrain_trainer.state_snapshot import StateLayout, StateMismatch, StateSnapshot, empty_like
 
 log = logging.getLogger("collabtrain_trainer.checkpoint")
 
@@ -41,7 +48,9 @@ class LoadedCheckpoint:
     step: int
     uri: str
     manifest: Manifest
-    objects: dict[str, Any]  # logical name -> deserialized state; see restore_state
+    # Logical name -> deserialized object, and "state" -> the StateSnapshot (format 2);
+    # see restore_state.
+    objects: dict[str, Any]
     # Why newer checkpoints were passed over (empty when `latest` itself loaded).
     skipped: tuple[str, ...] = ()
 
@@ -57,7 +66,7 @@ class CheckpointReader:
         *,
         store: CheckpointStore | None = None,
         env: Mapping[str, str] | None = None,
-        parallel_downloads: int = 3,
+        parallel_downloads: int = 4,
     ) -> None:
         self.store = store or CheckpointStore(config, job, env=env)
         self.job = job
@@ -160,36 +169,76 @@ class CheckpointReader:
                 f"{type(exc).__name__}: {str(exc)[:200]}"
             ) from None
 
+    def _fetch_state(self, step: int, state: StateObject) -> StateSnapshot:
+        target = empty_like(state.manifest)
+        key = self.store.layout.object_key(step, state.key)
+
+        def read_chunk(index: int) -> None:
+            start, end = state.manifest.chunk_range(index)
+            try:
+                received = self.store.get_range_into(key, start, list(target.pieces(index)))
+            except S3Error as exc:
+                if exc.code in MISSING_CODES:
+                    raise CheckpointCorruptError(f"{key} is missing") from None
+                raise self.store.error(exc, f"reading {key}") from None
+            except Exception as exc:
+                raise self.store.error(exc, f"reading {key}") from None
+            if received != end - start:
+                raise CheckpointCorruptError(
+                    f"{key} ends at byte {start + received}, the manifest says "
+                    f"{state.manifest.total_bytes}"
+                )
+            if target.chunk_digest(index) != state.manifest.chunk_digests[index]:
+                raise CheckpointCorruptError(f"chunk {index} of {key} is corrupt (BLAKE3 mismatch)")
+
+        with ThreadPoolExecutor(self.parallel_downloads, thread_name_prefix="restore") as pool:
+            list(pool.map(read_chunk, range(state.manifest.chunks)))
+        return target
+
     def load(
         self,
         step: int,
         *,
         only: Collection[str] | None = None,
         manifest_sha256: str | None = None,
+        layout: StateLayout | None = None,
     ) -> LoadedCheckpoint:
         """Download, verify and deserialize one checkpoint. `only` restricts which objects
-        are fetched (e.g. {"parameters", "metadata"} for a newcomer's bulk weights).
+        are fetched (e.g. {"metadata"} for its facts alone); `layout` refuses a state that
+        does not fit the model that will load it before any of it is read.
         Raises CheckpointCorruptError, or CheckpointStorageError when the store fails."""
         manifest = self.read_manifest(step, manifest_sha256)
-        names = (
-            list(manifest.objects) if only is None else [n for n in manifest.objects if n in only]
-        )
-        if only is not None and (absent := set(only) - set(names)):
+        available = [*manifest.objects, *([STATE] if manifest.state else [])]
+        wanted = available if only is None else [n for n in available if n in only]
+        if only is not None and (absent := set(only) - set(wanted)):
             raise CheckpointCorruptError(
-                f"checkpoint of step {step} has no object(s) {', '.join(sorted(absent))}"
+                f"checkpoint of step {step} (format {manifest.format}) has no object(s) "
+                f"{', '.join(sorted(absent))}"
             )
+        if manifest.state is not None and STATE in wanted and layout is not None:
+            try:
+                layout.check(manifest.state.manifest)
+            except StateMismatch as exc:
+                raise CheckpointCorruptError(
+                    f"checkpoint of step {step} does not fit this model: {exc}"[:1000]
+                ) from None
         # Objects download in parallel, biggest first (the long pole); each is verified
         # before it is deserialized, and nothing is returned unless all of them are good.
+        names = [name for name in wanted if name != STATE]
         names.sort(key=lambda name: manifest.objects[name].size, reverse=True)
         workers = min(self.parallel_downloads, len(names) or 1)
         with ThreadPoolExecutor(max_workers=workers) as pool:
             loaded = pool.map(lambda name: self._fetch_and_load(step, name, manifest), names)
             objects = dict(zip(names, loaded, strict=True))
+        if manifest.state is not None and STATE in wanted:
+            objects[STATE] = self._fetch_state(step, manifest.state)
         return LoadedCheckpoint(
             step=step, uri=self.store.layout.uri(step), manifest=manifest, objects=objects
         )
 
-    def load_latest(self, *, only: Collection[str] | None = None) -> LoadedCheckpoint | None:
+    def load_latest(
+        self, *, only: Collection[str] | None = None, layout: StateLayout | None = None
+    ) -> LoadedCheckpoint | None:
         """The newest verified checkpoint: the one `latest` names, else the previous
         complete ones in turn, each fallback logged with its reason.
 
@@ -203,7 +252,7 @@ class CheckpointReader:
         for step in order:
             expected = pointer.manifest_sha256 if pointer and step == pointer.step else None
             try:
-                loaded = self.load(step, only=only, manifest_sha256=expected)
+                loaded = self.load(step, only=only, manifest_sha256=expected, layout=layout)
             except CheckpointCorruptError as exc:
                 reason = f"step {step}: {exc}"
                 skipped.append(reason)

@@ -2,14 +2,15 @@
 
 The snapshot is the only part of checkpointing that training waits for: every tensor is
 copied to CPU memory the snapshot owns, so the training loop may change the model the
-moment `snapshot_state` returns while the copy is serialized and uploaded in the
-background. Serialization (torch.save) happens later, in the writer's thread.
+moment `snapshot_state` returns while the copy is digested and uploaded in the
+background. The model's and the optimizer's tensors travel as the raw state stream of
+`state_snapshot` (the format a peer serves a newcomer); the rest (step, data position,
+RNG states, the optimizer's hyperparameters) is a small `torch.save` object, `metadata`.
 """
 
 from __future__ import annotations
 
 import random
-import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -18,10 +19,21 @@ from typing import Any, Protocol
 import torch
 
 from collabtrain_trainer.protocol import certificate_or_none
+from collabtrain_trainer.state_snapshot import (
+    SnapshotBuffers,
+    StateCopy,
+    StateSnapshot,
+    copy_state,
+    copy_tensors,
+    model_tensors,
+    optimizer_state,
+)
 
+METADATA = "metadata"
+STATE = "state"  # the raw state stream (format 2)
+# Format 1 kept the model and the optimizer as torch.save objects of their own.
 PARAMETERS = "parameters"
 OPTIMIZER = "optimizer"
-METADATA = "metadata"
 
 
 class StateDictLike(Protocol):
@@ -53,63 +65,20 @@ def _rebuild(value: Any, copies: Iterator[torch.Tensor]) -> Any:
     return value  # numbers, strings, None: immutable
 
 
-class SnapshotBuffers:
-    """Reusable CPU memory for snapshots.
-
-    Copying into memory that is already mapped is about twice as fast as allocating
-    fresh pages each time, and pinned memory lets GPU tensors copy asynchronously; both
-    shorten the time training is blocked. The price is holding up to `max_free` spare
-    CPU copies of the state between checkpoints. The writer gives a snapshot's buffers
-    back once it has serialized them (`Snapshot.release`).
-    """
-
-    def __init__(self, max_free: int = 2) -> None:
-        self.max_free = max_free
-        self._free: list[list[torch.Tensor]] = []
-        self._lock = threading.Lock()
-
-    def take(self, sources: list[torch.Tensor]) -> list[torch.Tensor]:
-        """A free buffer set shaped like `sources`, or a newly allocated one."""
-        with self._lock:
-            for index, buffers in enumerate(self._free):
-                if len(buffers) == len(sources) and all(
-                    buffer.shape == source.shape and buffer.dtype == source.dtype
-                    for buffer, source in zip(buffers, sources, strict=True)
-                ):
-                    return self._free.pop(index)
-        pin = torch.cuda.is_available() and any(source.is_cuda for source in sources)
-        return [torch.empty(source.shape, dtype=source.dtype, pin_memory=pin) for source in sources]
-
-    def give_back(self, buffers: list[torch.Tensor]) -> None:
-        with self._lock:
-            if len(self._free) < self.max_free:
-                self._free.append(buffers)
-
-
 def copy_to_cpu(value: Any, buffers: SnapshotBuffers | None = None) -> Any:
     """A deep copy of `value` whose tensors live in CPU memory the copy owns (dicts, lists
     and tuples are walked; other leaves are immutable in practice: numbers, strings,
     None). With `buffers`, that memory comes from (and should go back to) the pool."""
-    sources = [tensor.detach() for tensor in _tensors(value)]
-    if buffers is None:
-        copies = [
-            tensor.clone() if tensor.device.type == "cpu" else tensor.to("cpu", copy=True)
-            for tensor in sources
-        ]
-    else:
-        copies = buffers.take(sources)
-        for copy, source in zip(copies, sources, strict=True):
-            copy.copy_(source, non_blocking=copy.is_pinned())
-        if any(source.is_cuda for source in sources):
-            torch.cuda.synchronize()  # the copies must be complete before training goes on
-    return _rebuild(value, iter(copies))
+    return _rebuild(value, iter(copy_tensors(_tensors(value), buffers)))
 
 
 @dataclass(frozen=True)
 class Snapshot:
-    """State owned by the checkpoint writer: logical object name -> torch-saveable value,
-    one object per name in the bucket. Build it with `Snapshot.capture` (or
-    `snapshot_state`), which copies; never share tensors with live training state.
+    """State owned by the checkpoint writer: small objects (logical name -> torch-saveable
+    value, one object per name in the bucket) and, from `snapshot_state`, the model's and
+    optimizer's tensors as a `StateCopy` that goes up as the raw state stream. Build it
+    with `snapshot_state` or `Snapshot.capture`, which copy; never share tensors with live
+    training state.
 
     A snapshot captured with `buffers` belongs to the writer once submitted: its tensors
     are reused for a later snapshot after upload, so do not read them afterwards."""
@@ -119,6 +88,11 @@ class Snapshot:
     info: Mapping[str, int | float | str] = field(default_factory=dict)
     blocked_s: float = 0.0  # how long taking the snapshot held training up
     buffers: SnapshotBuffers | None = field(default=None, repr=False, compare=False)
+    state: StateCopy | None = field(default=None, repr=False, compare=False)
+    # The parameter hash of `state` when the caller knows it (a peer does); else the
+    # writer computes it in the background.
+    param_hash: str | None = None
+    step_certificate: str | None = None
 
     @classmethod
     def capture(
@@ -142,8 +116,12 @@ class Snapshot:
 
     def release(self) -> None:
         """Hand the tensors back to the buffer pool (the writer calls this once the
-        snapshot is serialized or dropped); a no-op without a pool."""
-        if self.buffers is not None:
+        snapshot is uploaded or dropped); a no-op without a pool."""
+        if self.buffers is None:
+            return
+        if self.state is not None:
+            self.buffers.give_back(self.state.tensors)
+        else:
             self.buffers.give_back(_tensors(dict(self.objects)))
 
 
@@ -204,8 +182,8 @@ def restore_rng(state: Mapping[str, Any], generator: torch.Generator | None = No
 
 
 def snapshot_state(
-    model: StateDictLike,
-    optimizer: StateDictLike,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
     step: int,
     samples_seen: int,
     data_position: Any,
@@ -213,6 +191,7 @@ def snapshot_state(
     *,
     buffers: SnapshotBuffers | None = None,
     step_certificate: str | None = None,
+    param_hash: str | None = None,
 ) -> Snapshot:
     """Copy everything a full restart needs into a `Snapshot` for `CheckpointWriter.submit`.
 
@@ -221,24 +200,29 @@ def snapshot_state(
     the CPU copy only; `Snapshot.blocked_s` says how long. Pass `buffers=writer.buffers`
     to copy into reused (and, for GPU state, pinned) memory: about twice as fast.
     `step_certificate` is the coordinator's signature of `step` (see
-    `collabtrain_trainer.credentials`), so that a restart may resume at this step.
+    `collabtrain_trainer.credentials`), so that a restart may resume at this step;
+    `param_hash` the model's `param_hash`, when the caller has it at hand.
     """
+    started = time.perf_counter()
+    state = copy_state(model, optimizer, buffers)
     metadata = {
         "step": step,
         "step_certificate": step_certificate,
         "samples_seen": samples_seen,
         "data_position": data_position,
         "rng": capture_rng(rng),
+        # Hyperparameters as the optimizer has them (a schedule may have moved lr).
+        "optimizer_param_groups": optimizer.state_dict()["param_groups"],
     }
-    return Snapshot.capture(
-        step,
-        {
-            METADATA: metadata,
-            PARAMETERS: model.state_dict(),
-            OPTIMIZER: optimizer.state_dict(),
-        },
+    return Snapshot(
+        step=step,
+        objects=copy_to_cpu({METADATA: metadata}),
         info={"samples_seen": samples_seen},
+        blocked_s=time.perf_counter() - started,
         buffers=buffers,
+        state=state,
+        param_hash=param_hash,
+        step_certificate=step_certificate,
     )
 
 
@@ -260,25 +244,39 @@ def restore_state(
     *,
     restore_global_rng: bool = True,
 ) -> TrainingProgress:
-    """Put a loaded checkpoint (`LoadedCheckpoint.objects`) back into `model`, `optimizer`
-    and the RNGs; returns step, samples seen and data position.
+    """Put a loaded checkpoint (`LoadedCheckpoint.objects`: `metadata` and `state`, or in
+    format 1 `parameters` and `optimizer`) back into `model`, `optimizer` and the RNGs;
+    returns step, samples seen and data position.
 
     Pass `optimizer=None` to load weights only (a newcomer that takes optimizer state
     from a live peer). `restore_global_rng=False` leaves the process-wide RNGs alone,
     for a peer that joins a running job rather than restarting it.
     """
-    missing = [name for name in (METADATA, PARAMETERS) if name not in objects]
-    if optimizer is not None and OPTIMIZER not in objects:
-        missing.append(OPTIMIZER)
+    state: StateSnapshot | None = objects.get(STATE)
+    missing = [METADATA] if METADATA not in objects else []
+    if state is None:
+        missing += [PARAMETERS] if PARAMETERS not in objects else []
+        if optimizer is not None and OPTIMIZER not in objects:
+            missing.append(OPTIMIZER)
     if missing:
         raise KeyError(
             f"checkpoint lacks object(s) {', '.join(missing)}: it was not written by "
             "snapshot_state, or was loaded with `only=` excluding them"
         )
-    model.load_state_dict(objects[PARAMETERS])
-    if optimizer is not None:
-        optimizer.load_state_dict(objects[OPTIMIZER])
     metadata = objects[METADATA]
+    if state is not None:
+        model.load_state_dict(model_tensors(state))
+        if optimizer is not None:
+            optimizer.load_state_dict(
+                {
+                    "state": optimizer_state(state),
+                    "param_groups": metadata["optimizer_param_groups"],
+                }
+            )
+    else:
+        model.load_state_dict(objects[PARAMETERS])
+        if optimizer is not None:
+            optimizer.load_state_dict(objects[OPTIMIZER])
     if restore_global_rng:
         restore_rng(metadata["rng"], rng)
     elif rng is not None and metadata["rng"].get("generator") is not None:

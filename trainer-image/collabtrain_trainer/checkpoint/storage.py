@@ -158,6 +158,33 @@ class _HashingReader:
         return self._position
 
 
+class _ViewsReader:
+    """A read()-able stream over several buffers laid end to end (a state's tensors), so
+    the uploader reads parts straight from them: one copy into each part, no whole-state
+    buffer."""
+
+    def __init__(self, views: list[memoryview]) -> None:
+        self._views = [view for view in views if len(view)]
+        self._index = 0
+        self._offset = 0
+        self.position = 0
+
+    def read(self, size: int = -1) -> bytes:
+        pieces = []
+        wanted = size if size >= 0 else sum(len(v) for v in self._views)
+        while wanted > 0 and self._index < len(self._views):
+            view = self._views[self._index]
+            piece = view[self._offset : self._offset + wanted]
+            pieces.append(piece)
+            wanted -= len(piece)
+            self._offset += len(piece)
+            if self._offset == len(view):
+                self._index, self._offset = self._index + 1, 0
+        data = b"".join(pieces)
+        self.position += len(data)
+        return data
+
+
 @dataclass(frozen=True)
 class StepListing:
     complete: frozenset[int]  # step folders holding a manifest
@@ -220,6 +247,44 @@ class CheckpointStore:
                 f"upload of {key} read {reader.position} of {len(data)} bytes"
             )
         return len(data), reader.sha256.hexdigest()
+
+    def put_views(self, key: str, views: list[memoryview], *, part_size: int, parallel: int) -> int:
+        """Upload the buffers `views`, end to end, to `key`: multipart, `parallel` parts in
+        flight. Returns the size. No hash here: the caller's manifest digests the bytes."""
+        length = sum(len(view) for view in views)
+        reader = _ViewsReader(views)
+        self.client.put_object(
+            self.bucket,
+            key,
+            reader,  # type: ignore[arg-type]  # duck-typed: minio only calls read()
+            length=length,
+            part_size=max(part_size, MIN_PART_SIZE),
+            num_parallel_uploads=parallel,
+        )
+        if reader.position != length:
+            raise CheckpointStorageError(
+                f"upload of {key} read {reader.position} of {length} bytes"
+            )
+        return length
+
+    def get_range_into(self, key: str, offset: int, views: list[memoryview]) -> int:
+        """Read `key` from `offset` straight into the buffers `views` (one ranged GET);
+        returns the bytes received, which fall short only when the object is shorter."""
+        length = sum(len(view) for view in views)
+        response = self.client.get_object(self.bucket, key, offset=offset, length=length)
+        received = 0
+        try:
+            for view in views:
+                while len(view):
+                    got = response.readinto(view)
+                    if not got:
+                        return received
+                    received += got
+                    view = view[got:]
+            return received
+        finally:
+            response.close()
+            response.release_conn()
 
     def get(self, key: str, *, expected_size: int | None = None) -> tuple[bytes, str]:
         """Download `key`; returns its bytes and sha256. Reading stops one byte past

@@ -1,9 +1,9 @@
 """Background checkpoint uploads that never hold training up.
 
 `submit` hands a snapshot to a single background thread and returns at once. The thread
-uploads the objects (torch.save of each, the next one serializing while the previous one
-uploads; multipart above the part size), then the manifest, then the `latest` pointer,
-then prunes old checkpoints. When storage is slower
+uploads the small objects (torch.save of each), then the state stream straight from the
+snapshot's tensors (BLAKE3 digest per chunk, several multipart parts in flight), then the
+manifest, then the `latest` pointer, then prunes old checkpoints. When storage is slower
 than the checkpoint interval, only the newest waiting snapshot is kept; when storage
 fails, the upload is retried with capped exponential backoff and full jitter, resuming
 after the objects that already made it.
@@ -26,13 +26,15 @@ import torch
 from pydantic import ValidationError
 
 from collabtrain_trainer.checkpoint.layout import (
+    STATE_FILE,
     LatestPointer,
     Manifest,
     ObjectEntry,
+    StateObject,
     object_file_name,
     plan_retention,
 )
-from collabtrain_trainer.checkpoint.state import Snapshot, SnapshotBuffers
+from collabtrain_trainer.checkpoint.state import Snapshot
 from collabtrain_trainer.checkpoint.storage import (
     DEFAULT_PART_SIZE,
     CheckpointStorageError,
@@ -40,6 +42,13 @@ from collabtrain_trainer.checkpoint.storage import (
 )
 from collabtrain_trainer.config import CheckpointConfig
 from collabtrain_trainer.protocol import LastCheckpoint
+from collabtrain_trainer.state_snapshot import (
+    SnapshotBuffers,
+    StateManifest,
+    byte_view,
+    describe,
+    hash_tensors,
+)
 
 log = logging.getLogger("collabtrain_trainer.checkpoint")
 
@@ -107,6 +116,7 @@ class _Job:
     order: list[str] | None = None  # upload order, fixed on the first attempt
     serialized: dict[str, memoryview] = field(default_factory=dict)  # not yet uploaded
     uploaded: dict[str, ObjectEntry] = field(default_factory=dict)
+    state: StateManifest | None = None  # the state stream's manifest, once uploaded
 
 
 class CheckpointWriter:
@@ -129,6 +139,7 @@ class CheckpointWriter:
         store: CheckpointStore | None = None,
         env: Mapping[str, str] | None = None,
         part_size: int = DEFAULT_PART_SIZE,
+        parallel_uploads: int = 4,
         stale_after_s: float = 300.0,
         backoff_initial_s: float = 0.5,
         backoff_max_s: float = 30.0,
@@ -138,6 +149,7 @@ class CheckpointWriter:
         self.job = job
         self.store = store or CheckpointStore(config, job, env=env)
         self.part_size = part_size
+        self.parallel_uploads = max(1, parallel_uploads)
         self.stale_after_s = stale_after_s
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
@@ -409,7 +421,7 @@ class CheckpointWriter:
             try:
                 for name, future in zip(todo, ready, strict=True):
                     data = future.result()
-                    if name == todo[-1]:
+                    if name == todo[-1] and (job.snapshot is None or job.snapshot.state is None):
                         self._release_snapshot(job)  # all serialized (one worker, in order)
                     file_name = object_file_name(name)
                     key = layout.object_key(job.step, file_name)
@@ -419,12 +431,35 @@ class CheckpointWriter:
                         raise store.error(exc, f"uploading {key}") from None
                     job.uploaded[name] = ObjectEntry(key=file_name, size=size, sha256=sha256)
                     del job.serialized[name]  # uploaded for good: free the bytes now
-                    self._log_uploaded(job, name, size)
+                    self._log_uploaded(job.step, name, size)
             finally:
                 for future in ready:
                     future.cancel()
+        if job.snapshot is not None and job.snapshot.state is not None and job.state is None:
+            job.state = self._upload_state(job.step, job.snapshot)
         self._release_snapshot(job)
         return self._commit(job)
+
+    def _upload_state(self, step: int, snapshot: Snapshot) -> StateManifest:
+        """Digest the state's chunks and upload its tensors' bytes as they are."""
+        assert snapshot.state is not None
+        try:
+            model_hash = snapshot.param_hash or hash_tensors(snapshot.state.model_tensors())
+            described = describe(snapshot.state, step, model_hash, snapshot.step_certificate)
+        except Exception as exc:
+            raise _SerializationError(STATE_FILE) from exc
+        key = self.store.layout.object_key(step, STATE_FILE)
+        try:
+            self.store.put_views(
+                key,
+                [byte_view(tensor) for tensor in described.tensors],
+                part_size=self.part_size,
+                parallel=self.parallel_uploads,
+            )
+        except Exception as exc:
+            raise self.store.error(exc, f"uploading {key}") from None
+        self._log_uploaded(step, STATE_FILE, described.manifest.total_bytes)
+        return described.manifest
 
     @staticmethod
     def _release_snapshot(job: _Job) -> None:
@@ -433,13 +468,13 @@ class CheckpointWriter:
             job.snapshot.release()
             job.snapshot = None
 
-    def _log_uploaded(self, job: _Job, name: str, size: int) -> None:
+    def _log_uploaded(self, step: int, name: str, size: int) -> None:
         log.debug(
             "step %d: object %s uploaded (%d bytes)",
-            job.step,
+            step,
             name,
             size,
-            extra={"job": self.job, "step": job.step},
+            extra={"job": self.job, "step": step},
         )
 
     def _commit(self, job: _Job) -> str:
@@ -450,6 +485,7 @@ class CheckpointWriter:
             step=job.step,
             created_at=job.submitted_wall,
             objects=dict(job.uploaded),
+            state=StateObject(manifest=job.state) if job.state is not None else None,
             info=job.info,
         )
         body = manifest.model_dump_json(indent=1).encode()

@@ -35,6 +35,7 @@ from collabtrain_trainer.checkpoint import (
 )
 from collabtrain_trainer.config import CheckpointConfig
 from collabtrain_trainer.protocol import LastCheckpoint, WriterReport
+from collabtrain_trainer.state_snapshot import StateLayout
 
 log = logging.getLogger("collabtrain.peer")
 
@@ -87,6 +88,7 @@ class PeerCheckpoints:
         samples_seen: int,
         data_position: dict[str, Any],
         step_certificate: str | None = None,
+        param_hash: str | None = None,
     ) -> bool:
         """Snapshot committed step `step` and queue it for upload; returns at once after
         the CPU copy. Raises CheckpointStorageError when no writer can be made
@@ -101,6 +103,7 @@ class PeerCheckpoints:
             None,
             buffers=writer.buffers,
             step_certificate=step_certificate,
+            param_hash=param_hash,
         )
         accepted = writer.submit(snapshot, step)
         self.last_step, self.last_time = step, time.monotonic()
@@ -169,7 +172,8 @@ class PeerCheckpoints:
         CheckpointCorruptError when checkpoints exist but none verifies,
         CheckpointStorageError when storage cannot be read."""
         started = time.monotonic()
-        loaded = CheckpointReader(self.config, self.job).load_latest()
+        layout = StateLayout.of(model, optimizer)
+        loaded = CheckpointReader(self.config, self.job).load_latest(layout=layout)
         if loaded is None:
             return None
         progress = restore_state(loaded.objects, model, optimizer, None, restore_global_rng=True)

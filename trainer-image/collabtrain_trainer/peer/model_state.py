@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Mapping
-from typing import Any
-
 import torch
 from torch import Tensor, nn
 
 from collabtrain_trainer.config import OptimizerConfig
+from collabtrain_trainer.state_snapshot import hash_tensors
 
 
 def make_optimizer(params: list[nn.Parameter], config: OptimizerConfig) -> torch.optim.Optimizer:
@@ -25,15 +22,6 @@ def make_optimizer(params: list[nn.Parameter], config: OptimizerConfig) -> torch
 def param_hash(model: nn.Module) -> str:
     """A digest of every parameter and buffer, bit for bit, in state_dict order."""
     return hash_tensors(model.state_dict())
-
-
-def hash_tensors(tensors: Mapping[str, Tensor]) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in tensors.items():
-        digest.update(name.encode())
-        data: Any = tensor.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy()
-        digest.update(data)
-    return digest.hexdigest()[:16]
 
 
 def flat_mean_gradient(params: list[nn.Parameter], samples: int) -> Tensor:

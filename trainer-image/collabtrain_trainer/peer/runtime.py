@@ -39,13 +39,6 @@ from collabtrain_trainer.peer.model_state import (
     param_hash,
 )
 from collabtrain_trainer.peer.state_server import StateServer, StateTransferError, fetch_state
-from collabtrain_trainer.peer.state_snapshot import (
-    StateLayout,
-    StateSnapshot,
-    apply_snapshot,
-    copy_state,
-    describe,
-)
 from collabtrain_trainer.protocol import (
     CheckpointResult,
     Instruction,
@@ -58,6 +51,13 @@ from collabtrain_trainer.protocol import (
     RoundReady,
     RoundVote,
     StateSource,
+)
+from collabtrain_trainer.state_snapshot import (
+    StateLayout,
+    StateSnapshot,
+    apply_snapshot,
+    copy_state,
+    describe,
 )
 from collabtrain_trainer.tasks import Batch, DataShard, load_task
 
@@ -619,6 +619,7 @@ class Peer:
                     self.samples_seen,
                     self._data_position(),
                     self.step_certificate,
+                    self.hash,
                 )
             self.pending_checkpoint = CheckpointResult(step=self.step)
         except (CheckpointStorageError, ValueError, RuntimeError) as error:

@@ -38,16 +38,16 @@ from pydantic import ValidationError
 
 from collabtrain_trainer import credentials
 from collabtrain_trainer.observability import CONTENT_TYPE_LATEST, metrics_text
-from collabtrain_trainer.peer.model_state import hash_tensors
-from collabtrain_trainer.peer.state_snapshot import (
+from collabtrain_trainer.protocol import TOKEN_HEADER, StateSource
+from collabtrain_trainer.state_snapshot import (
     StateLayout,
     StateManifest,
     StateMismatch,
     StateSnapshot,
     empty_like,
+    hash_tensors,
     model_tensors,
 )
-from collabtrain_trainer.protocol import TOKEN_HEADER, StateSource
 
 log = logging.getLogger("collabtrain.peer")
 

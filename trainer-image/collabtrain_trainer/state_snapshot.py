@@ -1,5 +1,7 @@
 """A peer's training state as raw tensor bytes in fixed-size chunks, each with a BLAKE3
-digest: what a source serves a newcomer, chunk by chunk and from several sources at once.
+digest: what a source serves a newcomer, chunk by chunk and from several sources at once,
+and what a checkpoint holds in S3 (`state.bin` beside a manifest that embeds this one), so
+both travel the same way: chunks in flight, checked as they arrive, written in place.
 
 The state is the model's `state_dict` and the optimizer's per-parameter state (moments,
 step counters), laid end to end in one byte stream; the manifest names each tensor's
@@ -18,11 +20,13 @@ them, so a source cannot set them (say lr=1e6).
 from __future__ import annotations
 
 import bisect
+import hashlib
 import math
 import os
 import re
+import threading
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -181,6 +185,62 @@ def _state_items(
     return tensors, scalars
 
 
+def hash_tensors(tensors: Mapping[str, Tensor]) -> str:
+    """The parameter hash: SHA-256 over names and raw bytes, in the mapping's order."""
+    digest = hashlib.sha256()
+    for name, tensor in tensors.items():
+        digest.update(name.encode())
+        data: Any = tensor.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy()
+        digest.update(data)
+    return digest.hexdigest()[:16]
+
+
+class SnapshotBuffers:
+    """Reusable CPU memory for copies of the state.
+
+    Copying into memory that is already mapped is about twice as fast as allocating
+    fresh pages each time, and pinned memory lets GPU tensors copy asynchronously; both
+    shorten the time training is blocked. The price is holding up to `max_free` spare
+    CPU copies of the state between uses; whoever took a set gives it back once done.
+    """
+
+    def __init__(self, max_free: int = 2) -> None:
+        self.max_free = max_free
+        self._free: list[list[Tensor]] = []
+        self._lock = threading.Lock()
+
+    def take(self, sources: list[Tensor]) -> list[Tensor]:
+        """A free buffer set shaped like `sources`, or a newly allocated one."""
+        with self._lock:
+            for index, buffers in enumerate(self._free):
+                if len(buffers) == len(sources) and all(
+                    buffer.shape == source.shape and buffer.dtype == source.dtype
+                    for buffer, source in zip(buffers, sources, strict=True)
+                ):
+                    return self._free.pop(index)
+        pin = torch.cuda.is_available() and any(source.is_cuda for source in sources)
+        return [torch.empty(source.shape, dtype=source.dtype, pin_memory=pin) for source in sources]
+
+    def give_back(self, buffers: list[Tensor]) -> None:
+        with self._lock:
+            if len(self._free) < self.max_free:
+                self._free.append(buffers)
+
+
+def copy_tensors(sources: list[Tensor], buffers: SnapshotBuffers | None = None) -> list[Tensor]:
+    """Contiguous CPU copies of `sources`, in memory from `buffers` when given (device to
+    pinned host memory for GPU tensors); complete when this returns."""
+    sources = [tensor.detach() for tensor in sources]
+    if buffers is None:
+        return [tensor.to("cpu", copy=True).contiguous() for tensor in sources]
+    copies = buffers.take(sources)
+    for copy, source in zip(copies, sources, strict=True):
+        copy.copy_(source, non_blocking=copy.is_pinned())
+    if any(source.is_cuda for source in sources):
+        torch.cuda.synchronize()  # the copies must be complete before training goes on
+    return copies
+
+
 @dataclass(frozen=True)
 class StateCopy:
     """The state's tensors copied to CPU memory of their own, not yet digested."""
@@ -189,12 +249,21 @@ class StateCopy:
     tensors: list[Tensor]
     scalars: dict[str, Scalar]
 
+    def model_tensors(self) -> dict[str, Tensor]:
+        return {
+            name.removeprefix("model/"): tensor
+            for name, tensor in zip(self.names, self.tensors, strict=True)
+            if name.startswith("model/")
+        }
 
-def copy_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> StateCopy:
+
+def copy_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, buffers: SnapshotBuffers | None = None
+) -> StateCopy:
     """The only part that must not overlap training (the caller holds the lock that keeps
     the state from changing): one copy of each tensor."""
     named, scalars = _state_items(model, optimizer)
-    tensors = [tensor.detach().to("cpu", copy=True).contiguous() for _, tensor in named]
+    tensors = copy_tensors([tensor for _, tensor in named], buffers)
     return StateCopy([name for name, _ in named], tensors, scalars)
 
 
@@ -335,6 +404,18 @@ def model_tensors(snapshot: StateSnapshot) -> dict[str, Tensor]:
     }
 
 
+def optimizer_state(snapshot: StateSnapshot) -> dict[int, dict[str, object]]:
+    """The optimizer's per-parameter state, keyed by parameter index as in its state_dict."""
+    state: defaultdict[int, dict[str, object]] = defaultdict(dict)
+    for entry, tensor in zip(snapshot.manifest.tensors, snapshot.tensors, strict=True):
+        if match := _OPTIMIZER_NAME.match(entry.name):
+            state[int(match[1])][match[2]] = tensor
+    for name, value in snapshot.manifest.scalars.items():
+        if match := _OPTIMIZER_NAME.match(name):
+            state[int(match[1])][match[2]] = value
+    return dict(state)
+
+
 def apply_snapshot(
     snapshot: StateSnapshot, model: nn.Module, optimizer: torch.optim.Optimizer
 ) -> None:
@@ -343,13 +424,11 @@ def apply_snapshot(
     model.load_state_dict(model_tensors(snapshot))
     params = [p for group in optimizer.param_groups for p in group["params"]]
     state: defaultdict[Tensor, dict[str, object]] = defaultdict(dict)
-    for entry, tensor in zip(snapshot.manifest.tensors, snapshot.tensors, strict=True):
-        if match := _OPTIMIZER_NAME.match(entry.name):
-            param = params[int(match[1])]
+    for index, per_param in optimizer_state(snapshot).items():
+        param = params[index]
+        for key, value in per_param.items():
             # Step counters stay on the CPU, as the optimizers keep them.
-            on_device = tensor if tensor.dim() == 0 else tensor.to(param.device)
-            state[param][match[2]] = on_device
-    for name, value in snapshot.manifest.scalars.items():
-        if match := _OPTIMIZER_NAME.match(name):
-            state[params[int(match[1])]][match[2]] = value
+            if isinstance(value, Tensor) and value.dim() > 0:
+                value = value.to(param.device)
+            state[param][key] = value
     optimizer.state = state
