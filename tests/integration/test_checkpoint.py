@@ -24,6 +24,7 @@ import torch
 from minio import Minio
 from minio.error import S3Error
 
+from collabtrain_trainer import credentials
 from collabtrain_trainer.checkpoint import (
     CheckpointCorruptError,
     CheckpointReader,
@@ -39,7 +40,17 @@ from collabtrain_trainer.checkpoint import (
 )
 from collabtrain_trainer.checkpoint.storage import MIN_PART_SIZE
 from collabtrain_trainer.config import CheckpointConfig
-from collabtrain_trainer.state_snapshot import StateLayout, model_tensors
+from collabtrain_trainer.peer.checkpointing import PeerCheckpoints
+from collabtrain_trainer.peer.model_state import param_hash
+from collabtrain_trainer.peer.state_server import StateServer, fetch_state
+from collabtrain_trainer.protocol import StateSource
+from collabtrain_trainer.state_snapshot import (
+    StateLayout,
+    apply_snapshot,
+    hash_tensors,
+    model_tensors,
+    take_snapshot,
+)
 from testbed import tools
 from testbed.cluster import MinioServer, Pki
 from testbed.processes import ManagedProcess, free_port, wait_until
@@ -622,3 +633,46 @@ def test_tls_with_a_private_ca(tls_minio: tuple[str, Path, str, str]) -> None:
     untrusted = config.model_copy(update={"ca_bundle_path": None})
     with pytest.raises(CheckpointStorageError, match=r"SSL|certificate"):
         CheckpointReader(untrusted, JOB, env=tls_env).load_latest()
+
+
+def test_a_newcomer_reads_the_state_from_a_peer_and_a_checkpoint_of_that_step_at_once(
+    make_writer: Callable[..., CheckpointWriter],
+    config: CheckpointConfig,
+    env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Same format in S3 as on the wire: the checkpoint's chunks mix with a live peer's."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    model, optimizer = make_model(0)
+    train(model, optimizer, 2, torch.Generator().manual_seed(1))
+    agreed = param_hash(model)
+    writer = make_writer()
+    writer.submit(snapshot_state(model, optimizer, 5, 80, 0, param_hash=agreed), 5)
+    assert writer.flush(timeout=60)
+    token = credentials.peer_token("job-key", "peer-a")
+    server = StateServer("127.0.0.1", 0, token, lambda: take_snapshot(model, optimizer, 5, agreed))
+    server.start()
+    peer = StateSource(
+        peer_id="peer-a",
+        state_url=f"http://127.0.0.1:{server.port}",
+        ticket=credentials.state_ticket(token, int(time.time()) + 60),
+    )
+    checkpoints = PeerCheckpoints(config, JOB, "newcomer")
+    newcomer, newcomer_optimizer = make_model(7)
+    layout = StateLayout.of(newcomer, newcomer_optimizer)
+    try:
+        assert checkpoints.source_for(6, agreed) is None  # not as fresh as the step
+        assert checkpoints.source_for(5, "0" * 16) is None  # not the agreed state
+        source = checkpoints.source_for(5, agreed)
+        assert source is not None
+        received, served_by = fetch_state([peer], 5, agreed, layout, checkpoint=source)
+        assert sorted(served_by) == ["checkpoint of step 5", "peer-a"]
+        apply_snapshot(received, newcomer, newcomer_optimizer)
+        assert param_hash(newcomer) == agreed
+    finally:
+        server.stop()
+    # With the peer gone, the checkpoint alone serves it.
+    received, served_by = fetch_state([peer], 5, agreed, layout, checkpoint=source)
+    assert served_by == ["checkpoint of step 5"]
+    assert hash_tensors(model_tensors(received)) == agreed

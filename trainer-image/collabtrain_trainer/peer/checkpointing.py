@@ -5,13 +5,10 @@ Training waits only for `snapshot_state` (a CPU copy); the upload runs in the
 `CheckpointWriter`'s thread. The writer is created the first time this peer is chosen and
 kept afterwards, so an upload in flight survives the peer losing (and regaining) the duty.
 
-Newcomers to a running job take their state from a live peer, not from here: a newcomer
-needs the current step bit for bit (verified by hash), and a checkpoint is up to
-`every_steps` behind, so it would fetch the full state from a peer anyway. Measured on
-the test machine (loopback, MinIO): full state (params + AdamW) of 4.5 / 72 / 288 MiB took
-0.17 / 0.55 / 2.4 s from a peer and 0.12 / 0.61 / 1.7 s from the checkpoint (0.05 / 0.22 /
-0.92 s for weights only): about the same rate, so the peer wins. Bulk weights from storage
-pay off only when peers' uplinks are much slower than the store; not implemented.
+Newcomers to a running job take their state from live peers, verified by the parameter
+hash the coordinator agreed on. The latest checkpoint joins them as one more source when
+it holds that very step (same format, same chunks, so its chunks mix with the peers');
+a checkpoint is usually up to `every_steps` behind, so most joins read from peers alone.
 """
 
 from __future__ import annotations
@@ -34,6 +31,7 @@ from collabtrain_trainer.checkpoint import (
     snapshot_state,
 )
 from collabtrain_trainer.config import CheckpointConfig
+from collabtrain_trainer.peer.state_server import CheckpointSource
 from collabtrain_trainer.protocol import LastCheckpoint, WriterReport
 from collabtrain_trainer.state_snapshot import StateLayout
 
@@ -165,6 +163,24 @@ class PeerCheckpoints:
         return done
 
     # --- reading ---------------------------------------------------------------------
+
+    def source_for(self, step: int, agreed_hash: str) -> CheckpointSource | None:
+        """The latest checkpoint as a state source for a newcomer, when it holds `step`
+        with `agreed_hash` (two small reads: the pointer and the manifest)."""
+        try:
+            reader = CheckpointReader(self.config, self.job)
+            manifest = reader.peek_latest()
+        except CheckpointStorageError as error:
+            log.info("the latest checkpoint is not a state source: %s", error)
+            return None
+        if (
+            manifest is None
+            or manifest.state is None
+            or manifest.step != step
+            or manifest.state.manifest.param_hash != agreed_hash
+        ):
+            return None
+        return CheckpointSource(reader.store, step, manifest.state)
 
     def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Restored | None:
         """Load the newest verified checkpoint into `model` and `optimizer` (and the

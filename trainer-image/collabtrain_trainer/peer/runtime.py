@@ -189,8 +189,11 @@ class Peer:
             log.warning("no agreed parameter hash for step %d yet; not syncing", step)
             return False
         started = time.monotonic()
+        checkpoint = self.checkpoints.source_for(step, expected) if self.checkpoints else None
         try:
-            snapshot, served_by = fetch_state(sources, step, expected, self.state_layout)
+            snapshot, served_by = fetch_state(
+                sources, step, expected, self.state_layout, checkpoint=checkpoint
+            )
         except StateTransferError as error:
             log.warning("state for step %d not loaded: %s", step, error)
             return False

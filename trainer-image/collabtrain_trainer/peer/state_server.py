@@ -10,6 +10,9 @@ every source that serves the agreed step at once, and verify it.
 Both need `Authorization: Bearer <ticket>`, a state ticket the coordinator minted for this
 source (see `credentials.state_ticket`). `/metrics` and `/healthz` are open.
 
+A checkpoint in S3 holds the same stream (`state.bin`, its manifest inside the checkpoint's):
+when it holds the very step a newcomer syncs to, it is one more source (`CheckpointSource`).
+
 The newcomer checks each manifest against its own model before reading any chunk (layout,
 size and tensor-count bounds), reads each chunk straight into its own tensors, checks the
 chunk's digest, gives a failing source's chunks to the others (a broken transfer goes on
@@ -37,6 +40,8 @@ from urllib.parse import urlsplit
 from pydantic import ValidationError
 
 from collabtrain_trainer import credentials
+from collabtrain_trainer.checkpoint import CheckpointStore
+from collabtrain_trainer.checkpoint.layout import StateObject
 from collabtrain_trainer.observability import CONTENT_TYPE_LATEST, metrics_text
 from collabtrain_trainer.protocol import TOKEN_HEADER, StateSource
 from collabtrain_trainer.state_snapshot import (
@@ -163,24 +168,102 @@ class StateServer:
             handler.close_connection = True  # the reader gave up on this chunk
 
 
-@dataclass
 class _Source:
-    peer_id: str
-    host: str
-    port: int
-    ticket: str
-    failure: str | None = None
-    chunks: int = 0
+    """Somewhere the chunks of a state can be read from: a live peer, or a checkpoint."""
 
-    @classmethod
-    def of(cls, source: StateSource) -> _Source:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.failure: str | None = None
+        self.chunks = 0  # chunks it served in this transfer
+
+    def manifest(self, layout: StateLayout, timeout_s: float, give_up_at: float) -> StateManifest:
+        raise NotImplementedError
+
+    def read_chunk(
+        self,
+        manifest: StateManifest,
+        index: int,
+        into: list[memoryview],
+        timeout_s: float,
+        give_up_at: float,
+    ) -> None:
+        """Fill `into` with chunk `index`'s bytes (digest checked by the caller)."""
+        raise NotImplementedError
+
+
+class _PeerSource(_Source):
+    def __init__(self, source: StateSource) -> None:
+        super().__init__(source.peer_id)
+        self.ticket = source.ticket
         try:
             url = urlsplit(source.state_url)
             if url.scheme == "http" and url.hostname:
-                return cls(source.peer_id, url.hostname, url.port or 80, source.ticket)
+                self.host, self.port = url.hostname, url.port or 80
+                return
         except ValueError:
             pass  # a port that is not a number
         raise StateTransferError(f"state URL {source.state_url!r} is not http://host:port")
+
+    def manifest(self, layout: StateLayout, timeout_s: float, give_up_at: float) -> StateManifest:
+        # The manifest's size grows with the tensor count, which the layout bounds.
+        limit = (1 << 20) + 4096 * layout.max_tensors
+        buffer = memoryview(bytearray(limit))
+        received = _request(self, "/state", [buffer], timeout_s, give_up_at, exact=False)
+        try:
+            manifest = StateManifest.model_validate_json(bytes(buffer[:received]))
+            layout.check(manifest)
+        except (ValidationError, StateMismatch) as error:
+            raise StateTransferError(
+                f"its manifest does not fit this model: {error}"[:800]
+            ) from error
+        return manifest
+
+    def read_chunk(
+        self,
+        manifest: StateManifest,
+        index: int,
+        into: list[memoryview],
+        timeout_s: float,
+        give_up_at: float,
+    ) -> None:
+        path = f"/state/chunks/{manifest.snapshot_id}/{index}"
+        _request(self, path, into, timeout_s, give_up_at, exact=True)
+
+
+class CheckpointSource(_Source):
+    """The state stream of a checkpoint in S3, read by ranged GETs: a source like any peer
+    when the checkpoint holds the very step a newcomer syncs to."""
+
+    def __init__(self, store: CheckpointStore, step: int, state: StateObject) -> None:
+        super().__init__(f"checkpoint of step {step}")
+        self.store = store
+        self.key = store.layout.object_key(step, state.key)
+        self.state = state.manifest
+
+    def manifest(self, layout: StateLayout, timeout_s: float, give_up_at: float) -> StateManifest:
+        try:
+            layout.check(self.state)
+        except StateMismatch as error:
+            raise StateTransferError(f"it does not fit this model: {error}"[:800]) from error
+        return self.state
+
+    def read_chunk(
+        self,
+        manifest: StateManifest,
+        index: int,
+        into: list[memoryview],
+        timeout_s: float,
+        give_up_at: float,
+    ) -> None:
+        start, end = manifest.chunk_range(index)
+        try:
+            received = self.store.get_range_into(self.key, start, into)
+        except Exception as error:
+            raise StateTransferError(str(self.store.error(error, f"reading {self.key}"))) from None
+        if received != end - start:
+            raise StateTransferError(
+                f"{self.key} broke off after {received} of {end - start} bytes"
+            )
 
 
 @dataclass
@@ -204,7 +287,7 @@ class _Transfer:
             if source.failure is not None:
                 return
             source.failure = reason
-        log.warning("state from %s unusable: %s", source.peer_id, reason)
+        log.warning("state from %s unusable: %s", source.name, reason)
 
 
 def fetch_state(
@@ -213,22 +296,24 @@ def fetch_state(
     agreed_hash: str,
     layout: StateLayout,
     *,
+    checkpoint: CheckpointSource | None = None,
     streams: int = STREAMS,
     timeout_s: float = 30.0,
     deadline_s: float = 120.0,
 ) -> tuple[StateSnapshot, list[str]]:
     """Fetch `step`'s state from the sources that serve it with `agreed_hash` (several at
-    once, a share of the chunks each), verified; return it and the sources it came from.
-    A source that has not sent its chunks within `deadline_s` is given up (`timeout_s`
-    bounds each read only: a source trickling a byte per read would otherwise hold the
-    newcomer forever)."""
+    once, a share of the chunks each; a `checkpoint` of that step counts as one more),
+    verified; return it and the sources it came from. A source that has not sent its
+    chunks within `deadline_s` is given up (`timeout_s` bounds each read only: a source
+    trickling a byte per read would otherwise hold the newcomer forever)."""
     started = time.monotonic()
     give_up_at = started + deadline_s
 
-    def manifest_of(source: StateSource) -> tuple[_Source, StateManifest] | str:
+    def manifest_of(source: StateSource | _Source) -> tuple[_Source, StateManifest] | str:
+        name = source.peer_id if isinstance(source, StateSource) else source.name
         try:
-            candidate = _Source.of(source)
-            manifest = _fetch_manifest(candidate, layout, timeout_s, give_up_at)
+            candidate = _PeerSource(source) if isinstance(source, StateSource) else source
+            manifest = candidate.manifest(layout, timeout_s, give_up_at)
             if manifest.step != step or manifest.param_hash != agreed_hash:
                 raise StateTransferError(
                     f"it serves step {manifest.step} with hash {manifest.param_hash}, "
@@ -236,11 +321,11 @@ def fetch_state(
                 )
             return candidate, manifest
         except StateTransferError as error:
-            log.warning("state from %s unusable: %s", source.peer_id, error)
-            return f"{source.peer_id}: {error}"
+            log.warning("state from %s unusable: %s", name, error)
+            return f"{name}: {error}"
 
     # At once: each source copies and digests its state before it answers.
-    listed = list(sources)
+    listed: list[StateSource | _Source] = [*sources, *([checkpoint] if checkpoint else [])]
     with ThreadPoolExecutor(max(1, len(listed)), thread_name_prefix="state-manifest") as pool:
         answers = list(pool.map(manifest_of, listed))
     usable = [answer for answer in answers if not isinstance(answer, str)]
@@ -251,7 +336,7 @@ def fetch_state(
     same = [s for s, m in usable if _same_bytes(m, reference)]
     for other, _ in usable:
         if other not in same:
-            log.warning("state from %s unusable: it serves other bytes", other.peer_id)
+            log.warning("state from %s unusable: it serves other bytes", other.name)
     manifests_at = time.monotonic()
     transfer = _Transfer(reference, empty_like(reference), same, give_up_at, timeout_s)
     for index in range(reference.chunks):
@@ -265,9 +350,9 @@ def fetch_state(
     for worker in workers:
         worker.join()
     if not transfer.todo.empty():
-        reasons = "; ".join(f"{s.peer_id}: {s.failure}" for s in same if s.failure)
+        reasons = "; ".join(f"{s.name}: {s.failure}" for s in same if s.failure)
         raise StateTransferError(f"the state did not arrive whole: {reasons}")
-    served_by = [s.peer_id for s in same if s.failure is None and s.chunks]
+    served_by = [s.name for s in same if s.failure is None and s.chunks]
     chunks_at = time.monotonic()
     loaded = hash_tensors(model_tensors(transfer.target))
     if loaded != agreed_hash:
@@ -312,44 +397,15 @@ def _work(transfer: _Transfer, worker: int) -> None:
                 source.chunks += 1
 
 
-def _fetch_manifest(
-    source: _Source, layout: StateLayout, timeout_s: float, give_up_at: float
-) -> StateManifest:
-    # The manifest's size grows with the tensor count, which the layout bounds.
-    limit = (1 << 20) + 4096 * layout.max_tensors
-    body = _get(source, "/state", timeout_s, give_up_at, limit)
-    try:
-        manifest = StateManifest.model_validate_json(body)
-        layout.check(manifest)
-    except (ValidationError, StateMismatch) as error:
-        raise StateTransferError(f"its manifest does not fit this model: {error}"[:800]) from error
-    return manifest
-
-
-def _get(source: _Source, path: str, timeout_s: float, give_up_at: float, limit: int) -> bytes:
-    buffer = bytearray(limit)
-    view = memoryview(buffer)
-    received = _request(source, path, [view], timeout_s, give_up_at, exact=False)
-    return bytes(view[:received])
-
-
 def _fetch_chunk(transfer: _Transfer, source: _Source, index: int) -> None:
-    snapshot_id = transfer.manifest.snapshot_id
     pieces = list(transfer.target.pieces(index))
-    _request(
-        source,
-        f"/state/chunks/{snapshot_id}/{index}",
-        pieces,
-        transfer.timeout_s,
-        transfer.give_up_at,
-        exact=True,
-    )
+    source.read_chunk(transfer.manifest, index, pieces, transfer.timeout_s, transfer.give_up_at)
     if transfer.target.chunk_digest(index) != transfer.manifest.chunk_digests[index]:
         raise StateTransferError(f"chunk {index} is corrupt (BLAKE3 mismatch)")
 
 
 def _request(
-    source: _Source,
+    source: _PeerSource,
     path: str,
     into: list[memoryview],
     timeout_s: float,
