@@ -173,7 +173,7 @@ def main() -> None:
         "join_seconds_10m": by[("10m", 2)]["join_seconds"],
         "fraction_of_link": headline["fraction_of_link"],
         "transfer_seconds": headline["transfer_seconds"],
-        "hash": "BLAKE3 per 8 MiB chunk; SHA-256 parameter hash over the whole model",
+        "hash": "BLAKE3 per 8 MiB chunk; BLAKE3 parameter hash over the whole model (all cores)",
         "wall_seconds": round(time.monotonic() - began, 1),
     }
     print_table(
