@@ -17,6 +17,10 @@ bytes, in one stream. `fraction_of_link` = that copy's time / the transfer's tim
 100M row with the most sources, in the summary); `join_fraction_of_link` the same against
 the whole join.
 
+Beside them, `idle_transfer_seconds`: the largest state between two processes with
+nothing training and no coordinator (a source's `StateServer`, `fetch_state`), to show
+how much of the transfer is the product's own cost and how much the shared CPU.
+
     python -m bench.join_bench [--quick]   # --quick: the 10M model only
 """
 
@@ -72,6 +76,66 @@ def socket_copy_seconds(nbytes: int) -> float:
     elapsed = time.perf_counter() - started
     server.close()
     return elapsed
+
+
+def _state_of(model: str) -> tuple[Any, Any]:
+    """The tinylm model of that size with its AdamW state materialised."""
+    import torch
+
+    from collabtrain_trainer.tasks import load_task
+
+    net = load_task("tinylm", MODELS[model][0], 0).model
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    for param in net.parameters():
+        param.grad = torch.zeros_like(param)
+    optimizer.step()
+    return net, optimizer
+
+
+def _serve_idle(model: str, answers: Any) -> None:
+    from collabtrain_trainer import credentials
+    from collabtrain_trainer.peer.model_state import param_hash
+    from collabtrain_trainer.peer.state_server import StateServer
+    from collabtrain_trainer.state_snapshot import take_snapshot
+
+    net, optimizer = _state_of(model)
+    agreed = param_hash(net)
+    snapshot = take_snapshot(net, optimizer, 1, agreed)
+    token = credentials.peer_token("bench", "idle-source")
+    server = StateServer("127.0.0.1", 0, token, lambda: snapshot)
+    server.start()
+    answers.put((server.port, agreed, credentials.state_ticket(token, int(time.time()) + 3600)))
+    time.sleep(3600)
+
+
+def idle_transfer_seconds(model: str) -> float:
+    """The same state between two processes with nothing training and no coordinator: a
+    source's `StateServer` (a spawned process) and `fetch_state` here. Best of 3."""
+    import multiprocessing
+
+    from collabtrain_trainer.peer.state_server import fetch_state
+    from collabtrain_trainer.protocol import StateSource
+    from collabtrain_trainer.state_snapshot import StateLayout
+
+    context = multiprocessing.get_context("spawn")
+    answers = context.Queue()
+    child = context.Process(target=_serve_idle, args=(model, answers), daemon=True)
+    child.start()
+    try:
+        port, agreed, ticket = answers.get(timeout=600)
+        source = StateSource(
+            peer_id="idle-source", state_url=f"http://127.0.0.1:{port}", ticket=ticket
+        )
+        layout = StateLayout.of(*_state_of(model))
+        times = []
+        for _ in range(3):
+            started = time.perf_counter()
+            fetch_state([source], 1, agreed, layout)
+            times.append(time.perf_counter() - started)
+        return min(times)
+    finally:
+        child.kill()
+        child.join()
 
 
 _LOADED = re.compile(r"state loaded from ([^:]+): .*\((\d+) bytes in ([0-9.]+)s")
@@ -166,6 +230,10 @@ def main() -> None:
                 }
             )
             print_table(rows[-1:], ["model", "sources", "join_seconds", "transfer_seconds"])
+    largest = list(MODELS)[-1] if not args.quick else "10m"
+    idle = idle_transfer_seconds(largest)
+    idle_copy = min(socket_copy_seconds(rows[-1]["state_bytes"]) for _ in range(3))
+    print(f"idle transfer of the {largest} state: {idle:.3f}s (socket copy {idle_copy:.3f}s)")
     headline = rows[-1]  # the largest model, the most sources
     by = {(row["model"], row["sources"]): row for row in rows}
     summary = {
@@ -174,6 +242,13 @@ def main() -> None:
         "fraction_of_link": headline["fraction_of_link"],
         "transfer_seconds": headline["transfer_seconds"],
         "hash": "BLAKE3 per 8 MiB chunk; BLAKE3 parameter hash over the whole model (all cores)",
+        "idle_model": largest,
+        "idle_transfer_seconds": round(idle, 3),
+        "idle_fraction_of_link": round(idle_copy / idle, 3),
+        "idle_note": (
+            "StateServer and fetch_state between two processes with nothing training and no "
+            "coordinator: what the transfer costs when it does not share the CPU with training"
+        ),
         "wall_seconds": round(time.monotonic() - began, 1),
     }
     print_table(

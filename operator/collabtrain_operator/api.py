@@ -538,16 +538,22 @@ class JobSpec(ApiModel):
 
 # ----------------------------------------------------------------------------------- status
 
-Phase = Literal["Pending", "Running", "Suspended", "Succeeded", "Failed"]
+Phase = Literal["Pending", "Stuck", "Running", "Suspended", "Succeeded", "Failed"]
 ConditionType = Literal[
-    "Ready", "CapacityShortage", "OnDemandFallback", "CheckpointStale", "InvalidSpec"
+    "Ready",
+    "CapacityShortage",
+    "OnDemandFallback",
+    "CheckpointStale",
+    "InvalidSpec",
+    "PeersFailing",
 ]
 SlotCapacity = Literal["spot", "on-demand"]
 
 
 class Condition(ApiModel):
     type: str = Field(
-        description="Ready, CapacityShortage, OnDemandFallback, CheckpointStale or InvalidSpec."
+        description="Ready, PeersFailing, CapacityShortage, OnDemandFallback, CheckpointStale, "
+        "CheckpointRestoreFailing, ProgressRewound, FinalStateSaved or InvalidSpec."
     )
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
     reason: str = Field(default="", description="CamelCase reason.")
@@ -647,11 +653,14 @@ class SuspendState(ApiModel):
 
 class JobStatus(ApiModel):
     phase: Phase = Field(
-        default="Pending", description="Pending, Running, Suspended, Succeeded or Failed."
+        default="Pending",
+        description="Pending, Stuck (not running, and peers fail or cannot start: the "
+        "PeersFailing condition quotes why), Running, Suspended, Succeeded or Failed.",
     )
     conditions: list[Condition] = Field(
         default_factory=list,
-        description="Ready, CapacityShortage, OnDemandFallback, CheckpointStale, InvalidSpec.",
+        description="Ready, PeersFailing, CapacityShortage, OnDemandFallback, CheckpointStale, "
+        "CheckpointRestoreFailing, ProgressRewound, FinalStateSaved, InvalidSpec.",
         json_schema_extra={
             "x-kubernetes-list-type": "map",
             "x-kubernetes-list-map-keys": ["type"],

@@ -170,6 +170,9 @@ class Reconciler:
         patch = planning.merge_patch(
             planning.status_body(previous), planning.status_body(plan.status)
         )
+        if "phase" not in (body.get("status") or {}):
+            # Parsing filled in the default phase: a diff against it would never write it.
+            patch["phase"] = plan.status.phase
         put_off = self.memory.put_off_report(patch, plan.acts, time.monotonic())
         if put_off is not None:
             return put_off  # the whole pass: the next one plans (and reports) again

@@ -496,6 +496,9 @@ def build_peer_pod(
         "resources": peer_resources(trainer.resources),
         "volumeMounts": mounts,
         "securityContext": container_security_context(),
+        # The trainer writes why it gave up to /dev/termination-log; a crash leaves the
+        # log's tail there instead. The operator quotes it on the job.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     if trainer.image_pull_policy:
         container["imagePullPolicy"] = trainer.image_pull_policy
@@ -587,6 +590,7 @@ def build_coordinator_deployment(
         "resources": _resources(coordinator.resources),
         "volumeMounts": mounts,
         "securityContext": container_security_context(),
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         "readinessProbe": {**probe_path, "periodSeconds": 5, "failureThreshold": 3},
         "livenessProbe": {**probe_path, "periodSeconds": 10, "failureThreshold": 6},
     }

@@ -188,6 +188,49 @@ def test_coordinator_pod_deleted_mid_training_is_recreated_and_training_continue
     assert status.get("failures", 0) == 0
 
 
+def condition(job: dict[str, Any], type_: str) -> dict[str, Any]:
+    found = [c for c in job.get("status", {}).get("conditions", []) if c["type"] == type_]
+    assert found, json.dumps(job.get("status"), indent=1)
+    return dict(found[0])
+
+
+def test_bad_input_is_quoted_on_the_job_not_only_in_a_pod_log(cluster: LocalCluster) -> None:
+    """As a new user would get it wrong: a task that does not exist fails the job with the
+    ImportError in its status; a credentials Secret that does not exist makes it Stuck
+    with the kubelet's words."""
+    namespace = "e2e-bad-input"
+    cluster.create_namespace(namespace)
+    bad_task = quickstart("bad-task")
+    bad_task["spec"]["trainer"]["task"] = "nosuchmodule:make_task"
+    bad_task["spec"]["failurePolicy"] = {"maxFailures": 1, "initialBackoff": "1s"}
+    cluster.submit(namespace, bad_task)
+    no_secret = quickstart("no-secret")
+    no_secret["spec"]["checkpoint"]["credentialsSecretRef"]["name"] = "does-not-exist"
+    no_secret["spec"]["trainer"]["image"] = images.TRAINER_IMAGE
+    no_secret["spec"]["trainer"]["imagePullPolicy"] = "Never"
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(no_secret))
+
+    def phase(name: str) -> str:
+        return str(cluster.job(namespace, name).get("status", {}).get("phase", ""))
+
+    wait_until(lambda: phase("bad-task") == "Failed", "the bad task's job to fail", timeout=300)
+    failed = cluster.job(namespace, "bad-task")
+    ready = condition(failed, "Ready")
+    assert ready["reason"] == "MaxFailuresExceeded"
+    assert "No module named 'nosuchmodule'" in ready["message"], ready
+    failing = condition(failed, "PeersFailing")
+    assert (failing["status"], failing["reason"]) == ("True", "TaskError")
+    assert "nosuchmodule:make_task" in failing["message"]
+
+    wait_until(lambda: phase("no-secret") == "Stuck", "the job without its Secret", timeout=180)
+    stuck = condition(cluster.job(namespace, "no-secret"), "Ready")
+    assert stuck["reason"] == "SecretMissing"
+    assert 'secret "does-not-exist" not found' in stuck["message"], stuck
+    assert "Stuck" in cluster.kubectl("get", "ctj", "no-secret", "-n", namespace)
+    for name in ("bad-task", "no-secret"):
+        cluster.kubectl("delete", "ctj", name, "-n", namespace, "--wait=true", "--timeout=120s")
+
+
 def test_pods_dir_holds_logs_of_every_pod(cluster: LocalCluster) -> None:
     assert cluster.pods_dir is not None
     logs = {path.stem for path in Path(cluster.pods_dir).rglob("*.log")}

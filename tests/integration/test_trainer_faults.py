@@ -316,3 +316,23 @@ def test_a_peer_hung_while_heartbeating_does_not_stall_the_others(
     assert_each_step_committed_once(cluster)
     assert_hashes_agree(cluster)
     assert all(cluster.peers[p].process.poll() is None for p in survivors)
+
+
+@pytest.mark.timeout(90, func_only=True)
+@pytest.mark.parametrize(
+    ("task", "exit_code", "cause"),
+    [
+        ("forward_fails", 5, "its first forward and backward failed: RuntimeError"),
+        ("no_data", 6, "ran out (a task's batches must not end)"),
+    ],
+)
+def test_a_task_whose_first_step_cannot_run_ends_the_peer_with_its_cause(
+    make_cluster: ClusterFactory, task: str, exit_code: int, cause: str
+) -> None:
+    """A user's task that fails only once it trains: the peer exits with the task's or
+    the data's code and says why (the termination message the operator quotes)."""
+    cluster = make_cluster(task=f"tests.integration.broken_tasks:{task}")
+    peer = cluster.start_peer()
+    process = cluster.peers[peer].process
+    assert process.wait(timeout=60) == exit_code, cluster.log_text(peer)[-2000:]
+    assert cause in cluster.log_text(peer)

@@ -695,6 +695,7 @@ def test_peer_pod_from_body() -> None:
                         "terminated": {
                             "exitCode": 137,
                             "reason": "Error",
+                            "message": "Traceback (most recent call last):\n  ...\nOSError: boom\n",
                             "finishedAt": "2026-01-01T11:59:10Z",
                         }
                     },
@@ -719,6 +720,7 @@ def test_peer_pod_from_body() -> None:
         status_reason="Evicted",
         exit_code=137,
         exit_reason="Error",
+        exit_message="Traceback (most recent call last): | ... | OSError: boom",
         # The earliest sign: the deletion was asked for 30 s before its deadline.
         ended_at=datetime(2026, 1, 1, 11, 58, 30, tzinfo=UTC),
         uid="u-1",
@@ -862,3 +864,65 @@ def test_a_created_pod_the_watch_has_not_shown_yet_is_not_lost() -> None:
     # Once it is no longer awaited and still missing, it was lost.
     later = run(make_spec(), [running(0), running(2)], status)
     assert [(loss.pod, loss.kind) for loss in later.losses] == [("demo-peer-1-0", "preemption")]
+
+
+# ------------------------------------------------------------- why peers fail, on the job
+
+
+def test_a_task_that_cannot_load_is_quoted_on_the_job_until_it_fails() -> None:
+    """The trainer's termination message reaches the condition, the event and, at the
+    end, the Failed message: never only a pod log."""
+    spec = make_spec(failurePolicy={"maxFailures": 1})
+    cause = (
+        "task entrypoint 'nosuchmodule:make_task' cannot be loaded: No module named 'nosuchmodule'"
+    )
+    failed = running(0, phase="Failed", ready=False, exit_code=5, exit_reason="Error")
+    failed = dataclasses.replace(failed, exit_message=cause)
+    first = run(spec, [failed, pending(1), pending(2)])
+    assert condition(first, "PeersFailing") == ("True", "TaskError")
+    found = planning.get_condition(first.status.conditions, "PeersFailing")
+    assert found is not None and cause in found.message and "demo-peer-0-0" in found.message
+    assert any(cause in e.message for e in first.events if e.reason == "PeerFailed")
+    # Nothing runs: the job is stuck, and says why.
+    assert first.status.phase == "Stuck"
+    assert condition(first, "Ready") == ("False", "TaskError")
+
+    again = dataclasses.replace(failed, name="demo-peer-0-1", attempt=1)
+    second = run(spec, [again, pending(1), pending(2)], first.status)
+    assert second.status.phase == "Failed"
+    ready = planning.get_condition(second.status.conditions, "Ready")
+    assert ready is not None and ready.reason == "MaxFailuresExceeded"
+    assert cause in ready.message
+
+
+def test_a_missing_secret_makes_the_job_stuck_with_the_kubelets_words() -> None:
+    waiting = dataclasses.replace(
+        pending(0),
+        unschedulable=False,
+        node_name="node-0",
+        waiting_reason="CreateContainerConfigError",
+        waiting_message='secret "does-not-exist" not found',
+    )
+    result = run(make_spec(), [waiting, pending(1), pending(2)], coordinator_ready=False)
+    assert result.status.phase == "Stuck"
+    assert condition(result, "PeersFailing") == ("True", "SecretMissing")
+    ready = planning.get_condition(result.status.conditions, "Ready")
+    assert ready is not None and 'secret "does-not-exist" not found' in ready.message
+    assert "PeerCannotStart" in reasons(result)
+    # Said once, not on every pass.
+    again = run(
+        make_spec(), [waiting, pending(1), pending(2)], result.status, coordinator_ready=False
+    )
+    assert "PeerCannotStart" not in reasons(again)
+
+    # Created: the peers start, and the condition clears.
+    fixed = run(make_spec(), all_running(), again.status)
+    assert fixed.status.phase == "Running"
+    assert condition(fixed, "PeersFailing") == ("False", "PeersRunning")
+
+
+def test_a_peer_that_is_merely_being_created_is_not_stuck() -> None:
+    creating = dataclasses.replace(pending(0), waiting_reason="ContainerCreating")
+    result = run(make_spec(), [creating, pending(1), pending(2)], coordinator_ready=False)
+    assert result.status.phase == "Pending"
+    assert planning.get_condition(result.status.conditions, "PeersFailing") is None

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from collabtrain_trainer import cli
+from collabtrain_trainer import cli, errors
 from collabtrain_trainer.config import PEER_ID_ENV, TrainerConfig
 from collabtrain_trainer.coordinator import server
 
@@ -84,3 +84,30 @@ def test_a_job_name_that_is_not_a_plain_file_name_gets_no_key_file(
     assert repr(job) in str(error.value) and "rename the job" in str(error.value)
     assert not list(tmp_path.rglob("*.job-key"))
     assert stored_job_key("demo-1.v2_x")  # a plain name still works
+
+
+@pytest.mark.parametrize(
+    ("task", "cause"),
+    [
+        ("nosuchmodule:make_task", "No module named 'nosuchmodule'"),
+        ("collabtrain_trainer.tasks:BUILTIN_TASKS", "is not callable"),
+        ("collabtrain_trainer.tasks:shard_indices", "TypeError"),
+    ],
+)
+def test_a_task_that_cannot_be_built_ends_the_peer_with_its_cause_for_the_operator(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, task: str, cause: str
+) -> None:
+    """Exit code 5 (TaskError), and the cause in the termination message the kubelet hands
+    to the operator (in a pod the file exists: here a stand-in path)."""
+    path = tmp_path / "trainer.json"
+    path.write_text(
+        TrainerConfig(job="demo", task=task, coordinator_url="http://127.0.0.1:9").model_dump_json()
+    )
+    termination_log = tmp_path / "termination-log"
+    termination_log.touch()
+    monkeypatch.setattr(errors, "TERMINATION_LOG", termination_log)
+    monkeypatch.setenv("COLLABTRAIN_PEER_TOKEN", "t")
+    monkeypatch.setenv(PEER_ID_ENV, "demo-peer-0-0")
+    assert cli.main(["peer", "--config", str(path), "--advertise-host", "127.0.0.1"]) == 5
+    message = termination_log.read_text()
+    assert task in message and cause in message

@@ -29,6 +29,7 @@ from collabtrain_trainer.config import (
     CodecName,
     TrainerConfig,
 )
+from collabtrain_trainer.errors import PeerFatal, write_termination_message
 
 log = logging.getLogger("collabtrain.cli")
 
@@ -58,21 +59,23 @@ def _peer(args: argparse.Namespace) -> int:
     config = _load_config(args.config)
     token = os.environ.get(config.peer_token_env)
     if not token:
-        print(
+        message = (
             f"the peer's token is missing: set the environment variable {config.peer_token_env} "
-            "(on Kubernetes, the operator fills it from the peer's own Secret)",
-            file=sys.stderr,
+            "(on Kubernetes, the operator fills it from the peer's own Secret)"
         )
+        print(message, file=sys.stderr)  # logging is not configured yet
+        write_termination_message(message)
         return 2
     # The pod's name (downward API) on Kubernetes; never the host name, which is cut to 63
     # characters and would make two peers of a long-named job one and the same.
     peer_id = args.peer_id or os.environ.get(PEER_ID_ENV)
     if not peer_id:
-        print(
+        message = (
             f"the peer id is missing: pass --peer-id or set the environment variable "
-            f"{PEER_ID_ENV} (the operator sets it to the pod's name)",
-            file=sys.stderr,
+            f"{PEER_ID_ENV} (the operator sets it to the pod's name)"
         )
+        print(message, file=sys.stderr)
+        write_termination_message(message)
         return 2
     from collabtrain_trainer.observability import configure_logging
 
@@ -90,24 +93,31 @@ def _peer(args: argparse.Namespace) -> int:
         or os.environ.get("POD_IP")
         or socket.gethostbyname(socket.gethostname())
     )
-    peer = Peer(
-        config,
-        peer_id,
-        token,
-        advertise_host=advertise,
-        bind_host=args.bind_host,
-        state_port=args.state_port,
-    )
     from collabtrain_trainer.peer.client import RequestRefused
 
     try:
+        peer = Peer(
+            config,
+            peer_id,
+            token,
+            advertise_host=advertise,
+            bind_host=args.bind_host,
+            state_port=args.state_port,
+        )
         return peer.run()
+    except PeerFatal as error:
+        return _fatal(str(error), error.exit_code)
     except PermissionError as error:
-        logging.getLogger("collabtrain.peer").error("%s", error)
-        return 3
+        return _fatal(str(error), 3)
     except RequestRefused as error:
-        logging.getLogger("collabtrain.peer").error("%s", error)
-        return 4
+        return _fatal(str(error), 4)
+
+
+def _fatal(message: str, exit_code: int) -> int:
+    """Log why this peer gives up and leave it for the operator to quote on the job."""
+    logging.getLogger("collabtrain.peer").error("%s", message)
+    write_termination_message(message)
+    return exit_code
 
 
 def _checkpoint_config(args: argparse.Namespace) -> dict[str, Any] | None:

@@ -52,6 +52,19 @@ Text = Annotated[str, Field(max_length=2000)]  # reasons and errors, for logs
 MAX_MEMBERS = 4096
 
 
+# How a peer process ends when it cannot go on, and the reason the operator gives it on
+# the job (`PeersFailing`); the cause itself is in the container's termination message.
+EXIT_REASONS: dict[int, str] = {
+    2: "MissingPeerIdentity",  # no token or peer id in the environment
+    3: "Unauthorized",  # the coordinator refused the peer's credentials
+    4: "RequestRefused",  # the coordinator refused a request as malformed
+    5: "TaskError",  # the task cannot be loaded, returns the wrong type, or its first step fails
+    6: "DataUnreadable",  # the task's data yields nothing or cannot be read
+}
+EXIT_TASK_ERROR = 5
+EXIT_DATA_ERROR = 6
+
+
 def certificate_or_none(value: object) -> str | None:
     """A certificate from outside the coordinator's replies (a source's header, a
     checkpoint), if it has the shape of one (the coordinator checks the rest); anything

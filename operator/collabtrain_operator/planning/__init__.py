@@ -60,7 +60,8 @@ def plan(name: str, spec: JobSpec, previous: JobStatus, observed: Observed) -> P
     lifecycle.suspend_or_resume(p)
     slots.assign_pods(p)
     slots.count_losses(p)
-    lifecycle.fail_over_budget(p)  # counts the losses just seen
+    conditions.peer_problems(p)  # quotes the losses just seen
+    lifecycle.fail_over_budget(p)  # counts them
     slots.retire_unwanted(p)
     slots.move_between_spot_and_on_demand(p)
     slots.create_missing(p)

@@ -3,12 +3,13 @@ the coordinator reports, and the peer counts."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Literal
 
 from collabtrain_operator.api import Condition, LastCheckpointStatus, PeerCounts, Progress
-from collabtrain_trainer.protocol import Rewind
+from collabtrain_trainer.protocol import EXIT_REASONS, Rewind
 
 if TYPE_CHECKING:
     from collabtrain_operator.planning.model import Pass
@@ -166,6 +167,45 @@ def _report_rewind(p: Pass, rewind: Rewind) -> None:
     if prior is None or prior.message != message:
         p.event("Warning", "ProgressRewound", message)
     p.conditions.set("ProgressRewound", True, reason, message)
+
+
+# Waiting reasons of a container that will not start without a change by someone (as
+# opposed to ContainerCreating or PodInitializing, which pass by themselves).
+CANNOT_START = frozenset(
+    {
+        "CreateContainerConfigError",
+        "CreateContainerError",
+        "ErrImagePull",
+        "ImagePullBackOff",
+        "InvalidImageName",
+        "RunContainerError",
+    }
+)
+_SECRET_NOT_FOUND = re.compile(r'secret "[^"]+" not found')
+
+
+def peer_problems(p: Pass) -> None:
+    """PeersFailing: why peers fail or cannot start, quoted from the pods (the trainer's
+    termination message, the kubelet's waiting message), so that the job says it and not
+    only a pod log. Cleared once a peer of the current attempts runs ready."""
+    failures = [loss for loss in p.plan.losses if loss.kind == "failure"]
+    active = [pod for pod in p.current.values() if not pod.ended]
+    blocked = [pod for pod in active if pod.waiting_reason in CANNOT_START]
+    prior = p.conditions.get("PeersFailing")
+    if failures:
+        loss = failures[-1]
+        reason = EXIT_REASONS.get(loss.exit_code or 0, "PeerFailed")
+        p.conditions.set("PeersFailing", True, reason, f"{loss.pod}: {loss.reason}")
+    elif blocked:
+        pod = blocked[0]
+        cause = pod.waiting_message or "no message"
+        message = f"{pod.name} cannot start ({pod.waiting_reason}): {cause}"
+        reason = "SecretMissing" if _SECRET_NOT_FOUND.search(cause) else str(pod.waiting_reason)
+        if prior is None or prior.message != message:
+            p.event("Warning", "PeerCannotStart", message)
+        p.conditions.set("PeersFailing", True, reason, message)
+    elif prior is not None and prior.status == "True" and any(pod.ready for pod in active):
+        p.conditions.set("PeersFailing", False, "PeersRunning")
 
 
 def peer_counts(p: Pass) -> None:

@@ -101,12 +101,16 @@ def fail_over_budget(p: Pass) -> None:
     message = (
         f"{p.status.failures} peers failed, more than spec.failurePolicy.maxFailures={max_failures}"
     )
+    failing = p.conditions.get("PeersFailing")
+    if failing is not None and failing.status == "True":
+        message += f"; the last: {failing.message}"
     p.conditions.set("Ready", False, "MaxFailuresExceeded", message)
     p.event("Warning", "Failed", message)
 
 
 def settle(p: Pass) -> None:
-    """Running or Pending (and the Ready condition) for a job neither ended nor suspended."""
+    """Running, Pending or Stuck (and the Ready condition) for a job neither ended nor
+    suspended."""
     if p.terminal:
         return
     if p.spec.suspend:
@@ -120,7 +124,12 @@ def settle(p: Pass) -> None:
     ready = p.status.peers.ready
     running = p.observed.coordinator_ready and ready >= p.spec.min_replicas
     p.status.phase = "Running" if running else "Pending"
-    if running:
+    failing = p.conditions.get("PeersFailing")
+    if not running and failing is not None and failing.status == "True":
+        # Not a wait that ends by itself: say so, and why.
+        p.status.phase = "Stuck"
+        p.conditions.set("Ready", False, failing.reason, failing.message)
+    elif running:
         p.status.start_time = p.status.start_time or p.now
         p.conditions.set("Ready", True, "Running", f"{ready} of {p.desired} peers ready")
     elif not p.observed.coordinator_ready:

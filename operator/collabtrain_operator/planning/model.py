@@ -54,6 +54,12 @@ class PeerPod:
     status_reason: str | None = None
     exit_code: int | None = None
     exit_reason: str | None = None
+    # The container's termination message: the trainer writes its fatal error there (the
+    # kubelet falls back to the log's tail for a crash).
+    exit_message: str | None = None
+    # Why its container is not running yet (CreateContainerConfigError: a missing Secret).
+    waiting_reason: str | None = None
+    waiting_message: str | None = None
     # Deleted from the API server before the operator released it (its finalizer was
     # removed by hand or by a simulator); this is its last state.
     gone: bool = False
@@ -77,6 +83,18 @@ def _parse_time(text: str | None) -> datetime | None:
     return datetime.fromisoformat(text.replace("Z", "+00:00")) if text else None
 
 
+# Condition messages and events quote at most this much of a container's message.
+MESSAGE_CHARS = 600
+
+
+def _short(text: str | None) -> str | None:
+    """A container message as one line of bounded length (a traceback's last lines)."""
+    if not text or not text.strip():
+        return None
+    line = " | ".join(part.strip() for part in text.strip().splitlines() if part.strip())
+    return line if len(line) <= MESSAGE_CHARS else "…" + line[-MESSAGE_CHARS:]
+
+
 def peer_pod_from_body(body: Mapping[str, Any]) -> PeerPod | None:
     """Read a pod object; None when it is not a peer pod made by this operator."""
     metadata = body.get("metadata", {})
@@ -91,17 +109,22 @@ def peer_pod_from_body(body: Mapping[str, Any]) -> PeerPod | None:
     disruption = conditions.get("DisruptionTarget")
     scheduled = conditions.get("PodScheduled")
     ready = conditions.get("Ready")
-    exit_code = exit_reason = None
+    exit_code = exit_reason = exit_message = waiting_reason = waiting_message = None
     container_started = False
     # Candidates for when the pod began to end; the earliest is the loss time.
     ended: list[datetime | None] = []
     for container in status.get("containerStatuses") or []:
         state = container.get("state") or {}
         container_started = container_started or "running" in state or "terminated" in state
+        waiting = state.get("waiting")
+        if waiting is not None:
+            waiting_reason = waiting.get("reason")
+            waiting_message = _short(waiting.get("message"))
         terminated = state.get("terminated")
         if terminated is not None:
             exit_code = terminated.get("exitCode")
             exit_reason = terminated.get("reason")
+            exit_message = _short(terminated.get("message"))
             ended.append(_parse_time(terminated.get("finishedAt")))
             if exit_code:
                 break
@@ -134,6 +157,9 @@ def peer_pod_from_body(body: Mapping[str, Any]) -> PeerPod | None:
         status_reason=status.get("reason"),
         exit_code=exit_code,
         exit_reason=exit_reason,
+        exit_message=exit_message,
+        waiting_reason=waiting_reason,
+        waiting_message=waiting_message,
         ended_at=min((t for t in ended if t is not None), default=None),
         uid=metadata.get("uid") or "",
         container_started=container_started,
@@ -177,6 +203,7 @@ class Loss:
     slot: int
     kind: LossKind
     reason: str
+    exit_code: int | None = None
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,8 @@ def classify_loss(pod: PeerPod, node_interruptions: Iterable[str] = ()) -> tuple
         return "preemption", f"pod ended by its node ({pod.status_reason})"
     if pod.exit_code is not None and pod.exit_code != 0:
         detail = f", {pod.exit_reason}" if pod.exit_reason else ""
-        return "failure", f"trainer exited with code {pod.exit_code}{detail}"
+        cause = f": {pod.exit_message}" if pod.exit_message else ""
+        return "failure", f"trainer exited with code {pod.exit_code}{detail}{cause}"
     if pod.phase == "Succeeded" or pod.exit_code == 0:
         return "left", "trainer exited 0 before the job finished"
     if pod.phase == "Failed":
@@ -125,7 +126,9 @@ def count_losses(p: Pass) -> None:
             continue  # we were removing it anyway
         interruptions = p.observed.node_interruptions.get(pod.node_name or "", ())
         kind, reason = classify_loss(pod, interruptions)
-        p.plan.losses.append(Loss(pod=pod.name, slot=slot, kind=kind, reason=reason))
+        p.plan.losses.append(
+            Loss(pod=pod.name, slot=slot, kind=kind, reason=reason, exit_code=pod.exit_code)
+        )
         state.retry_after = None
         if kind == "preemption":
             status.preemptions += 1

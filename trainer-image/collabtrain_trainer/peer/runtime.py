@@ -25,6 +25,7 @@ from collabtrain_trainer.averaging.exchange import ExchangeResult, ExchangeState
 from collabtrain_trainer.averaging.groups import EpochGroups, default_backend
 from collabtrain_trainer.checkpoint import CheckpointCorruptError, CheckpointStorageError
 from collabtrain_trainer.config import TrainerConfig
+from collabtrain_trainer.errors import DataError, PeerFatal, TaskError
 from collabtrain_trainer.observability import log_context, setup_telemetry
 from collabtrain_trainer.peer.checkpointing import PeerCheckpoints
 from collabtrain_trainer.peer.client import (
@@ -109,11 +110,15 @@ class Peer:
             PeerCheckpoints(config.checkpoint, config.job, peer_id) if config.checkpoint else None
         )
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.task = load_task(config.task, config.task_args, config.seed)
+        try:
+            self.task = load_task(config.task, config.task_args, config.seed)
+        except (ValueError, TypeError) as error:
+            raise TaskError(str(error)) from error
         self.model = self.task.model.to(self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.params, config.optimizer)
         self.step = 0
+        self.trained_once = False  # a first micro-batch went through (errors before: the task's)
         self.hash = param_hash(self.model)
         self.seed_hash = self.hash  # step 0's state: every peer builds it from the seed
         # The coordinator's signature of a step (step, certificate), shown when joining a
@@ -413,14 +418,37 @@ class Peer:
     def _train_micro_batch(self) -> None:
         assert self.batches is not None
         started = time.perf_counter()
-        inputs, targets = next(self.batches)
+        first = not self.trained_once
+        try:
+            inputs, targets = next(self.batches)
+        except StopIteration:
+            raise DataError(
+                f"task {self.config.task!r}: the data of shard {self.data_shard} of "
+                f"{self.config.data_shards} ran out (a task's batches must not end)"
+            ) from None
+        except Exception as error:
+            if not first:
+                raise
+            raise DataError(
+                f"task {self.config.task!r}: its data cannot be read: "
+                f"{type(error).__name__}: {error}"
+            ) from error
         self.micro_batches += 1
-        inputs, targets = inputs.to(self.device), targets.to(self.device)
-        self.model.train()
-        loss = self.task.loss(self.model(inputs), targets)
-        count = len(inputs)
-        # Sum over samples, so the accumulated gradient divides by the sample count later.
-        (loss * count).backward()  # type: ignore[no-untyped-call]
+        try:
+            inputs, targets = inputs.to(self.device), targets.to(self.device)
+            self.model.train()
+            loss = self.task.loss(self.model(inputs), targets)
+            count = len(inputs)
+            # Sum over samples, so the accumulated gradient divides by the sample count.
+            (loss * count).backward()  # type: ignore[no-untyped-call]
+        except Exception as error:
+            if not first:
+                raise
+            raise TaskError(
+                f"task {self.config.task!r}: its first forward and backward failed: "
+                f"{type(error).__name__}: {error}"
+            ) from error
+        self.trained_once = True
         self.accumulator.samples += count
         self.accumulator.loss_sum += float(loss.detach()) * count
         elapsed = time.perf_counter() - started
@@ -648,6 +676,9 @@ class Peer:
             reason = self._loop()
         except _Terminated:
             reason = "terminated while the coordinator was unreachable"
+        except PeerFatal as error:
+            reason = str(error)
+            raise
         finally:
             self.stop_heartbeat.set()
             try:

@@ -56,7 +56,12 @@ def load_task(name: str, args: dict[str, str], seed: int) -> Task:
     except (ImportError, AttributeError) as error:
         raise ValueError(f"task entrypoint {entrypoint!r} cannot be loaded: {error}") from error
     torch.manual_seed(seed)
-    task = factory(dict(args))
+    try:
+        task = factory(dict(args))
+    except Exception as error:
+        raise ValueError(
+            f"task entrypoint {entrypoint!r} failed: {type(error).__name__}: {error}"
+        ) from error
     if not isinstance(task, Task):
         raise TypeError(f"task entrypoint {entrypoint!r} returned {type(task).__name__}, not Task")
     return task
