@@ -7,9 +7,10 @@ checked against the BLAKE3 digest the manifest names (which `latest` vouches for
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -137,17 +138,23 @@ class CheckpointReader:
                 raise CheckpointCorruptError(f"{key} names object {entry.key!r} outside its folder")
         return manifest
 
-    def _fetch_verified(self, step: int, name: str, manifest: Manifest) -> bytes:
-        entry = manifest.objects[name]
-        key = self.store.layout.object_key(step, entry.key)
+    @contextlib.contextmanager
+    def _reading(self, key: str) -> Iterator[None]:
+        """A missing object is a corrupt checkpoint; any other failure is the store's."""
         try:
-            data, sha256 = self.store.get(key, expected_size=entry.size)
+            yield
         except S3Error as exc:
             if exc.code in MISSING_CODES:
                 raise CheckpointCorruptError(f"{key} is missing") from None
             raise self.store.error(exc, f"reading {key}") from None
         except Exception as exc:
             raise self.store.error(exc, f"reading {key}") from None
+
+    def _fetch_verified(self, step: int, name: str, manifest: Manifest) -> bytes:
+        entry = manifest.objects[name]
+        key = self.store.layout.object_key(step, entry.key)
+        with self._reading(key):
+            data, sha256 = self.store.get(key, expected_size=entry.size)
         if len(data) != entry.size:
             raise CheckpointCorruptError(
                 f"{key} has {'more than ' if len(data) > entry.size else ''}{len(data)} bytes, "
@@ -175,14 +182,8 @@ class CheckpointReader:
 
         def read_chunk(index: int) -> None:
             start, end = state.manifest.chunk_range(index)
-            try:
+            with self._reading(key):
                 received = self.store.get_range_into(key, start, list(target.pieces(index)))
-            except S3Error as exc:
-                if exc.code in MISSING_CODES:
-                    raise CheckpointCorruptError(f"{key} is missing") from None
-                raise self.store.error(exc, f"reading {key}") from None
-            except Exception as exc:
-                raise self.store.error(exc, f"reading {key}") from None
             if received != end - start:
                 raise CheckpointCorruptError(
                     f"{key} ends at byte {start + received}, the manifest says "
