@@ -331,7 +331,7 @@ def test_a_task_whose_first_step_cannot_run_ends_the_peer_with_its_cause(
 ) -> None:
     """A user's task that fails only once it trains: the peer exits with the task's or
     the data's code and says why (the termination message the operator quotes)."""
-    cluster = make_cluster(task=f"tests.integration.broken_tasks:{task}")
+    cluster = make_cluster(task=f"tests.integration.user_tasks:{task}")
     peer = cluster.start_peer()
     process = cluster.peers[peer].process
     assert process.wait(timeout=60) == exit_code, cluster.log_text(peer)[-2000:]

@@ -234,3 +234,36 @@ def test_local_cli_respawns_killed_peers_and_finishes(tmp_path: Path) -> None:
     assert summary["peers_lost"] >= 1
     assert summary["peers_joined"] >= 5
     assert summary["final_loss"] < summary["initial_loss"]
+
+
+@pytest.mark.timeout(120, func_only=True)
+def test_a_hugging_face_style_task_trains_with_groups_schedule_clipping_and_bf16(
+    make_cluster: ClusterFactory,
+) -> None:
+    """`model(**batch).loss`, no weight decay on biases and norms, a warm-up driven by the
+    collaborative step, clipping of the averaged gradient, a bf16 forward: the loss falls
+    and every peer holds the same parameters."""
+    cluster = make_cluster(task="tests.integration.user_tasks:hf_style", max_steps=15, min_peers=2)
+    for _ in range(2):
+        cluster.start_peer()
+    status = cluster.wait_for(lambda s: s.finished, 90, "15 steps")
+    assert status.initial_loss is not None and status.loss is not None
+    assert status.loss < status.initial_loss * 0.85, (status.initial_loss, status.loss)
+    assert status.param_hashes_agree
+    assert_hashes_agree(cluster)
+
+
+@pytest.mark.timeout(90, func_only=True)
+def test_the_schedule_follows_the_collaborative_step(make_cluster: ClusterFactory) -> None:
+    """A schedule that keeps the learning rate at 0: steps commit, the parameters do not
+    move (the factor reaches the optimizer at every step, on every peer)."""
+    cluster = make_cluster(
+        task="tests.integration.user_tasks:hf_style",
+        task_args={"frozen": "true"},
+        max_steps=4,
+        min_peers=2,
+    )
+    first, second = cluster.start_peer(), cluster.start_peer()
+    cluster.wait_for(lambda s: s.finished, 60, "4 steps")
+    hashes = {h for peer in (first, second) for _, _, h in applied_steps(cluster, peer).values()}
+    assert len(hashes) == 1, hashes

@@ -14,7 +14,14 @@ from collabtrain_trainer.peer.model_state import (
     param_hash,
 )
 from collabtrain_trainer.state_snapshot import apply_snapshot, take_snapshot
-from collabtrain_trainer.tasks import DataShard, Task, load_task, shard_indices
+from collabtrain_trainer.tasks import (
+    DataShard,
+    Task,
+    batch_samples,
+    load_task,
+    shard_indices,
+    to_device,
+)
 
 
 def tiny_task(args: dict[str, str]) -> Task:
@@ -50,6 +57,49 @@ def test_entrypoint_loader_builds_a_user_task() -> None:
 def test_entrypoint_loader_says_what_is_wrong(name: str, message: str) -> None:
     with pytest.raises((ValueError, TypeError), match=message):
         load_task(name, {}, seed=0)
+
+
+def test_a_task_takes_one_loss_and_a_positive_clipping_norm() -> None:
+    model = nn.Linear(3, 1)
+    with pytest.raises(TypeError, match="exactly one of `loss` and `batch_loss`"):
+        Task(model=model, batches=lambda shard: iter(()))
+    with pytest.raises(TypeError, match="exactly one"):
+        Task(
+            model=model,
+            batches=lambda shard: iter(()),
+            loss=nn.functional.mse_loss,
+            batch_loss=lambda m, b: m(b).sum(),
+        )
+    with pytest.raises(ValueError, match="max_grad_norm must be > 0"):
+        Task(
+            model=model,
+            batches=lambda shard: iter(()),
+            loss=nn.functional.mse_loss,
+            max_grad_norm=0,
+        )
+
+
+def test_batches_of_any_shape_count_their_samples_and_move_whole() -> None:
+    hf = {"input_ids": torch.zeros(4, 7, dtype=torch.long), "labels": torch.zeros(4, 7)}
+    assert batch_samples(hf) == 4
+    assert batch_samples((torch.zeros(3, 2), torch.zeros(3))) == 3
+    assert batch_samples({"meta": "text", "x": [torch.zeros(5)]}) == 5
+    assert batch_samples({"meta": "text"}) == 0
+    moved = to_device({"a": (torch.zeros(2),), "b": "keep"}, torch.device("cpu"))
+    assert isinstance(moved["a"], tuple) and moved["b"] == "keep"
+
+
+def test_a_batch_loss_task_computes_the_mean_loss_of_a_dict_batch() -> None:
+    model = nn.Linear(3, 1)
+    task = Task(
+        model=model,
+        batches=lambda shard: iter(()),
+        batch_loss=lambda m, batch: nn.functional.mse_loss(m(batch["x"]), batch["y"]),
+    )
+    batch = {"x": torch.ones(2, 3), "y": torch.zeros(2, 1)}
+    assert torch.equal(
+        task.mean_loss(model, batch), nn.functional.mse_loss(model(batch["x"]), batch["y"])
+    )
 
 
 @pytest.mark.parametrize("name", ["tinylm", "digits"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -9,7 +11,9 @@ from collabtrain_trainer.config import OptimizerConfig
 from collabtrain_trainer.state_snapshot import hash_tensors
 
 
-def make_optimizer(params: list[nn.Parameter], config: OptimizerConfig) -> torch.optim.Optimizer:
+def make_optimizer(params: Any, config: OptimizerConfig) -> torch.optim.Optimizer:
+    """The job's optimizer over `params`: parameters, or parameter groups (dicts with
+    "params" and options of their own that override the config's)."""
     if config.name == "sgd":
         return torch.optim.SGD(
             params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay

@@ -8,6 +8,7 @@ applied twice.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import signal
@@ -17,9 +18,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from types import FrameType
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from collabtrain_trainer.averaging.exchange import ExchangeResult, ExchangeState, average
 from collabtrain_trainer.averaging.groups import EpochGroups, default_backend
@@ -60,7 +62,7 @@ from collabtrain_trainer.state_snapshot import (
     copy_state,
     describe,
 )
-from collabtrain_trainer.tasks import Batch, DataShard, load_task
+from collabtrain_trainer.tasks import DataShard, batch_samples, load_task, to_device
 
 log = logging.getLogger("collabtrain.peer")
 
@@ -115,8 +117,9 @@ class Peer:
         except (ValueError, TypeError) as error:
             raise TaskError(str(error)) from error
         self.model = self.task.model.to(self.device)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = make_optimizer(self.params, config.optimizer)
+        self.optimizer, self.params = self._optimizer()
+        # Each group's own learning rate, which the task's schedule scales step by step.
+        self.base_lrs = [float(group["lr"]) for group in self.optimizer.param_groups]
         self.step = 0
         self.trained_once = False  # a first micro-batch went through (errors before: the task's)
         self.hash = param_hash(self.model)
@@ -130,7 +133,7 @@ class Peer:
         self.accumulator = Accumulator()
         self.exchange_state = self._fresh_exchange_state()
         self.groups: EpochGroups | None = None
-        self.batches: Iterator[Batch] | None = None
+        self.batches: Iterator[Any] | None = None
         self.data_shard: int | None = None
         # Data position: micro-batches read from this shard, and how many of them went into
         # committed steps (what a checkpoint records, so a restart does not skip data).
@@ -411,6 +414,38 @@ class Peer:
             shapes=[p.shape for p in self.params],
         )
 
+    def _optimizer(self) -> tuple[torch.optim.Optimizer, list[nn.Parameter]]:
+        """The optimizer over the task's parameter groups (one group of every trainable
+        parameter by default), and the parameters in its order: the gradient's layout."""
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        groups: Any = [{"params": trainable}]
+        if self.task.param_groups is not None:
+            try:
+                groups = [dict(group) for group in self.task.param_groups(self.model)]
+                optimizer = make_optimizer(groups, self.config.optimizer)
+            except Exception as error:
+                raise TaskError(
+                    f"task {self.config.task!r}: its param_groups cannot make an optimizer: "
+                    f"{type(error).__name__}: {error}"
+                ) from error
+        else:
+            optimizer = make_optimizer(groups, self.config.optimizer)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if {id(p) for p in params} != {id(p) for p in trainable} or len(params) != len(trainable):
+            raise TaskError(
+                f"task {self.config.task!r}: its param_groups must hold every trainable "
+                f"parameter once ({len(params)} given, {len(trainable)} trainable)"
+            )
+        return optimizer, params
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """bfloat16 autocast for a task that asks for it, where the device has bf16."""
+        if not self.task.bf16:
+            return contextlib.nullcontext()
+        if self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
     def _reset_accumulation(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         self.accumulator = Accumulator()
@@ -420,7 +455,7 @@ class Peer:
         started = time.perf_counter()
         first = not self.trained_once
         try:
-            inputs, targets = next(self.batches)
+            batch = next(self.batches)
         except StopIteration:
             raise DataError(
                 f"task {self.config.task!r}: the data of shard {self.data_shard} of "
@@ -435,12 +470,15 @@ class Peer:
             ) from error
         self.micro_batches += 1
         try:
-            inputs, targets = inputs.to(self.device), targets.to(self.device)
+            batch = to_device(batch, self.device)
+            count = batch_samples(batch)
+            if count == 0:
+                raise ValueError("a micro-batch holds no tensor with samples")
             self.model.train()
-            loss = self.task.loss(self.model(inputs), targets)
-            count = len(inputs)
+            with self._autocast():
+                loss = self.task.mean_loss(self.model, batch)
             # Sum over samples, so the accumulated gradient divides by the sample count.
-            (loss * count).backward()  # type: ignore[no-untyped-call]
+            (loss.float() * count).backward()  # type: ignore[no-untyped-call]
         except Exception as error:
             if not first:
                 raise
@@ -609,6 +647,13 @@ class Peer:
     def _apply(self, averaged: Tensor, new_step: int) -> None:
         with self.state_lock:
             assign_flat_gradient(self.params, averaged)
+            # On the averaged gradient, at the collaborative step: the same on every peer.
+            if self.task.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(self.params, self.task.max_grad_norm)
+            if self.task.lr_schedule is not None:
+                factor = float(self.task.lr_schedule(self.step))
+                for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+                    group["lr"] = base_lr * factor
             self.optimizer.step()
             self._reset_accumulation()
             self.committed_micro_batches = self.micro_batches
