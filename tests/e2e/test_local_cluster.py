@@ -197,7 +197,8 @@ def condition(job: dict[str, Any], type_: str) -> dict[str, Any]:
 def test_bad_input_is_quoted_on_the_job_not_only_in_a_pod_log(cluster: LocalCluster) -> None:
     """As a new user would get it wrong: a task that does not exist fails the job with the
     ImportError in its status; a credentials Secret that does not exist makes it Stuck
-    with the kubelet's words."""
+    with the kubelet's words; an endpoint that does not resolve makes it Stuck with the
+    storage error."""
     namespace = "e2e-bad-input"
     cluster.create_namespace(namespace)
     bad_task = quickstart("bad-task")
@@ -209,6 +210,9 @@ def test_bad_input_is_quoted_on_the_job_not_only_in_a_pod_log(cluster: LocalClus
     no_secret["spec"]["trainer"]["image"] = images.TRAINER_IMAGE
     no_secret["spec"]["trainer"]["imagePullPolicy"] = "Never"
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(no_secret))
+    no_store = quickstart("no-store")
+    no_store["spec"]["checkpoint"]["endpoint"] = "nowhere.invalid:9000"
+    cluster.submit(namespace, no_store)
 
     def phase(name: str) -> str:
         return str(cluster.job(namespace, name).get("status", {}).get("phase", ""))
@@ -227,7 +231,13 @@ def test_bad_input_is_quoted_on_the_job_not_only_in_a_pod_log(cluster: LocalClus
     assert stuck["reason"] == "SecretMissing"
     assert 'secret "does-not-exist" not found' in stuck["message"], stuck
     assert "Stuck" in cluster.kubectl("get", "ctj", "no-secret", "-n", namespace)
-    for name in ("bad-task", "no-secret"):
+
+    # Its peers run and are ready, but none can restore: stuck, not Running.
+    wait_until(lambda: phase("no-store") == "Stuck", "the job without its store", timeout=180)
+    unreachable = condition(cluster.job(namespace, "no-store"), "Ready")
+    assert unreachable["reason"] == "StorageUnreachable"
+    assert "nowhere.invalid" in unreachable["message"], unreachable
+    for name in ("bad-task", "no-secret", "no-store"):
         cluster.kubectl("delete", "ctj", name, "-n", namespace, "--wait=true", "--timeout=120s")
 
 

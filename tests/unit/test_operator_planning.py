@@ -486,8 +486,12 @@ def test_a_checkpoint_no_peer_can_load_reaches_the_job() -> None:
     result = run(make_spec(), all_running(), coordinator=coordinator(restore_problem=problem))
     assert condition(result, "CheckpointRestoreFailing") == ("True", "NoValidCheckpoint")
     assert "CheckpointRestoreFailing" in reasons(result)
+    # Its peers are ready, yet nothing trains: the job is stuck, and says why.
+    assert result.status.phase == "Stuck"
+    assert condition(result, "Ready") == ("False", "NoValidCheckpoint")
     again = run(make_spec(), all_running(), result.status, coordinator=coordinator())
     assert condition(again, "CheckpointRestoreFailing") == ("False", "Restored")
+    assert again.status.phase == "Running"
     assert (
         planning.get_condition(
             run(make_spec(), all_running(), coordinator=coordinator()).status.conditions,

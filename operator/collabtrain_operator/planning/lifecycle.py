@@ -125,10 +125,18 @@ def settle(p: Pass) -> None:
     running = p.observed.coordinator_ready and ready >= p.spec.min_replicas
     p.status.phase = "Running" if running else "Pending"
     failing = p.conditions.get("PeersFailing")
-    if not running and failing is not None and failing.status == "True":
+    restoring = p.conditions.get("CheckpointRestoreFailing")
+    if restoring is not None and restoring.status == "True":
+        # Peers that must restore hold no state to train on: ready pods, no training.
+        blocked = restoring
+    elif not running and failing is not None and failing.status == "True":
+        blocked = failing
+    else:
+        blocked = None
+    if blocked is not None:
         # Not a wait that ends by itself: say so, and why.
         p.status.phase = "Stuck"
-        p.conditions.set("Ready", False, failing.reason, failing.message)
+        p.conditions.set("Ready", False, blocked.reason, blocked.message)
     elif running:
         p.status.start_time = p.status.start_time or p.now
         p.conditions.set("Ready", True, "Running", f"{ready} of {p.desired} peers ready")
