@@ -208,6 +208,19 @@ def test_a_source_keeps_the_last_two_snapshots_it_described(sources: Sources) ->
     assert answers == [410, 200, 200]
     assert requests.get(f"{url}/chunks/{snapshots[2].manifest.snapshot_id}/0").status_code == 401
 
+    # A copy of the state is not held once nobody reads it: the one read last stays
+    # while it is read, then goes too.
+    ids = [s.manifest.snapshot_id for s in snapshots]
+    time.sleep(0.3)
+    assert requests.get(f"{url}/chunks/{ids[2]}/0", headers=headers, timeout=5).status_code == 200
+    assert server.forget_idle(0.2) == [ids[1]]
+    answers = [
+        requests.get(f"{url}/chunks/{i}/0", headers=headers, timeout=5).status_code for i in ids
+    ]
+    assert answers == [410, 410, 200]
+    time.sleep(0.3)
+    assert server.forget_idle(0.2) == [ids[2]]
+
 
 @pytest.fixture
 def trickling_source() -> Iterator[StateSource]:

@@ -73,6 +73,8 @@ _VOTE_MARGIN_S = 2.0
 # How long past the round deadline a peer waits for the coordinator's decision.
 _DECISION_SLACK_S = 10.0
 
+# A served snapshot (a copy of the whole state) is dropped after this long unread.
+_SNAPSHOT_IDLE_S = 60.0
 # After max_steps the coordinator says "stop" only once the final checkpoint is durable;
 # until then a peer holding the final step asks again this often.
 _FINISHED_POLL_S = 0.5
@@ -380,9 +382,21 @@ class Peer:
         next(itertools.islice(self.batches, count, count), None)  # consume `count` batches
         self.micro_batches = self.committed_micro_batches = count
 
+    def _forget_idle_snapshots(self) -> None:
+        """A snapshot is a copy of the whole state: keep it only while newcomers read it
+        (the server is the only one that asks for it)."""
+        dropped = self.server.forget_idle(_SNAPSHOT_IDLE_S)
+        if dropped and self._snapshot_lock.acquire(blocking=False):
+            try:
+                if self._snapshot is not None and self._snapshot.manifest.snapshot_id in dropped:
+                    self._snapshot = None
+            finally:
+                self._snapshot_lock.release()
+
     def _heartbeat_loop(self) -> None:
         interval = self.config.timing.heartbeat_interval_s
         while not self.stop_heartbeat.wait(interval):
+            self._forget_idle_snapshots()
             if not self.registered.is_set():
                 continue  # not joined yet: a heartbeat would only be told to join
             try:

@@ -95,7 +95,9 @@ class StateServer:
 
         self._token = token
         self._snapshot = snapshot
+        # Snapshots a newcomer may still read chunks of, and when one was last asked for.
         self._served: OrderedDict[str, StateSnapshot] = OrderedDict()
+        self._used: dict[str, float] = {}
         self._lock = threading.Lock()
         self._httpd = ThreadingHTTPServer((host, port), Handler)
         self._httpd.daemon_threads = True
@@ -111,6 +113,17 @@ class StateServer:
         if self._thread.is_alive():  # shutdown() waits forever for a loop never started
             self._httpd.shutdown()
         self._httpd.server_close()
+
+    def forget_idle(self, idle_s: float) -> list[str]:
+        """Drop the snapshots nobody asked for within `idle_s` (a copy of the whole state
+        each, held for newcomers mid-transfer); returns their ids."""
+        cutoff = time.monotonic() - idle_s
+        with self._lock:
+            idle = [key for key, used in self._used.items() if used < cutoff]
+            for key in idle:
+                self._served.pop(key, None)
+                del self._used[key]
+        return idle
 
     def _authorized(self, handler: BaseHTTPRequestHandler) -> bool:
         header = handler.headers.get(TOKEN_HEADER, "")
@@ -132,11 +145,13 @@ class StateServer:
         send = handler.send_body  # type: ignore[attr-defined]
         if handler.path == "/state":
             snapshot = self._snapshot()
+            snapshot_id = snapshot.manifest.snapshot_id
             with self._lock:
-                self._served[snapshot.manifest.snapshot_id] = snapshot
-                self._served.move_to_end(snapshot.manifest.snapshot_id)
+                self._served[snapshot_id] = snapshot
+                self._served.move_to_end(snapshot_id)
+                self._used[snapshot_id] = time.monotonic()
                 while len(self._served) > _KEPT_SNAPSHOTS:
-                    self._served.popitem(last=False)
+                    self._used.pop(self._served.popitem(last=False)[0], None)
             send(200, snapshot.manifest.model_dump_json().encode(), "application/json")
             return
         match = _CHUNK_PATH.match(handler.path)
@@ -145,6 +160,8 @@ class StateServer:
             return
         with self._lock:
             served = self._served.get(match[1])
+            if served is not None:
+                self._used[match[1]] = time.monotonic()
         index = int(match[2])
         if served is None:
             send(410, b"this source has moved on from that snapshot", "text/plain")
