@@ -32,12 +32,10 @@ class DataError(PeerFatal):
     exit_code = EXIT_DATA_ERROR
 
 
-def write_termination_message(text: str, path: Path | None = None) -> None:
-    """Leave `text` where the kubelet reads it (`TERMINATION_LOG`). Only where the kubelet
-    made the file (in a pod); elsewhere there is none, and creating one under /dev would be
-    wrong."""
-    path = path or TERMINATION_LOG
-    if not path.is_file():
+def write_termination_message(text: str) -> None:
+    """Leave `text` where the kubelet reads it. Only where the kubelet made the file (in a
+    pod); elsewhere there is none, and creating one under /dev would be wrong."""
+    if not TERMINATION_LOG.is_file():
         return
     with contextlib.suppress(OSError):  # read-only or gone: the log still has it
-        path.write_text(text[:_MAX_MESSAGE])
+        TERMINATION_LOG.write_text(text[:_MAX_MESSAGE])
