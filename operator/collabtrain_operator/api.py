@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
 from pydantic.alias_generators import to_camel
 
+from collabtrain_trainer.config import CompressionConfig, OptimizerConfig
+
 GROUP = "collabtrain.io"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -170,36 +172,18 @@ class TrainerSpec(ApiModel):
 # -------------------------------------------------------------------------- spec: training
 
 
-class OptimizerSpec(ApiModel):
-    """The optimizer applied at every collaborative step."""
+class OptimizerSpec(ApiModel, OptimizerConfig):
+    """The optimizer applied at every collaborative step: the trainer's `OptimizerConfig`
+    (its fields, bounds and texts), camelCase on the wire."""
 
-    name: Literal["sgd", "adam", "adamw"] = Field(default="adamw", description="Optimizer.")
-    lr: float = Field(default=1e-3, gt=0, description="Learning rate.")
-    weight_decay: float = Field(default=0.0, ge=0, description="Weight decay.")
-    momentum: float = Field(default=0.0, ge=0, lt=1, description="Momentum (sgd only).")
+    model_config = ApiModel.model_config
 
 
-class CompressionSpec(ApiModel):
-    """How gradients are compressed before averaging."""
+class CompressionSpec(ApiModel, CompressionConfig):
+    """How gradients are compressed before averaging: the trainer's `CompressionConfig`,
+    camelCase on the wire."""
 
-    codec: Literal["none", "fp16", "bf16", "int8", "int4", "topk", "powersgd"] = Field(
-        default="none",
-        description="Codec: none (exact), fp16 or bf16 (half precision), int8 or int4 "
-        "(blockwise quantization), topk (sparsification), powersgd (low rank).",
-    )
-    ratio: float = Field(
-        default=0.01, gt=0, le=1, description="topk: the fraction of elements kept."
-    )
-    rank: int = Field(
-        default=2, ge=1, le=64, description="powersgd: the rank of the approximation."
-    )
-    block_size: int = Field(
-        default=256, ge=16, le=65536, description="int8/int4: elements per quantization block."
-    )
-    error_feedback: bool = Field(
-        default=True,
-        description="topk/powersgd: carry what compression dropped into the next step.",
-    )
+    model_config = ApiModel.model_config
 
 
 class TrainingSpec(ApiModel):

@@ -209,19 +209,9 @@ def trainer_config(job: str, namespace: str, spec: JobSpec) -> TrainerConfig:
         micro_batch_size=training.micro_batch_size,
         max_steps=training.max_steps,
         seed=training.seed,
-        optimizer=OptimizerConfig(
-            name=training.optimizer.name,
-            lr=training.optimizer.lr,
-            weight_decay=training.optimizer.weight_decay,
-            momentum=training.optimizer.momentum,
-        ),
-        compression=CompressionConfig(
-            codec=training.compression.codec,
-            ratio=training.compression.ratio,
-            rank=training.compression.rank,
-            block_size=training.compression.block_size,
-            error_feedback=training.compression.error_feedback,
-        ),
+        # The spec's models derive from the config's: every field carries over.
+        optimizer=OptimizerConfig.model_validate(training.optimizer.model_dump()),
+        compression=CompressionConfig.model_validate(training.compression.model_dump()),
         checkpoint=checkpoint,
         coordinator_url=coordinator_url(job, namespace),
         job_key_env=JOB_KEY_ENV,

@@ -205,3 +205,35 @@ def test_parse_duration(text: str, seconds: float) -> None:
 def test_parse_duration_rejects_other_forms() -> None:
     with pytest.raises(ValueError, match="'5 minutes' is not a duration"):
         api.parse_duration("5 minutes")
+
+
+@pytest.mark.parametrize(
+    ("path", "config"),
+    [
+        (".spec.training.optimizer", "OptimizerConfig"),
+        (".spec.training.compression", "CompressionConfig"),
+    ],
+)
+def test_the_trainers_config_is_the_one_source_of_its_spec_fields(path: str, config: str) -> None:
+    """A field the trainer's config gains is in the CRD, with its bounds, and reaches the
+    rendered trainer config: nothing declares it twice."""
+    from pydantic.alias_generators import to_camel
+
+    from collabtrain_operator import rendering
+    from collabtrain_trainer import config as trainer_config
+
+    model = getattr(trainer_config, config)
+    assert set(at(path)["properties"]) == {to_camel(name) for name in model.model_fields}
+    spec = api.JobSpec.model_validate(
+        {
+            "replicas": 1,
+            "trainer": {"image": "img"},
+            "training": {
+                "optimizer": {"name": "sgd", "lr": 0.5, "momentum": 0.9, "weightDecay": 0.01},
+                "compression": {"codec": "int4", "blockSize": 64, "errorFeedback": False},
+            },
+        }
+    )
+    rendered = rendering.trainer_config("demo", "team-a", spec)
+    assert rendered.optimizer.model_dump() == spec.training.optimizer.model_dump()
+    assert rendered.compression.model_dump() == spec.training.compression.model_dump()

@@ -27,20 +27,40 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
+# The two below are also the job's `spec.training.compression` and `.optimizer` (the
+# operator's API models derive from them): one declaration, one set of bounds and texts.
+
+
 class CompressionConfig(StrictModel):
-    codec: CodecName = "none"
-    # top-k: fraction of elements kept; powersgd: rank; quantizers: block size.
-    ratio: float = Field(0.01, gt=0, le=1)
-    rank: int = Field(2, ge=1, le=64)
-    block_size: int = Field(256, ge=16, le=65536)
-    error_feedback: bool = True
+    """How gradients are compressed before averaging."""
+
+    codec: CodecName = Field(
+        default="none",
+        description="Codec: none (exact), fp16 or bf16 (half precision), int8 or int4 "
+        "(blockwise quantization), topk (sparsification), powersgd (low rank).",
+    )
+    ratio: float = Field(
+        default=0.01, gt=0, le=1, description="topk: the fraction of elements kept."
+    )
+    rank: int = Field(
+        default=2, ge=1, le=64, description="powersgd: the rank of the approximation."
+    )
+    block_size: int = Field(
+        default=256, ge=16, le=65536, description="int8/int4: elements per quantization block."
+    )
+    error_feedback: bool = Field(
+        default=True,
+        description="topk/powersgd: carry what compression dropped into the next step.",
+    )
 
 
 class OptimizerConfig(StrictModel):
-    name: Literal["sgd", "adam", "adamw"] = "adamw"
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    momentum: float = Field(0.0, ge=0, lt=1)
+    """The optimizer applied at every collaborative step."""
+
+    name: Literal["sgd", "adam", "adamw"] = Field(default="adamw", description="Optimizer.")
+    lr: float = Field(default=1e-3, gt=0, description="Learning rate.")
+    weight_decay: float = Field(default=0.0, ge=0, description="Weight decay.")
+    momentum: float = Field(default=0.0, ge=0, lt=1, description="Momentum (sgd only).")
 
 
 class CheckpointConfig(StrictModel):
