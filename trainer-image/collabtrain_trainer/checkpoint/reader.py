@@ -176,20 +176,29 @@ class CheckpointReader:
                 f"{type(exc).__name__}: {str(exc)[:200]}"
             ) from None
 
+    def read_state_chunk(
+        self, step: int, state: StateObject, index: int, into: list[memoryview]
+    ) -> None:
+        """Chunk `index` of a checkpoint's state stream into `into` (one ranged GET); the
+        caller checks its digest. Raises CheckpointCorruptError when the object is missing
+        or shorter than its manifest says, CheckpointStorageError when the store fails."""
+        key = self.store.layout.object_key(step, state.key)
+        start, end = state.manifest.chunk_range(index)
+        with self._reading(key):
+            received = self.store.get_range_into(key, start, into)
+        if received != end - start:
+            raise CheckpointCorruptError(
+                f"{key} ends at byte {start + received}, the manifest says "
+                f"{state.manifest.total_bytes}"
+            )
+
     def _fetch_state(self, step: int, state: StateObject) -> StateSnapshot:
         target = empty_like(state.manifest)
-        key = self.store.layout.object_key(step, state.key)
 
         def read_chunk(index: int) -> None:
-            start, end = state.manifest.chunk_range(index)
-            with self._reading(key):
-                received = self.store.get_range_into(key, start, list(target.pieces(index)))
-            if received != end - start:
-                raise CheckpointCorruptError(
-                    f"{key} ends at byte {start + received}, the manifest says "
-                    f"{state.manifest.total_bytes}"
-                )
+            self.read_state_chunk(step, state, index, list(target.pieces(index)))
             if target.chunk_digest(index) != state.manifest.chunk_digests[index]:
+                key = self.store.layout.object_key(step, state.key)
                 raise CheckpointCorruptError(f"chunk {index} of {key} is corrupt (BLAKE3 mismatch)")
 
         with ThreadPoolExecutor(self.parallel_downloads, thread_name_prefix="restore") as pool:

@@ -180,7 +180,7 @@ class PeerCheckpoints:
             or manifest.state.manifest.param_hash != agreed_hash
         ):
             return None
-        return CheckpointSource(reader.store, step, manifest.state)
+        return CheckpointSource(reader, step, manifest.state)
 
     def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Restored | None:
         """Load the newest verified checkpoint into `model` and `optimizer` (and the

@@ -432,18 +432,18 @@ class Peer:
         """The optimizer over the task's parameter groups (one group of every trainable
         parameter by default), and the parameters in its order: the gradient's layout."""
         trainable = [p for p in self.model.parameters() if p.requires_grad]
-        groups: Any = [{"params": trainable}]
-        if self.task.param_groups is not None:
-            try:
-                groups = [dict(group) for group in self.task.param_groups(self.model)]
-                optimizer = make_optimizer(groups, self.config.optimizer)
-            except Exception as error:
-                raise TaskError(
-                    f"task {self.config.task!r}: its param_groups cannot make an optimizer: "
-                    f"{type(error).__name__}: {error}"
-                ) from error
-        else:
+        try:
+            groups = (
+                [dict(group) for group in self.task.param_groups(self.model)]
+                if self.task.param_groups is not None
+                else [{"params": trainable}]
+            )
             optimizer = make_optimizer(groups, self.config.optimizer)
+        except Exception as error:
+            raise TaskError(
+                f"task {self.config.task!r}: its parameters cannot make an optimizer: "
+                f"{type(error).__name__}: {error}"
+            ) from error
         params = [p for group in optimizer.param_groups for p in group["params"]]
         if {id(p) for p in params} != {id(p) for p in trainable} or len(params) != len(trainable):
             raise TaskError(

@@ -40,7 +40,7 @@ from urllib.parse import urlsplit
 from pydantic import ValidationError
 
 from collabtrain_trainer import credentials
-from collabtrain_trainer.checkpoint import CheckpointStore
+from collabtrain_trainer.checkpoint import CheckpointReader, CheckpointStorageError
 from collabtrain_trainer.checkpoint.layout import StateObject
 from collabtrain_trainer.observability import CONTENT_TYPE_LATEST, metrics_text
 from collabtrain_trainer.protocol import TOKEN_HEADER, StateSource
@@ -251,18 +251,18 @@ class CheckpointSource(_Source):
     """The state stream of a checkpoint in S3, read by ranged GETs: a source like any peer
     when the checkpoint holds the very step a newcomer syncs to."""
 
-    def __init__(self, store: CheckpointStore, step: int, state: StateObject) -> None:
+    def __init__(self, reader: CheckpointReader, step: int, state: StateObject) -> None:
         super().__init__(f"checkpoint of step {step}")
-        self.store = store
-        self.key = store.layout.object_key(step, state.key)
-        self.state = state.manifest
+        self.reader = reader
+        self.step = step
+        self.state = state
 
     def manifest(self, layout: StateLayout, timeout_s: float, give_up_at: float) -> StateManifest:
         try:
-            layout.check(self.state)
+            layout.check(self.state.manifest)
         except StateMismatch as error:
             raise StateTransferError(f"it does not fit this model: {error}"[:800]) from error
-        return self.state
+        return self.state.manifest
 
     def read_chunk(
         self,
@@ -272,15 +272,10 @@ class CheckpointSource(_Source):
         timeout_s: float,
         give_up_at: float,
     ) -> None:
-        start, end = manifest.chunk_range(index)
         try:
-            received = self.store.get_range_into(self.key, start, into)
-        except Exception as error:
-            raise StateTransferError(str(self.store.error(error, f"reading {self.key}"))) from None
-        if received != end - start:
-            raise StateTransferError(
-                f"{self.key} broke off after {received} of {end - start} bytes"
-            )
+            self.reader.read_state_chunk(self.step, self.state, index, into)
+        except CheckpointStorageError as error:  # corrupt or unreachable
+            raise StateTransferError(str(error)) from None
 
 
 @dataclass
