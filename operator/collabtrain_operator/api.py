@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
 from pydantic.alias_generators import to_camel
 
-from collabtrain_trainer.config import CompressionConfig, OptimizerConfig
+from collabtrain_trainer.config import CompressionConfig, DataConfig, OptimizerConfig
 
 GROUP = "collabtrain.io"
 VERSION = "v1alpha1"
@@ -186,6 +186,14 @@ class CompressionSpec(ApiModel, CompressionConfig):
     model_config = ApiModel.model_config
 
 
+class DataSpec(ApiModel, DataConfig):
+    """Training data in S3-compatible storage (the trainer's `DataConfig`), read through
+    spec.checkpoint's endpoint and credentials. The job's task turns records into batches
+    (its `collate`)."""
+
+    model_config = ApiModel.model_config
+
+
 class TrainingSpec(ApiModel):
     """The collaborative training run. Immutable: peers of one run must agree on it."""
 
@@ -218,6 +226,11 @@ class TrainingSpec(ApiModel):
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec, description="Optimizer.")
     compression: CompressionSpec = Field(
         default_factory=CompressionSpec, description="Gradient compression."
+    )
+    data: DataSpec | None = Field(
+        default=None,
+        description="Data shards in S3-compatible storage, each record used once per "
+        "epoch across preemptions. Omit when the task reads data of its own.",
     )
 
 
@@ -463,6 +476,12 @@ class JobSpec(ApiModel):
             "spec.capacity.standby must be at most spec.maxReplicas: standby capacity is "
             "for replacing peers, not for more peers than the job may have",
             ".capacity.standby",
+        ),
+        _cel(
+            "!has(self.training) || !has(self.training.data) || has(self.checkpoint)",
+            "spec.training.data is read through spec.checkpoint's storage (endpoint, "
+            "credentialsSecretRef): set spec.checkpoint too",
+            ".training.data",
         ),
         _cel(
             "!has(self.autoscaling) || has(self.maxReplicas)",

@@ -27,6 +27,7 @@ from collabtrain_trainer.config import (
     PEER_ID_ENV,
     CheckpointConfig,
     CompressionConfig,
+    DataConfig,
     OptimizerConfig,
     TimingConfig,
     TrainerConfig,
@@ -212,6 +213,7 @@ def trainer_config(job: str, namespace: str, spec: JobSpec) -> TrainerConfig:
         # The spec's models derive from the config's: every field carries over.
         optimizer=OptimizerConfig.model_validate(training.optimizer.model_dump()),
         compression=CompressionConfig.model_validate(training.compression.model_dump()),
+        data=DataConfig.model_validate(training.data.model_dump()) if training.data else None,
         checkpoint=checkpoint,
         coordinator_url=coordinator_url(job, namespace),
         job_key_env=JOB_KEY_ENV,

@@ -4,10 +4,14 @@ returns its own loss, parameter groups, a schedule, clipping, bf16; and tasks th
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from collabtrain_trainer.tasks import DataShard, Task
@@ -80,3 +84,36 @@ def no_data(args: dict[str, str]) -> Task:
         return iter(())
 
     return Task(model=task.model, batches=batches, loss=task.loss)
+
+
+class StepClock(nn.Module):
+    """One parameter whose gradient is 1 per step: SGD at lr 1 moves it by exactly -1 per
+    committed step, so a peer can tell which step it is at while it trains."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.minus_step = nn.Parameter(torch.zeros(()))
+
+    @property
+    def step(self) -> int:
+        return round(-float(self.minus_step.detach()))
+
+
+def traced_records(args: dict[str, str]) -> Task:
+    """S3 data, every record traced: each micro-batch appends "<step> <record> ..." to the
+    file `RECORDS_TRACE` names, with the step the peer is at when it trains on it (run
+    with SGD at lr 1). A record counts as used when the peer was a member of the round
+    that committed the next step."""
+    trace = Path(os.environ["RECORDS_TRACE"]).open("a", buffering=1)  # noqa: SIM115
+    delay = float(args.get("seconds_per_batch", "0"))
+
+    def collate(records: list[bytes]) -> dict[str, Any]:
+        return {"records": [r.decode() for r in records], "ones": torch.ones(len(records))}
+
+    def batch_loss(model: nn.Module, batch: dict[str, Any]) -> Tensor:
+        assert isinstance(model, StepClock)
+        trace.write(f"{model.step} {' '.join(batch['records'])}\n")
+        time.sleep(delay)  # training takes time: a peer lost is usually lost mid-shard
+        return (model.minus_step * batch["ones"]).mean()
+
+    return Task(model=StepClock(), collate=collate, batch_loss=batch_loss)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Literal
 from urllib.parse import urlparse
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # The coordinator's listening port: its HTTP API, which also keeps the rendezvous store
 # that process groups meet at. Whatever fronts the coordinator (the Service on Kubernetes)
@@ -61,6 +61,31 @@ class OptimizerConfig(StrictModel):
     lr: float = Field(default=1e-3, gt=0, description="Learning rate.")
     weight_decay: float = Field(default=0.0, ge=0, description="Weight decay.")
     momentum: float = Field(default=0.0, ge=0, lt=1, description="Momentum (sgd only).")
+
+
+class DataConfig(StrictModel):
+    """Training data in S3-compatible storage, read through the checkpoint's endpoint and
+    credentials."""
+
+    bucket: str | None = Field(
+        default=None,
+        min_length=3,
+        max_length=63,
+        description="Bucket of the data; the checkpoint's bucket when omitted.",
+    )
+    prefix: str = Field(
+        min_length=1,
+        description="Key prefix of the shards: every object under it is one shard, a "
+        "sequence of records, one per line (text, JSON lines). Shards are leased to peers "
+        "whole and read once per epoch; a lost peer's shard goes to another peer from the "
+        "last record a committed step used.",
+    )
+    epochs: int | None = Field(
+        default=None,
+        ge=1,
+        description="Passes over the data after which the job succeeds (with "
+        "maxSteps, whichever comes first). Omit to train to maxSteps.",
+    )
 
 
 class CheckpointConfig(StrictModel):
@@ -135,6 +160,23 @@ class TrainerConfig(StrictModel):
     data_shards: int = Field(default=64, ge=1)
     # No round forms with fewer live peers than this (the first steps wait for the group).
     min_peers: int = Field(default=1, ge=1)
+    # Shards in S3, leased by the coordinator (instead of the task's own `batches`).
+    data: DataConfig | None = None
+
+    @model_validator(mode="after")
+    def _data_needs_storage(self) -> TrainerConfig:
+        if self.data is not None and self.checkpoint is None:
+            raise ValueError(
+                "data is read through the checkpoint's storage (endpoint, credentials): "
+                "configure checkpoint too"
+            )
+        return self
+
+    @property
+    def data_bucket(self) -> str | None:
+        if self.data is None or self.checkpoint is None:
+            return None
+        return self.data.bucket or self.checkpoint.bucket
 
     def coordinator_ports(self) -> dict[str, int]:
         """Every port peers dial on the coordinator's host, by the name of what listens."""

@@ -129,6 +129,11 @@ class CoordinatorStatus(Model):
     param_hashes_agree: bool = True  # every peer reported the same hash after every step
     peers_joined: int = 0
     peers_lost: int = 0  # expired without leaving
+    # With S3 data: the data epoch, the shard objects under the prefix, and how many of
+    # them this epoch's committed steps have used to the end.
+    data_epoch: int | None = None
+    data_shards: int | None = None
+    data_shards_done: int | None = None
 
 
 class DrainRequest(Model):
@@ -160,6 +165,54 @@ class UnknownPeer(Model):
     rejoin: bool = True
 
 
+# --- training data in S3 (see `dataset` and `coordinator.data_leases`) ---------------------
+
+MAX_SHARDS = 1 << 20
+
+
+class Dataset(Model):
+    """What a peer found under the job's data prefix: how many shard objects, and a digest
+    of their names, so that every peer reads the same list."""
+
+    shards: Annotated[int, Field(ge=1, le=MAX_SHARDS)]
+    digest: Digest
+
+
+class DataLease(Model):
+    """The shard a peer reads now, from `offset` (bytes: the start of a record)."""
+
+    epoch: Count
+    shard: Annotated[int, Field(ge=0, lt=MAX_SHARDS)]
+    offset: Count
+
+
+class ShardRead(Model):
+    """How far a peer has read a shard it holds in data epoch `epoch`: the next record
+    starts at `offset`; `finished` once it read the last record."""
+
+    epoch: Count
+    shard: Annotated[int, Field(ge=0, lt=MAX_SHARDS)]
+    offset: Count
+    finished: bool = False
+
+
+class DataTable(Model):
+    """How far the job's data is consumed at a step: part of the training state, like the
+    parameters (checkpointed, signed into the step's certificate). A shard is done, or
+    part read (`offsets`: where its committed records end), or not started."""
+
+    epoch: Count = 0
+    done: Annotated[str, Field(max_length=MAX_SHARDS // 4 + 2, pattern=r"^[0-9a-f]+$")] = "0"
+    offsets: dict[Annotated[int, Field(ge=0, lt=MAX_SHARDS)], Count] = Field(
+        default_factory=dict, max_length=MAX_MEMBERS * 4
+    )
+
+
+# The reads of the shards a peer holds since the last commit (usually one; two across a
+# shard's end).
+ShardReads = Annotated[list[ShardRead], Field(max_length=64)]
+
+
 class JoinRequest(Model):
     peer_id: PeerId
     # Where this peer serves its state (http://host:port), for newcomers to fetch.
@@ -171,6 +224,11 @@ class JoinRequest(Model):
     param_hash: Digest | None = None
     samples: Count = 0  # accumulated toward the next step
     step_certificate: Certificate | None = None
+    # With S3 data: the shards found under the prefix, the data table of `step` (taken by a
+    # restarted coordinator), and what it read toward `samples` (it keeps those shards).
+    dataset: Dataset | None = None
+    data_table: DataTable | None = None
+    data_reads: ShardReads = Field(default_factory=list)
 
 
 class StateSource(Model):
@@ -191,6 +249,7 @@ class JoinResponse(Model):
     sync_from: list[StateSource] = Field(default_factory=list)  # empty: start from the seed
     data_shard: int
     heartbeat_interval_s: float
+    data_table: DataTable | None = None  # with S3 data: the table at `step`
 
 
 class WriterReport(Model):
@@ -253,6 +312,10 @@ class ProgressReport(Model):
     draining: bool = False  # leaving soon (SIGTERM or drain): flush, then leave
     checkpoint: CheckpointResult | None = None
     checkpoint_status: WriterReport | None = None
+    data_reads: ShardReads = Field(default_factory=list)  # toward `samples` (S3 data)
+    # Only after restoring a checkpoint: its data table, which a coordinator adopting the
+    # checkpoint's step takes (the step's certificate vouches for it).
+    data_table: DataTable | None = None
 
 
 class RoundAssignment(Model):
@@ -287,6 +350,9 @@ class Instruction(Model):
     checkpoint_writer: bool = False
     checkpoint_last_step: int | None = None
     samples_needed: int = 0  # what the live peers still lack toward the target batch
+    data_lease: DataLease | None = None  # "train" with S3 data: the shard to read
+    # With S3 data: the table at `step`, which `step_certificate` signs.
+    data_table: DataTable | None = None
 
 
 class RoundReady(Model):

@@ -118,6 +118,25 @@ def make_http_client(
     )
 
 
+def make_client(
+    config: CheckpointConfig,
+    credentials: Credentials,
+    *,
+    connect_timeout_s: float = 10.0,
+    read_timeout_s: float = 120.0,
+) -> Minio:
+    """The `minio` client of the job's storage (checkpoints, and data shards)."""
+    return Minio(
+        config.endpoint,
+        access_key=credentials.access_key,
+        secret_key=credentials.secret_key,
+        secure=config.secure,
+        http_client=make_http_client(
+            config, connect_timeout_s=connect_timeout_s, read_timeout_s=read_timeout_s
+        ),
+    )
+
+
 def describe_error(exc: BaseException, what: str) -> str:
     """One line saying which operation failed and why (not yet redacted)."""
     if isinstance(exc, S3Error):
@@ -210,14 +229,8 @@ class CheckpointStore:
         self.layout = CheckpointLayout(bucket=config.bucket, prefix=config.prefix, job=job)
         credentials = credentials_from_env(config, env)
         self._secrets = (credentials.secret_key, credentials.access_key)
-        self.client = client or Minio(
-            config.endpoint,
-            access_key=credentials.access_key,
-            secret_key=credentials.secret_key,
-            secure=config.secure,
-            http_client=make_http_client(
-                config, connect_timeout_s=connect_timeout_s, read_timeout_s=read_timeout_s
-            ),
+        self.client = client or make_client(
+            config, credentials, connect_timeout_s=connect_timeout_s, read_timeout_s=read_timeout_s
         )
 
     @property

@@ -27,11 +27,13 @@ from typing import Any, Literal
 
 from collabtrain_trainer import credentials
 from collabtrain_trainer.config import TrainerConfig
+from collabtrain_trainer.coordinator.data_leases import DataLeases, DatasetMismatch, table_digest
 from collabtrain_trainer.coordinator.deadline import AdaptiveDeadline
 from collabtrain_trainer.protocol import (
     Action,
     CheckpointResult,
     CoordinatorStatus,
+    DataTable,
     DrainRequest,
     DrainResponse,
     Heartbeat,
@@ -48,6 +50,7 @@ from collabtrain_trainer.protocol import (
     RoundDecision,
     RoundReady,
     RoundVote,
+    ShardRead,
     StateSource,
     WriterReport,
 )
@@ -113,6 +116,7 @@ class PeerRecord:
     # Left out of rounds until then: rounds failed with it and committed without it.
     benched_until: float = float("-inf")
     times_benched: int = 0
+    data_reads: list[ShardRead] = field(default_factory=list)  # toward `samples` (S3 data)
 
 
 @dataclass
@@ -128,6 +132,8 @@ class Round:
     # Each member's weight, by rank: its recorded samples when the last member got ready.
     weights: tuple[int, ...] | None = None
     votes: dict[str, RoundVote] = field(default_factory=dict)
+    # With S3 data: what each member read toward its weight, taken with the weights.
+    data_reads: list[ShardRead] = field(default_factory=list)
     outcome: Literal["commit", "abort"] | None = None
     reason: str = ""
 
@@ -217,12 +223,27 @@ class CoordinatorState:
         self._certificate: tuple[tuple[Any, ...], str] | None = None  # see certificate()
         self.probe: str | None = None  # left out of the round in flight, to test it
         self.probed: set[str] = set()  # left out already in this search
+        # With S3 data: the shard leases, and the data table of recent steps (a rewind
+        # goes back to its step's table, so the steps it loses are read again).
+        self.data = DataLeases(config.seed) if config.data is not None else None
+        self.data_tables: dict[int, DataTable] = {}
+        self._data_digest: tuple[int, str] | None = None  # (table version, its digest)
+        self.release_after_round: set[str] = set()  # gone members of the round in flight
 
     # --- queries ---------------------------------------------------------------------
 
     @property
     def finished(self) -> bool:
-        return self.step >= self.config.max_steps
+        if self.step >= self.config.max_steps:
+            return True
+        epochs = self.config.data.epochs if self.config.data is not None else None
+        return self.data is not None and epochs is not None and self.data.epoch >= epochs
+
+    @property
+    def finish_reason(self) -> str:
+        if self.step >= self.config.max_steps:
+            return "max_steps reached"
+        return "the data's epochs are done"
 
     def final_state_saved(self, now: float) -> bool | None:
         """After max_steps, with checkpoints configured: True once the final checkpoint
@@ -330,7 +351,26 @@ class CoordinatorState:
             "initial_loss": self.initial_loss,
             "loss": self.loss,
             "durable": self.durable_step,
+            **({"data": self._table_digest()} if self.data is not None else {}),
         }
+
+    def _table_digest(self) -> str:
+        assert self.data is not None
+        if self._data_digest is None or self._data_digest[0] != self.data.version:
+            self._data_digest = (self.data.version, table_digest(self.data.table))
+        return self._data_digest[1]
+
+    def _adopt_data(self, step: int, table: DataTable | None, certificate: str | None) -> None:
+        """Take the data table of an adopted step, when the step's certificate vouches for
+        it (a restarted coordinator, a checkpoint's step)."""
+        if self.data is None or table is None or step != self.step:
+            return
+        progress = credentials.certified_progress(self.job_key, step, certificate) or {}
+        if progress.get("data") != table_digest(table):
+            log.warning("data table for step %d not taken: its certificate does not sign it", step)
+            return
+        self.data.adopt(table)
+        self.data_tables[step] = table
 
     def _take_progress(self, step: int, certificate: str | None) -> None:
         """The progress of the step just adopted: from its certificate, which this job
@@ -397,6 +437,15 @@ class CoordinatorState:
                 f"step {request.step} is beyond this coordinator's step {self.step} and has "
                 "no valid certificate from this job; join at step 0 and sync",
             )
+        if self.data is not None:
+            if request.dataset is None:
+                raise InvalidRequest(
+                    "dataset", "this job reads S3 data: list the data prefix and send it"
+                )
+            try:
+                self.data.note_dataset(request.dataset)
+            except DatasetMismatch as error:
+                raise InvalidRequest("dataset", str(error)) from error
         if request.peer_id in self.peers:
             log.info("peer %s joined again; replacing its record", request.peer_id)
             self._remove(request.peer_id, now, reason="joined again")
@@ -422,10 +471,14 @@ class CoordinatorState:
                 f"peer {request.peer_id} holds step {request.step}",
                 request.step_certificate,
             )
+            self._adopt_data(request.step, request.data_table, request.step_certificate)
         if request.param_hash is not None and request.step == self.step:
             # A peer that was training before a coordinator restart: its state is usable.
             record.reported = True
             self.hashes.setdefault(request.step, {})[request.peer_id] = request.param_hash
+            if self.data is not None:  # it keeps the shards its samples came from
+                self.data.claim(request.peer_id, request.data_reads)
+                record.data_reads = self.data.valid_reads(request.peer_id, request.data_reads)
         log.info(
             "peer %s joined (step %d, shard %d, %d live)",
             request.peer_id,
@@ -443,6 +496,7 @@ class CoordinatorState:
             sync_from=self.sources(now, exclude=request.peer_id),
             data_shard=record.data_shard,
             heartbeat_interval_s=self.timing.heartbeat_interval_s,
+            data_table=self.data.table if self.data is not None else None,
         )
 
     def heartbeat(self, request: Heartbeat, now: float) -> HeartbeatResponse:
@@ -497,6 +551,14 @@ class CoordinatorState:
     def _remove(self, peer_id: str, now: float, *, reason: str) -> None:
         self.peers.pop(peer_id, None)
         self.draining.discard(peer_id)
+        if self.data is not None:
+            in_flight = self.round is not None and self.round.outcome is None
+            if in_flight and self.round is not None and peer_id in self.round.members:
+                # Its reads may be in this round's average: they go back (or count) once
+                # the round is decided.
+                self.release_after_round.add(peer_id)
+            else:
+                self.data.release(peer_id)
         if self.checkpoint_writer == peer_id:
             self.checkpoint_writer = None
         if self.round is not None and self.round.outcome is None and peer_id in self.round.members:
@@ -524,6 +586,8 @@ class CoordinatorState:
             log.warning("adopting step %d (was %d): %s", step, self.step, why)
         self.step = step
         self._take_progress(step, certificate)
+        if self.data is not None and step in self.data_tables:
+            self.data.adopt(self.data_tables[step])  # the lost steps' data is read again
         self.restored_step = step
         if self.last_checkpoint is None:
             self.checkpoint_base_step = step
@@ -552,6 +616,9 @@ class CoordinatorState:
         record.loss = report.loss
         record.certificate = report.step_certificate
         record.reported = True
+        if self.data is not None:
+            valid = self.data.valid_reads(report.peer_id, report.data_reads)
+            record.data_reads = self.data.note_reads(report.peer_id, valid)
         if report.draining and not record.draining:
             record.draining = True
             self.draining.add(report.peer_id)
@@ -562,6 +629,7 @@ class CoordinatorState:
                 f"peer {report.peer_id} holds certified step {report.step}",
                 report.step_certificate,
             )
+            self._adopt_data(report.step, report.data_table, report.step_certificate)
         # After the adoption: a restored peer reports the checkpoint of the step it showed.
         if report.checkpoint is not None:
             self._record_checkpoint(report.peer_id, report.checkpoint, now)
@@ -592,19 +660,21 @@ class CoordinatorState:
                 draining=record.draining,
                 checkpoint_writer=writer,
                 checkpoint_last_step=self.checkpoint_taken_step if writer else None,
+                data_table=self.data.table if self.data is not None else None,
                 **fields,
             )
 
         needed = self.config.target_batch_size - sum(r.samples for r in self.eligible(now))
         if self.finished:
             if self.run_complete(now) or record.step != self.step:
-                return instruction("stop", reason="max_steps reached")
+                return instruction("stop", reason=self.finish_reason)
             # Every peer holding the final step stays until its checkpoint is durable: the
             # writer saves it (a new writer, if this one goes), the others are its copies.
             writer = self.checkpoint_writer == record.peer_id
             return instruction(
                 "wait",
-                reason="max_steps reached; keeping the final state until its checkpoint is saved",
+                reason=f"{self.finish_reason}; keeping the final state until its checkpoint "
+                "is saved",
                 checkpoint_step=self.step if writer else None,
             )
         if not self.in_sync(record):
@@ -618,6 +688,10 @@ class CoordinatorState:
                 if record.step < self.step
                 else "parameter hash differs from the other peers"
             )
+            if self.data is not None:
+                # A resync drops what it accumulated: its shards go back unread.
+                self.data.release(record.peer_id)
+                record.data_reads = []
             return instruction(
                 "resync",
                 sync_from=sources,
@@ -642,7 +716,18 @@ class CoordinatorState:
             )
         # Each member trains its share before reporting again, so rounds do not overshoot.
         share = -(-needed // max(1, len(self.eligible(now))))
-        return instruction("train", checkpoint_step=checkpoint_step, samples_needed=share)
+        lease = None
+        if self.data is not None:
+            lease = self.data.lease_for(record.peer_id)
+            if lease is None:
+                return instruction(
+                    "wait",
+                    reason=f"data epoch {self.data.epoch}: every shard left is being read",
+                    checkpoint_step=checkpoint_step,
+                )
+        return instruction(
+            "train", checkpoint_step=checkpoint_step, samples_needed=share, data_lease=lease
+        )
 
     def _assignment(self, current: Round, record: PeerRecord) -> RoundAssignment:
         return RoundAssignment(
@@ -718,7 +803,9 @@ class CoordinatorState:
         ):
             return None  # a peer is fetching this step's state: let it catch up first
         total = sum(r.samples for r in members)
-        if total < self.config.target_batch_size:
+        # At an epoch's end the last shards' samples may fall short of the target batch.
+        data_ended = self.data is not None and total > 0 and self.data.exhausted()
+        if total < self.config.target_batch_size and not data_ended:
             return None
         member_ids = tuple(r.peer_id for r in members)
         if member_ids != self.epoch_members or not self.epoch_usable:
@@ -768,6 +855,12 @@ class CoordinatorState:
             current.weights = tuple(
                 min(self.peers[m].samples, cap) if m in self.peers else 0 for m in current.members
             )
+            current.data_reads = [
+                read
+                for m in current.members
+                if m in self.peers
+                for read in self.peers[m].data_reads
+            ]
         self._evaluate(now)
         if current.outcome is not None:
             return self._past_decision(request.round_id)
@@ -937,6 +1030,11 @@ class CoordinatorState:
             self.epoch_usable = False  # a failed collective leaves the group unusable
             self.last_abort_at = now if now is not None else self.last_abort_at
             log.warning("round %d aborted: %s", current.round_id, reason)
+        if self.data is not None:
+            for peer_id in self.release_after_round:
+                if peer_id not in self.peers:
+                    self.data.release(peer_id)
+            self.release_after_round.clear()
         self.decisions[current.round_id] = Decision(outcome=outcome, step=self.step, reason=reason)
         for old in sorted(self.decisions)[:-_DECISION_HISTORY]:
             del self.decisions[old]
@@ -977,21 +1075,29 @@ class CoordinatorState:
             record = self.peers.get(member)
             if record is not None:
                 record.samples = 0
+                record.data_reads = []
                 record.step = self.step
                 record.param_hash = None  # until it reports the hash after its step
+        if self.data is not None:
+            self.data.commit(current.data_reads)
+            self.data_tables[self.step] = self.data.table
+            for old in [s for s in self.data_tables if s < self.step - _HASH_HISTORY]:
+                del self.data_tables[old]
         every = self.config.checkpoint.every_steps if self.config.checkpoint else None
         if (every and self.step % every == 0) or self.finished:
             self.checkpoint_due_step = self.step  # the final step is always saved
         if self.finished:
             self.finished_since = now
         log.info(
-            "step %d committed by round %d: %d samples from %d members in %.2fs, loss %s",
+            "step %d committed by round %d: %d samples from %d members in %.2fs, loss %s "
+            "(members %s)",
             self.step,
             current.round_id,
             total_weight,
             len(votes),
             duration,
             f"{self.loss:.4f}" if self.loss is not None else "n/a",
+            ", ".join(current.members),
         )
 
     def _end_search(self, now: float) -> None:
@@ -1186,4 +1292,11 @@ class CoordinatorState:
             param_hashes_agree=self.param_hashes_agree,
             peers_joined=self.peers_joined,
             peers_lost=self.peers_lost,
+            data_epoch=self.data.epoch if self.data is not None else None,
+            data_shards=(
+                self.data.dataset.shards
+                if self.data is not None and self.data.dataset is not None
+                else None
+            ),
+            data_shards_done=self.data.done_count if self.data is not None else None,
         )

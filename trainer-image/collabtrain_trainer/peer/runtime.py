@@ -35,6 +35,7 @@ from collabtrain_trainer.peer.client import (
     CoordinatorUnavailable,
     RejoinRequired,
 )
+from collabtrain_trainer.peer.leased_data import LeasedData
 from collabtrain_trainer.peer.model_state import (
     assign_flat_gradient,
     flat_mean_gradient,
@@ -44,6 +45,7 @@ from collabtrain_trainer.peer.model_state import (
 from collabtrain_trainer.peer.state_server import StateServer, StateTransferError, fetch_state
 from collabtrain_trainer.protocol import (
     CheckpointResult,
+    DataTable,
     Instruction,
     JoinRequest,
     JoinResponse,
@@ -119,6 +121,7 @@ class Peer:
         except (ValueError, TypeError) as error:
             raise TaskError(str(error)) from error
         self.model = self.task.model.to(self.device)
+        self.data = self._leased_data()
         self.optimizer, self.params = self._optimizer()
         # Each group's own learning rate, which the task's schedule scales step by step.
         self.base_lrs = [float(group["lr"]) for group in self.optimizer.param_groups]
@@ -142,6 +145,8 @@ class Peer:
         self.micro_batches = 0
         self.committed_micro_batches = 0
         self.samples_seen = 0  # committed samples, over all peers
+        # A restored checkpoint's data table goes to the coordinator with the next report.
+        self.report_data_table = False
         # Held while parameters change, so the state server never serves a half-step.
         self.state_lock = threading.Lock()
         self._snapshot: StateSnapshot | None = None
@@ -171,6 +176,23 @@ class Peer:
         )
         log_context.step = self.step
 
+    def _leased_data(self) -> LeasedData | None:
+        """S3 data, when the job has it (the shards are listed now: a wrong prefix ends
+        the peer before it joins, with the cause in its termination message)."""
+        if self.config.data is None:
+            if self.task.batches is None:
+                raise TaskError(
+                    f"task {self.config.task!r} has no `batches` and the job no data in S3 "
+                    "(spec.training.data): give the task `batches`, or the job data"
+                )
+            return None
+        if self.task.collate is None:
+            raise TaskError(
+                f"task {self.config.task!r} has no `collate`, which turns the records of "
+                "the job's S3 data (spec.training.data) into batches: add one to its Task"
+            )
+        return LeasedData(self.config)
+
     # --- state serving ---------------------------------------------------------------
 
     def _current_snapshot(self) -> StateSnapshot:
@@ -188,7 +210,13 @@ class Peer:
             self._snapshot = describe(copied, *key)
             return self._snapshot
 
-    def _sync_from(self, sources: list[StateSource], step: int, agreed_hash: str | None) -> bool:
+    def _sync_from(
+        self,
+        sources: list[StateSource],
+        step: int,
+        agreed_hash: str | None,
+        data_table: DataTable | None = None,
+    ) -> bool:
         """Load `step`'s state from the sources that serve it with the hash the coordinator
         agreed on (at step 0, the seed's). A state that does not verify leaves this peer's
         as it was: it is checked whole before any of it is loaded."""
@@ -215,6 +243,9 @@ class Peer:
             if manifest.step_certificate is not None:
                 self.certificate = (manifest.step, manifest.step_certificate)
             self._reset_accumulation()
+            if self.data is not None:
+                self.data.drop()
+                self.data.table = data_table if manifest.step == step else None
             # A fresh state starts with zero residual: what others owe is not ours to send.
             self.exchange_state = self._fresh_exchange_state()
             self.has_state = True
@@ -255,6 +286,7 @@ class Peer:
                         param_hash=self.hash if self.has_state else None,
                         samples=self.accumulator.samples if self.has_state else 0,
                         step_certificate=self.step_certificate if self.has_state else None,
+                        **self._data_join_fields(),
                     )
                 )
                 break
@@ -269,7 +301,8 @@ class Peer:
             self.groups = EpochGroups(
                 self.client.rendezvous, self.peer_id, default_backend(self.device)
             )
-        if response.data_shard != self.data_shard:
+        if self.data is None and response.data_shard != self.data_shard:
+            assert self.task.batches is not None
             self.data_shard = response.data_shard
             self.micro_batches = self.committed_micro_batches = 0
             self.batches = self.task.batches(
@@ -291,9 +324,20 @@ class Peer:
         )
         return response
 
+    def _data_join_fields(self) -> dict[str, Any]:
+        if self.data is None:
+            return {}
+        if not self.has_state:
+            return {"dataset": self.data.dataset}
+        return {
+            "dataset": self.data.dataset,
+            "data_table": self.data.table,
+            "data_reads": list(self.data.reads.values()),
+        }
+
     def _initial_state(self, response: JoinResponse) -> None:
         if response.sync_from and self._sync_from(
-            response.sync_from, response.step, response.param_hash
+            response.sync_from, response.step, response.param_hash, response.data_table
         ):
             return
         # No live peer holds the state: this peer bootstraps the job (a full restart when a
@@ -305,6 +349,8 @@ class Peer:
                 "no live peer or checkpoint holds step %d; starting from the seed", response.step
             )
         self.has_state = True  # the seeded model is step 0's state
+        if self.data is not None:
+            self.data.table = response.data_table
 
     def _restore_checkpoint(self) -> bool:
         """Load the latest checkpoint; False when the job has none. Even one behind the
@@ -345,6 +391,10 @@ class Peer:
             self.hash = param_hash(self.model)
             self.samples_seen = progress.samples_seen
             self._reset_accumulation()
+            if self.data is not None:
+                self.data.drop()
+                self.data.table = _data_table_of(progress.data_position)
+                self.report_data_table = self.data.table is not None
             self.exchange_state = self._fresh_exchange_state()
         self._skip_to(progress.data_position)
         self.has_state = True
@@ -361,7 +411,10 @@ class Peer:
         )
         return True
 
-    def _data_position(self) -> dict[str, int]:
+    def _data_position(self) -> dict[str, Any]:
+        if self.data is not None:
+            table = self.data.table
+            return {"data_table": table.model_dump(mode="json") if table else None}
         return {
             "data_shard": self.data_shard if self.data_shard is not None else -1,
             "data_shards": self.config.data_shards,
@@ -464,12 +517,28 @@ class Peer:
         self.optimizer.zero_grad(set_to_none=True)
         self.accumulator = Accumulator()
 
-    def _train_micro_batch(self) -> None:
-        assert self.batches is not None
+    def _next_batch(self) -> Any:
+        """The next micro-batch: the task's own, or records of the leased shard collated
+        (None at the shard's end)."""
+        if self.data is None:
+            assert self.batches is not None
+            return next(self.batches)
+        records = self.data.records(self.config.micro_batch_size)
+        if not records:
+            return None
+        assert self.task.collate is not None
+        return self.task.collate(records)
+
+    def _train_micro_batch(self) -> bool:
+        """Train one micro-batch; False when the leased shard has nothing left."""
         started = time.perf_counter()
         first = not self.trained_once
         try:
-            batch = next(self.batches)
+            batch = self._next_batch()
+            if batch is None:
+                return False
+        except DataError:
+            raise
         except StopIteration:
             raise DataError(
                 f"task {self.config.task!r}: the data of shard {self.data_shard} of "
@@ -511,9 +580,13 @@ class Peer:
             else 0.8 * self.accumulator.recent_rate + 0.2 * rate
         )
         self._samples_counter.add(count)
+        return True
 
     def _report(self) -> Instruction:
         checkpoint, self.pending_checkpoint = self.pending_checkpoint, None
+        data_table = None
+        if self.data is not None and self.report_data_table:
+            data_table, self.report_data_table = self.data.table, False
         return self.client.report(
             ProgressReport(
                 peer_id=self.peer_id,
@@ -526,6 +599,8 @@ class Peer:
                 draining=self.drain_until is not None,
                 checkpoint=checkpoint,
                 checkpoint_status=self.checkpoints.report() if self.checkpoints else None,
+                data_reads=list(self.data.reads.values()) if self.data is not None else [],
+                data_table=data_table,
             )
         )
 
@@ -645,6 +720,8 @@ class Peer:
             )
         with self.tracer.start_as_current_span("apply"):
             self._apply(result.average, assignment.step + 1)
+            if self.data is not None:
+                self.data.committed()
         self._note_certificate(decision.step, decision.step_certificate)
         self.samples_seen += round(result.total_weight)
         self._rounds_counter.add(1, {"outcome": "commit"})
@@ -779,29 +856,44 @@ class Peer:
                 time.sleep(0.2)
                 continue
             self._note_certificate(instruction.step, instruction.step_certificate)
+            if self.data is not None and instruction.step == self.step:
+                self.data.table = instruction.data_table  # what the certificate signs
             if instruction.draining and self.drain_until is None:
                 self.drain_until = time.monotonic() + self.config.timing.leave_grace_s
                 log.info("the coordinator asked this peer to drain")
             self._maybe_checkpoint(instruction)
             action = instruction.action
             if action == "stop":
-                return "max_steps reached"
+                return instruction.reason or "finished"
             if action == "round" and instruction.round is not None:
                 self._run_round(instruction.round)
             elif action == "resync":
                 log.info("re-syncing: %s", instruction.reason)
                 if not self._sync_from(
-                    instruction.sync_from, instruction.step, instruction.param_hash
+                    instruction.sync_from,
+                    instruction.step,
+                    instruction.param_hash,
+                    instruction.data_table,
                 ):
                     time.sleep(0.2)
             elif action == "train" and self.drain_until is None:
+                if self.data is not None:
+                    self.data.follow(instruction.data_lease)
                 until = time.monotonic() + _REPORT_INTERVAL_S
                 start_samples = self.accumulator.samples
                 while (
                     time.monotonic() < until and self.term_at is None and not self.rejoin.is_set()
                 ):
-                    self._train_micro_batch()
+                    if not self._train_micro_batch():
+                        break  # the shard is read: report it, and get the next one
                     if self.accumulator.samples - start_samples >= instruction.samples_needed:
                         break
             else:
                 time.sleep(_FINISHED_POLL_S if instruction.finished else 0.02)
+
+
+def _data_table_of(position: object) -> DataTable | None:
+    """The data table a checkpoint's data position holds (None in one without S3 data)."""
+    if isinstance(position, dict) and isinstance(position.get("data_table"), dict):
+        return DataTable.model_validate(position["data_table"])
+    return None

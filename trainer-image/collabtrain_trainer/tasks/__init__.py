@@ -8,12 +8,18 @@ The contract, for a task of your own (README, "Train your own model"):
 - Every peer calls the function with the same arguments and seed: it must build the same
   model, parameter for parameter (no randomness beyond torch's seeded generator, no
   weights that differ between machines).
-- `batches(shard)` is this peer's endless stream of micro-batches of shard `shard.index`
-  of `shard.count`; different shards must hold different samples. A batch is an
-  `(inputs, targets)` pair for `loss`, or anything `batch_loss` takes (a dict of tensors:
-  `model(**batch).loss` in the Hugging Face way). Tensors in it go to the peer's device.
+- Data comes one of two ways. With the job's data in S3 (`spec.training.data`), the
+  coordinator leases shards to peers and `collate(records)` turns a micro-batch of
+  records (lines of a shard, as bytes) into a batch; every record is used once per epoch,
+  whoever is lost. Otherwise `batches(shard)` is this peer's endless stream of
+  micro-batches of shard `shard.index` of `shard.count`; different shards must hold
+  different samples.
+- A batch is an `(inputs, targets)` pair for `loss`, or anything `batch_loss` takes (a
+  dict of tensors: `model(**batch).loss` in the Hugging Face way). Tensors in it go to
+  the peer's device.
 - Checkpointed and handed to newcomers: the model's `state_dict`, the optimizer's state,
-  the collaborative step and the data position (which shard, how many micro-batches).
+  the collaborative step and the data position (S3 data: how far every shard is used;
+  otherwise the writer's shard and micro-batch count).
   Anything else the task keeps is rebuilt by calling the function again.
 - The collaborative step drives `lr_schedule`, so every peer uses the same learning rate
   at the same step whatever its own speed; clipping applies to the averaged gradient.
@@ -50,7 +56,9 @@ class Task:
     batches of `(inputs, targets)`) or `batch_loss` (of the model and a whole batch)."""
 
     model: nn.Module
-    batches: Callable[[DataShard], Iterator[Any]]  # an endless iterator over micro-batches
+    batches: Callable[[DataShard], Iterator[Any]] | None = None  # endless micro-batches
+    # With S3 data: a batch of a micro-batch of records (a shard's lines, without "\n").
+    collate: Callable[[list[bytes]], Any] | None = None
     loss: Callable[[Tensor, Tensor], Tensor] | None = None  # mean loss of (output, target)
     # Mean loss of (model, batch), e.g. `lambda model, batch: model(**batch).loss`.
     batch_loss: Callable[[nn.Module, Any], Tensor] | None = None
@@ -65,6 +73,10 @@ class Task:
     def __post_init__(self) -> None:
         if (self.loss is None) == (self.batch_loss is None):
             raise TypeError("a Task takes exactly one of `loss` and `batch_loss`")
+        if self.batches is None and self.collate is None:
+            raise TypeError(
+                "a Task needs `batches` (data of its own) or `collate` (S3 data), or both"
+            )
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"Task.max_grad_norm must be > 0, got {self.max_grad_norm}")
 
