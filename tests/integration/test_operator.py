@@ -956,6 +956,11 @@ def test_a_peer_token_missing_after_an_operator_stop_is_made_again(
         ),
         ({"maxReplicas": 4, "autoscaling": {"minPeerGain": 2}}, "spec.autoscaling.minPeerGain"),
         ({"maxReplicas": 4, "autoscaling": {"measureFor": "2"}}, "spec.autoscaling.measureFor"),
+        (
+            {"training": {"data": {"prefix": "shards/"}}},
+            "spec.training.data is read through spec.checkpoint's storage",
+        ),
+        ({"training": {"data": {"prefix": "shards/", "epochs": 0}}}, "spec.training.data.epochs"),
     ],
 )
 def test_invalid_objects_are_refused_with_their_message(

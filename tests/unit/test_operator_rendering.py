@@ -43,7 +43,11 @@ def env_of(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def test_trainer_config_is_the_trainers_model_as_json() -> None:
     spec = make_spec(
-        training={"targetBatchSize": 512, "compression": {"codec": "topk", "ratio": 0.05}},
+        training={
+            "targetBatchSize": 512,
+            "compression": {"codec": "topk", "ratio": 0.05},
+            "data": {"prefix": "corpus/", "bucket": "datasets", "epochs": 2},
+        },
         checkpoint={
             "endpoint": "minio:9000",
             "bucket": "ckpt",
@@ -65,6 +69,8 @@ def test_trainer_config_is_the_trainers_model_as_json() -> None:
     assert rendering.PEER_TOKEN_ENV in env_of(peer()["spec"]["containers"][0])
     assert config.checkpoint is not None
     assert config.checkpoint.secure is False and config.checkpoint.every_steps == 10
+    assert config.data is not None and config.data_bucket == "datasets"
+    assert (config.data.prefix, config.data.epochs) == ("corpus/", 2)
 
 
 def test_leave_grace_fits_in_the_pods_termination_grace_period() -> None:

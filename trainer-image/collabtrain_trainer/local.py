@@ -72,6 +72,10 @@ def _child_main(args: list[str], env: dict[str, str], log_path: str, command: Co
     sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
     os.environ.clear()
     os.environ.update(env)
+    # What a fresh interpreter would do with the PYTHONPATH it is given (a task's module).
+    for entry in reversed(env.get("PYTHONPATH", "").split(os.pathsep)):
+        if entry and entry not in sys.path:
+            sys.path.insert(0, entry)
     sys.exit(command(args))
 
 
