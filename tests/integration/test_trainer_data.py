@@ -159,3 +159,75 @@ def test_an_empty_data_prefix_ends_the_peer_with_a_message_that_names_it(
     log = cluster.log_text(peer_id)
     bucket = storage["checkpoint"]["bucket"]
     assert f"no shard objects under s3://{bucket}/nothing-here/" in log
+
+
+_RESTORED = re.compile(r'"msg": "state loaded from checkpoint \S+: step (\d+),')
+
+
+@pytest.mark.timeout(300, func_only=True)
+def test_a_full_restart_reads_again_exactly_what_the_lost_steps_had_used(
+    make_cluster: ClusterFactory, minio_server: MinioServer, tmp_path: Path
+) -> None:
+    """Every process is killed some steps after a checkpoint: the new ones restore it, and
+    the records of the steps after it (lost with the processes) are read again, once."""
+    storage = _bucket_on(minio_server)
+    records = _write_shards(minio_server, storage["checkpoint"]["bucket"])
+    cluster = make_cluster(
+        env=storage["env"],
+        task="tests.integration.user_tasks:traced_records",
+        task_args={"seconds_per_batch": "0.05"},
+        checkpoint={**storage["checkpoint"], "every_steps": 4},
+        data={"prefix": "shards/", "epochs": 1},
+        optimizer={"name": "sgd", "lr": 1.0},
+        target_batch_size=20,
+        micro_batch_size=4,
+    )
+    before = {
+        cluster.start_peer(env={"RECORDS_TRACE": str(tmp_path / f"before-{i}.txt")}): tmp_path
+        / f"before-{i}.txt"
+        for i in range(2)
+    }
+    cluster.wait_for(
+        lambda s: s.last_checkpoint is not None and s.last_checkpoint.step >= 4 and s.step >= 6,
+        120,
+        "a checkpoint, then two steps more",
+    )
+    cluster.kill_coordinator()
+    for peer_id in before:
+        cluster.kill_peer(peer_id)
+    for peer in before:
+        cluster.peers[peer].process.wait(timeout=10)
+    members_before = _members_by_step(cluster)
+    log_before = len(cluster.log_text("coordinator"))
+
+    cluster.start_coordinator()
+    cluster.wait_coordinator(timeout=60)
+    after = {
+        cluster.start_peer(env={"RECORDS_TRACE": str(tmp_path / f"after-{i}.txt")}): tmp_path
+        / f"after-{i}.txt"
+        for i in range(2)
+    }
+    status = cluster.wait_for(lambda s: s.finished, 150, "the epoch's end after the restart")
+    restored = {int(m[1]) for p in after for m in _RESTORED.finditer(cluster.log_text(p))}
+    assert len(restored) == 1, restored
+    (checkpoint_step,) = restored
+    lost_steps = {s for s in members_before if s > checkpoint_step}
+    assert lost_steps, "no step was lost: the test would not show the records read again"
+
+    members_after = {
+        int(m[1]): set(m[2].split(", "))
+        for m in _COMMIT.finditer(cluster.log_text("coordinator")[log_before:])
+    }
+    used: Counter[str] = Counter()
+    for peer_id, path in before.items():
+        for step, batch in _trace(path):
+            if step + 1 <= checkpoint_step and peer_id in members_before.get(step + 1, set()):
+                used.update(batch)
+    for peer_id, path in after.items():
+        for step, batch in _trace(path):
+            if peer_id in members_after.get(step + 1, set()):
+                used.update(batch)
+    twice = {record: n for record, n in used.items() if n > 1}
+    assert not twice, f"records used more than once: {twice}"
+    assert set(used) == records, f"records never used: {sorted(records - set(used))}"
+    assert status.data_epoch == 1

@@ -117,6 +117,7 @@ class PeerRecord:
     benched_until: float = float("-inf")
     times_benched: int = 0
     data_reads: list[ShardRead] = field(default_factory=list)  # toward `samples` (S3 data)
+    data_table: DataTable | None = None  # of the checkpoint it restored (S3 data)
 
 
 @dataclass
@@ -619,6 +620,8 @@ class CoordinatorState:
         if self.data is not None:
             valid = self.data.valid_reads(report.peer_id, report.data_reads)
             record.data_reads = self.data.note_reads(report.peer_id, valid)
+            if report.data_table is not None:
+                record.data_table = report.data_table
         if report.draining and not record.draining:
             record.draining = True
             self.draining.add(report.peer_id)
@@ -784,6 +787,7 @@ class CoordinatorState:
             return  # its holders may be partitioned or frozen, not dead
         self.orphaned_since = None
         self._adopt(best.step, "no live peer holds the current step", best.certificate)
+        self._adopt_data(best.step, best.data_table, best.certificate)
 
     def _maybe_form_round(self, now: float) -> Round | None:
         if self.finished or now < self.rounds_not_before:
