@@ -590,6 +590,15 @@ class Progress(ApiModel):
     )
     samples_per_second: float = Field(default=0.0, description="Throughput of all peers.")
     live_peers: int = Field(default=0, description="Peers the coordinator counts as alive.")
+    data_epoch: int | None = Field(
+        default=None, description="With spec.training.data: passes over the data completed."
+    )
+    data_shards_done: int | None = Field(
+        default=None, description="With spec.training.data: shards used up in this pass."
+    )
+    data_shards: int | None = Field(
+        default=None, description="With spec.training.data: shard objects under the prefix."
+    )
     updated_at: datetime | None = Field(
         default=None, description="When the coordinator was last read."
     )

@@ -457,6 +457,16 @@ def test_completion_succeeds_and_ttl_deletes_children_later() -> None:
     assert once.delete_children is False
 
 
+def test_a_job_that_used_its_datas_epochs_succeeds_saying_so() -> None:
+    done = coordinator(step=37, finished=True, data_epoch=1, data_shards=8, data_shards_done=0)
+    result = run(make_spec(), all_running(), coordinator=done)
+    assert result.status.phase == "Succeeded"
+    ready = planning.get_condition(result.status.conditions, "Ready")
+    assert ready is not None and ready.message == "finished 1 pass(es) over the data in 37 steps"
+    progress = result.status.progress
+    assert (progress.data_epoch, progress.data_shards, progress.data_shards_done) == (1, 8, 0)
+
+
 def test_progress_and_checkpoints_come_from_the_coordinator() -> None:
     stale = coordinator(
         loss=2.5,

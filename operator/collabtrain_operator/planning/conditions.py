@@ -114,6 +114,9 @@ def training_progress(p: Pass) -> None:
             bytes_fp32_equivalent=coordinator.bytes_fp32_equivalent,
             samples_per_second=coordinator.samples_per_second,
             live_peers=len(coordinator.peers),
+            data_epoch=coordinator.data_epoch,
+            data_shards_done=coordinator.data_shards_done,
+            data_shards=coordinator.data_shards,
             updated_at=status.progress.updated_at,
         )
         # updatedAt moves only with the numbers: a status write per pass for a clock

@@ -3,7 +3,8 @@
     Pending <-> Running     peers and the coordinator ready, or not (`settle`)
     any -> Suspended        spec.suspend: checkpoint first, then remove the peers
     Suspended -> Pending    spec.suspend cleared
-    any -> Succeeded        the coordinator reports max_steps (and the final checkpoint)
+    any -> Succeeded        the coordinator reports max_steps or the data's epochs (and the
+                            final checkpoint)
     any -> Failed           more peer failures than spec.failurePolicy.maxFailures
 
 Succeeded and Failed are terminal: nothing moves a job out of them, and a while after
@@ -31,7 +32,13 @@ def finish_when_trained(p: Pass) -> None:
     if coordinator.finished:
         p.status.phase = "Succeeded"
         p.status.completion_time = p.now
-        p.conditions.set("Ready", False, "Succeeded", f"reached {coordinator.max_steps} steps")
+        reached = (
+            f"reached {coordinator.max_steps} steps"
+            if coordinator.step >= coordinator.max_steps
+            else f"finished {coordinator.data_epoch} pass(es) over the data in "
+            f"{coordinator.step} steps"
+        )
+        p.conditions.set("Ready", False, "Succeeded", reached)
         p.event("Normal", "Succeeded", f"training finished at step {coordinator.step}")
         if coordinator.final_state_saved is True:
             p.conditions.set(
