@@ -153,6 +153,36 @@ def test_job_succeeds_through_a_spot_preemption(cluster: LocalCluster) -> None:
     assert not running, f"still running on the nodes after the job was deleted: {running}"
 
 
+def test_s3_data_is_used_once_per_epoch_through_a_spot_preemption(cluster: LocalCluster) -> None:
+    """The job reads text shards from MinIO (spec.training.data), leased to peers on real
+    kubelets; a spot node goes mid-epoch, and the epochs still use every record once."""
+    import importlib.util
+
+    assert cluster.minio is not None
+    example = Path(__file__).resolve().parents[2] / "examples" / "custom-task"
+    spec = importlib.util.spec_from_file_location("write_shards", example / "write_shards.py")
+    assert spec is not None and spec.loader is not None
+    writer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(writer)
+    manifest = quickstart("shards")
+    bucket = manifest["spec"]["checkpoint"]["bucket"]
+    records = writer.write_shards(cluster.minio.client(), bucket, "e2e-corpus/", 6, 80)
+    manifest["spec"]["training"]["maxSteps"] = 1000
+    manifest["spec"]["training"]["data"] = {"prefix": "e2e-corpus/", "epochs": 2}
+    namespace = "e2e-data"
+    cluster.create_namespace(namespace)
+    name = cluster.submit(namespace, manifest)
+    job, observation, _ = run_to_completion(cluster, namespace, name, preempt_at=3)
+    status = job["status"]
+    assert status["phase"] == "Succeeded", json.dumps(status, indent=1) + pod_logs(cluster)
+    assert status["preemptions"] >= 1 and observation.preempted_node is not None
+    progress = status["progress"]
+    assert progress["dataEpoch"] == 2 and progress["dataShards"] == 6
+    # Every record once per epoch, as the coordinator counted the committed samples.
+    assert progress["samplesCommitted"] == 2 * records, progress
+    assert condition(job, "Ready")["message"].startswith("finished 2 pass(es) over the data")
+
+
 def test_coordinator_pod_deleted_mid_training_is_recreated_and_training_continues(
     cluster: LocalCluster,
 ) -> None:

@@ -1,6 +1,7 @@
 """`tinylm`: a tiny character-level transformer on the Python documentation's text.
 
-The text is `pydoc_data.topics`, which ships with CPython, so nothing is downloaded.
+The text is `pydoc_data.topics`, which ships with CPython, so nothing is downloaded. With
+the job's data in S3 (`spec.training.data`) it trains on those lines of text instead.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from torch import Tensor, nn
 from collabtrain_trainer.tasks import Batch, DataShard, Task, endless, shard_indices
 
 VOCAB = 128  # ASCII; other characters map to 0
+IGNORED = -100  # a target the loss skips (padding)
 
 
 def corpus() -> Tensor:
@@ -64,7 +66,19 @@ def make_task(args: dict[str, str]) -> Task:
             window = data[starts[:, None] + offsets]
             yield window[:, :-1], window[:, 1:]
 
-    def loss(logits: Tensor, targets: Tensor) -> Tensor:
-        return nn.functional.cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1))
+    def collate(records: list[bytes]) -> Batch:
+        """With S3 data: each record (a line of text) one sample, its first `context` + 1
+        characters; a shorter one is padded, and the padding is no target (-100)."""
+        window = torch.full((len(records), context + 1), IGNORED, dtype=torch.long)
+        for row, record in enumerate(records):
+            text = torch.frombuffer(bytearray(record[: context + 1]), dtype=torch.uint8)
+            window[row, : len(text)] = text.long().clamp_(max=VOCAB - 1)
+        inputs = window[:, :-1].clamp(min=0)  # padding reads as character 0
+        return inputs, window[:, 1:]
 
-    return Task(model=model, batches=batches, loss=loss)
+    def loss(logits: Tensor, targets: Tensor) -> Tensor:
+        return nn.functional.cross_entropy(
+            logits.reshape(-1, VOCAB), targets.reshape(-1), ignore_index=IGNORED
+        )
+
+    return Task(model=model, batches=batches, collate=collate, loss=loss)
