@@ -48,8 +48,6 @@ def main() -> None:
     if args.quick:
         args.shards, args.megabytes, args.repeats = 2, 4.0, 1
 
-    from collabtrain_trainer.config import TrainerConfig
-    from collabtrain_trainer.dataset import ShardStore
     from testbed.cluster import MinioServer
 
     if True:  # one MinIO for both readers
@@ -63,19 +61,7 @@ def main() -> None:
                 data = shard_text(args.megabytes, shard)
                 total_bytes += len(data)
                 client.put_object(bucket, f"shards/{shard:03d}", io.BytesIO(data), len(data))
-            config = TrainerConfig.model_validate(
-                {
-                    "job": "bench",
-                    "checkpoint": {"endpoint": server.endpoint, "bucket": bucket, "secure": False},
-                    "data": {"prefix": "shards/"},
-                }
-            )
-            env = {
-                "AWS_ACCESS_KEY_ID": server.access_key,
-                "AWS_SECRET_ACCESS_KEY": server.secret_key,
-            }
-            store = ShardStore(config, env)
-            store.list()
+            store = server.shard_store(bucket, "shards/")
 
             def stream() -> int:
                 records = 0

@@ -541,6 +541,26 @@ class MinioServer:
         self.stop()
         shutil.rmtree(self.workdir, ignore_errors=True)
 
+    def s3_env(self) -> dict[str, str]:
+        """The environment a trainer reads this server's credentials from."""
+        return {"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key}
+
+    def shard_store(self, bucket: str, prefix: str) -> Any:
+        """The trainer's reader of the data shards under `prefix` (listed)."""
+        from collabtrain_trainer.config import TrainerConfig
+        from collabtrain_trainer.dataset import ShardStore
+
+        config = TrainerConfig.model_validate(
+            {
+                "job": "shards",
+                "checkpoint": {"endpoint": self.endpoint, "bucket": bucket, "secure": False},
+                "data": {"prefix": prefix},
+            }
+        )
+        store = ShardStore(config, self.s3_env())
+        store.list()
+        return store
+
     def client(self) -> Any:
         from minio import Minio
 

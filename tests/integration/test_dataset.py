@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 
 from collabtrain_trainer import dataset
-from collabtrain_trainer.config import TrainerConfig
 from collabtrain_trainer.dataset import ShardStore
 from collabtrain_trainer.errors import DataError
 from testbed.cluster import MinioServer
@@ -25,19 +24,7 @@ def _store(minio_server: MinioServer, objects: dict[str, bytes]) -> ShardStore:
     client.make_bucket(bucket)
     for key, data in objects.items():
         client.put_object(bucket, key, io.BytesIO(data), len(data))
-    config = TrainerConfig.model_validate(
-        {
-            "job": "dataset",
-            "checkpoint": {"endpoint": minio_server.endpoint, "bucket": bucket, "secure": False},
-            "data": {"prefix": "shards/"},
-        }
-    )
-    env = {
-        "AWS_ACCESS_KEY_ID": minio_server.access_key,
-        "AWS_SECRET_ACCESS_KEY": minio_server.secret_key,
-    }
-    store = ShardStore(config, env)
-    store.list()
+    store: ShardStore = minio_server.shard_store(bucket, "shards/")
     return store
 
 

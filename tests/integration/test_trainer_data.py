@@ -48,6 +48,26 @@ def _write_shards(minio_server: MinioServer, bucket: str) -> set[str]:
     return records
 
 
+def _traced_job(
+    make_cluster: ClusterFactory, minio_server: MinioServer, seconds_per_batch: float
+) -> tuple[LocalCluster, set[str]]:
+    """A coordinator for one epoch of freshly written shards, trained by the traced task
+    with SGD at lr 1 (see `user_tasks.traced_records`), checkpoints every 4 steps."""
+    storage = _bucket_on(minio_server)
+    records = _write_shards(minio_server, storage["checkpoint"]["bucket"])
+    cluster = make_cluster(
+        env=storage["env"],
+        task="tests.integration.user_tasks:traced_records",
+        task_args={"seconds_per_batch": str(seconds_per_batch)},
+        checkpoint={**storage["checkpoint"], "every_steps": 4},
+        data={"prefix": "shards/", "epochs": 1},
+        optimizer={"name": "sgd", "lr": 1.0},
+        target_batch_size=20,
+        micro_batch_size=4,
+    )
+    return cluster, records
+
+
 def _members_by_step(cluster: LocalCluster) -> dict[int, set[str]]:
     return {
         int(m[1]): set(m[2].split(", ")) for m in _COMMIT.finditer(cluster.log_text("coordinator"))
@@ -101,19 +121,7 @@ def _freeze_then_kill_mid_shard(cluster: LocalCluster, peer_id: str, trace: Path
 def test_every_record_is_used_once_per_epoch_while_peers_are_killed_mid_shard(
     make_cluster: ClusterFactory, minio_server: MinioServer, tmp_path: Path
 ) -> None:
-    storage = _bucket_on(minio_server)
-    bucket = storage["checkpoint"]["bucket"]
-    records = _write_shards(minio_server, bucket)
-    cluster = make_cluster(
-        env=storage["env"],
-        task="tests.integration.user_tasks:traced_records",
-        task_args={"seconds_per_batch": "0.15"},
-        checkpoint={**storage["checkpoint"], "every_steps": 5},
-        data={"prefix": "shards/", "epochs": 1},
-        optimizer={"name": "sgd", "lr": 1.0},
-        target_batch_size=20,
-        micro_batch_size=4,
-    )
+    cluster, records = _traced_job(make_cluster, minio_server, seconds_per_batch=0.15)
     traces: dict[str, Path] = {}
 
     def start_peer() -> str:
@@ -170,18 +178,7 @@ def test_a_full_restart_reads_again_exactly_what_the_lost_steps_had_used(
 ) -> None:
     """Every process is killed some steps after a checkpoint: the new ones restore it, and
     the records of the steps after it (lost with the processes) are read again, once."""
-    storage = _bucket_on(minio_server)
-    records = _write_shards(minio_server, storage["checkpoint"]["bucket"])
-    cluster = make_cluster(
-        env=storage["env"],
-        task="tests.integration.user_tasks:traced_records",
-        task_args={"seconds_per_batch": "0.05"},
-        checkpoint={**storage["checkpoint"], "every_steps": 4},
-        data={"prefix": "shards/", "epochs": 1},
-        optimizer={"name": "sgd", "lr": 1.0},
-        target_batch_size=20,
-        micro_batch_size=4,
-    )
+    cluster, records = _traced_job(make_cluster, minio_server, seconds_per_batch=0.05)
     before = {
         cluster.start_peer(env={"RECORDS_TRACE": str(tmp_path / f"before-{i}.txt")}): tmp_path
         / f"before-{i}.txt"
