@@ -10,6 +10,7 @@ from collabtrain_trainer.coordinator.state import CoordinatorState, InvalidReque
 from collabtrain_trainer.protocol import (
     Dataset,
     DataTable,
+    DrainRequest,
     Instruction,
     JoinRequest,
     LeaveRequest,
@@ -24,8 +25,10 @@ DATASET = Dataset(shards=4, digest="d1")
 STORAGE = {"endpoint": "s3.example:9000", "bucket": "data"}
 
 
-def read(shard: int, offset: int, finished: bool = False) -> ShardRead:
-    return ShardRead(epoch=0, shard=shard, offset=offset, finished=finished)
+def read(shard: int, offset: int, finished: bool = False, records: int | None = None) -> ShardRead:
+    """A read of `shard` up to `offset`; records of 10 bytes unless told."""
+    count = offset // 10 if records is None else records
+    return ShardRead(epoch=0, shard=shard, offset=offset, finished=finished, records=count)
 
 
 def test_shards_go_out_once_each_in_a_seeded_order_and_the_next_epoch_reorders() -> None:
@@ -200,3 +203,95 @@ def test_a_peer_of_a_data_job_must_send_the_same_dataset() -> None:
     with pytest.raises(InvalidRequest) as refused:
         harness.join("b", dataset=Dataset(shards=4, digest="other"))
     assert refused.value.field == "dataset"
+
+
+def test_a_peer_back_from_expiry_drops_samples_of_a_shard_that_went_to_another() -> None:
+    harness = DataHarness()
+    harness.join("a")
+    lease = harness.report("a", 0, []).data_lease
+    assert lease is not None
+    harness.report("a", 5, [read(lease.shard, 50)])
+    harness.now += EXPIRY + 1
+    harness.state.tick(harness.now)  # a expired: its shard goes back unread
+    harness.join("b")
+    taken = harness.report("b", 0, []).data_lease
+    assert taken is not None and taken.shard == lease.shard and taken.offset == 0
+    harness.join("a")  # back, with the samples it read from that shard
+    back = harness.report("a", 5, [read(lease.shard, 50)])
+    assert back.action == "drop" and "went to other peers" in back.reason
+    assert harness.state.peers["a"].samples == 0
+    assert harness.state.data is not None and harness.state.data.holders[lease.shard] == "b"
+
+
+def test_the_reads_of_a_member_left_out_of_the_average_are_read_again() -> None:
+    harness = DataHarness()
+    harness.join("a")
+    harness.join("b")
+    lease_a = harness.report("a", 0, []).data_lease
+    lease_b = harness.report("b", 0, []).data_lease
+    assert lease_a is not None and lease_b is not None
+    harness.report("a", 5, [read(lease_a.shard, 50)])
+    harness.report("b", 5, [read(lease_b.shard, 50)])
+    round_id = harness.state.round.round_id if harness.state.round else -1
+    for peer_id in ("a", "b"):
+        harness.state.ready(RoundReady(peer_id=peer_id, round_id=round_id), harness.now)
+    for peer_id in ("a", "b"):  # both say b's gradient was not finite
+        vote = RoundVote(peer_id=peer_id, round_id=round_id, ok=True, excluded_ranks=[1])
+        harness.state.vote(vote, harness.now)
+    data = harness.state.data
+    assert data is not None and data.offsets == {lease_a.shard: 50}
+    assert lease_b.shard not in data.holders  # b's shard goes out again from 0
+
+
+def test_a_shard_of_blank_lines_is_done_at_once_and_ends_the_epoch() -> None:
+    harness = DataHarness(epochs=1)
+    harness.join("a")
+    for _ in range(4):
+        lease = harness.report("a", 0, []).data_lease
+        assert lease is not None
+        # Nothing but blank lines: read to its end with no record, no sample.
+        harness.report("a", 0, [read(lease.shard, 3, finished=True, records=0)])
+    assert harness.state.finished
+
+
+def test_a_draining_peers_unread_shard_does_not_hold_back_the_epochs_tail() -> None:
+    harness = DataHarness()
+    harness.join("a")
+    harness.join("b")
+    first_a, first_b = harness.report("a", 0, []).data_lease, harness.report("b", 0, []).data_lease
+    assert first_a is not None and first_b is not None
+    done_a, done_b = read(first_a.shard, 20, True), read(first_b.shard, 20, True)
+    second_a = harness.report("a", 2, [done_a]).data_lease
+    second_b = harness.report("b", 2, [done_b]).data_lease
+    assert second_a is not None and second_b is not None  # all four shards are held
+    harness.state.drain(DrainRequest(peers=["a"]), harness.now)
+    harness.report("a", 3, [done_a, read(second_a.shard, 10)])
+    # b has read all it holds; a, leaving, still reads its shard: the tail round forms
+    # without waiting for it (it goes back when a leaves).
+    assert harness.report("b", 4, [done_b, read(second_b.shard, 20, True)]).action == "round"
+
+
+def test_a_restarted_coordinator_leases_nothing_until_a_peer_brings_the_signed_table() -> None:
+    table = DataTable(epoch=0, done="1", offsets={2: 40})
+    certificate = credentials.step_certificate(JOB_KEY, 5, {"data": table_digest(table)})
+    harness = DataHarness()
+    stale = DataTable(epoch=0)  # the table of the step before: not what the step signs
+    harness.join("a", step=5, param_hash="h", step_certificate=certificate, data_table=stale)
+    waiting = harness.state.report(
+        ProgressReport(
+            peer_id="a", step=5, step_certificate=certificate, param_hash="h", samples=0
+        ),
+        harness.now,
+    )
+    assert waiting.action == "wait" and "data table of step 5" in waiting.reason
+    harness.join("b", step=5, param_hash="h", step_certificate=certificate, data_table=table)
+    assert harness.state.data is not None and harness.state.data.offsets == {2: 40}
+    harness.now += 1
+    harness.state.rounds_not_before = harness.now
+    lease = harness.state.report(
+        ProgressReport(
+            peer_id="a", step=5, step_certificate=certificate, param_hash="h", samples=0
+        ),
+        harness.now,
+    ).data_lease
+    assert lease is not None and (lease.shard, lease.offset) == (2, 40)

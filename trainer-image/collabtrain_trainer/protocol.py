@@ -194,6 +194,7 @@ class ShardRead(Model):
     shard: Annotated[int, Field(ge=0, lt=MAX_SHARDS)]
     offset: Count
     finished: bool = False
+    records: Count = 0  # records read since the last commit (the samples they gave)
 
 
 class DataTable(Model):
@@ -331,7 +332,8 @@ class RoundAssignment(Model):
     deadline_seconds: float  # from the moment the round was formed
 
 
-Action = Literal["train", "wait", "round", "resync", "stop"]
+# "drop": throw away the accumulated samples (their records are another peer's now).
+Action = Literal["train", "wait", "round", "resync", "drop", "stop"]
 
 
 class Instruction(Model):
@@ -390,6 +392,7 @@ class RoundDecision(Model):
     # declares another, so no peer can inflate its say in the average.
     weights: list[int] | None = None
     step_certificate: str | None = None  # "commit": the certificate of the new step
+    data_table: DataTable | None = None  # "commit" with S3 data: what the certificate signs
 
 
 StoreKey = Annotated[str, Field(min_length=1, max_length=512)]

@@ -131,7 +131,7 @@ class DataLeases:
         for read in reads:
             if read.finished and self.reading.get(peer_id) == read.shard:
                 del self.reading[peer_id]
-            if read.finished and read.offset == self.offsets.get(read.shard, 0):
+            if read.finished and read.records == 0:
                 self.commit([read])
             else:
                 pending.append(read)
@@ -183,9 +183,17 @@ class DataLeases:
             self.done = 0
             self.offsets.clear()
 
-    def exhausted(self) -> bool:
-        """Every shard left in the epoch has been read to its end: what is accumulated is
-        all there is until those reads commit (a round forms below the target batch)."""
-        if self.dataset is None or self.reading:
+    def exhausted(self, leaving: Iterable[str] = ()) -> bool:
+        """Every shard left in the epoch has been read to its end (or is read by a peer
+        that is `leaving`, which gives it back): what is accumulated is all there is
+        until those reads commit (a round forms below the target batch)."""
+        if self.dataset is None or set(self.reading) - set(leaving):
             return False
         return self._free_shard() is None
+
+    def lost_to_others(self, peer_id: str, reads: Iterable[ShardRead]) -> list[ShardRead]:
+        """Reads that gave `peer_id` samples of records it does not hold any more (it was
+        expired, or a restarted coordinator gave the shard to another peer first): its
+        samples must go, or those records count twice."""
+        valid = self.valid_reads(peer_id, reads)
+        return [read for read in reads if read.records > 0 and read not in valid]

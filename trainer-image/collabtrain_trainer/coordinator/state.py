@@ -134,7 +134,7 @@ class Round:
     weights: tuple[int, ...] | None = None
     votes: dict[str, RoundVote] = field(default_factory=dict)
     # With S3 data: what each member read toward its weight, taken with the weights.
-    data_reads: list[ShardRead] = field(default_factory=list)
+    data_reads: dict[str, list[ShardRead]] = field(default_factory=dict)
     outcome: Literal["commit", "abort"] | None = None
     reason: str = ""
 
@@ -230,6 +230,11 @@ class CoordinatorState:
         self.data_tables: dict[int, DataTable] = {}
         self._data_digest: tuple[int, str] | None = None  # (table version, its digest)
         self.release_after_round: set[str] = set()  # gone members of the round in flight
+        # Whether the table of the current step is known: a coordinator that adopted a
+        # step from its peers (a restart) hands out no shard until a peer brings the
+        # table that step's certificate signs (or a grace passes).
+        self.data_table_known = True
+        self.data_table_missing_since: float | None = None
 
     # --- queries ---------------------------------------------------------------------
 
@@ -361,6 +366,25 @@ class CoordinatorState:
             self._data_digest = (self.data.version, table_digest(self.data.table))
         return self._data_digest[1]
 
+    def _data_table_settled(self, now: float) -> bool:
+        """Known, or waited for long enough: then training goes on with the table this
+        coordinator has (records of the steps whose table is lost are not read again)."""
+        if self.data_table_known:
+            self.data_table_missing_since = None
+            return True
+        if self.data_table_missing_since is None:
+            self.data_table_missing_since = now
+        if now - self.data_table_missing_since < self.timing.state_sync_grace_s:
+            return False
+        log.error(
+            "no peer brought the data table of step %d: going on with the table of epoch "
+            "%d as it is (records used since may be used again or skipped)",
+            self.step,
+            self.data.epoch if self.data is not None else 0,
+        )
+        self.data_table_known = True
+        return True
+
     def _adopt_data(self, step: int, table: DataTable | None, certificate: str | None) -> None:
         """Take the data table of an adopted step, when the step's certificate vouches for
         it (a restarted coordinator, a checkpoint's step)."""
@@ -372,6 +396,7 @@ class CoordinatorState:
             return
         self.data.adopt(table)
         self.data_tables[step] = table
+        self.data_table_known = True
 
     def _take_progress(self, step: int, certificate: str | None) -> None:
         """The progress of the step just adopted: from its certificate, which this job
@@ -472,6 +497,7 @@ class CoordinatorState:
                 f"peer {request.peer_id} holds step {request.step}",
                 request.step_certificate,
             )
+        if request.param_hash is not None and not self.data_table_known:
             self._adopt_data(request.step, request.data_table, request.step_certificate)
         if request.param_hash is not None and request.step == self.step:
             # A peer that was training before a coordinator restart: its state is usable.
@@ -587,8 +613,10 @@ class CoordinatorState:
             log.warning("adopting step %d (was %d): %s", step, self.step, why)
         self.step = step
         self._take_progress(step, certificate)
-        if self.data is not None and step in self.data_tables:
-            self.data.adopt(self.data_tables[step])  # the lost steps' data is read again
+        if self.data is not None:
+            self.data_table_known = step in self.data_tables
+            if self.data_table_known:
+                self.data.adopt(self.data_tables[step])  # the lost steps' data is read again
         self.restored_step = step
         if self.last_checkpoint is None:
             self.checkpoint_base_step = step
@@ -617,9 +645,20 @@ class CoordinatorState:
         record.loss = report.loss
         record.certificate = report.step_certificate
         record.reported = True
+        dropped = None
         if self.data is not None:
-            valid = self.data.valid_reads(report.peer_id, report.data_reads)
-            record.data_reads = self.data.note_reads(report.peer_id, valid)
+            lost = self.data.lost_to_others(report.peer_id, report.data_reads)
+            if lost:
+                dropped = (
+                    f"shards {sorted({r.shard for r in lost})} went to other peers while "
+                    "this peer was away: drop the samples read from them"
+                )
+                self.data.release(report.peer_id)
+                record.samples = 0
+                record.data_reads = []
+            else:
+                valid = self.data.valid_reads(report.peer_id, report.data_reads)
+                record.data_reads = self.data.note_reads(report.peer_id, valid)
             if report.data_table is not None:
                 record.data_table = report.data_table
         if report.draining and not record.draining:
@@ -632,6 +671,7 @@ class CoordinatorState:
                 f"peer {report.peer_id} holds certified step {report.step}",
                 report.step_certificate,
             )
+        if not self.data_table_known:
             self._adopt_data(report.step, report.data_table, report.step_certificate)
         # After the adoption: a restored peer reports the checkpoint of the step it showed.
         if report.checkpoint is not None:
@@ -650,22 +690,32 @@ class CoordinatorState:
             # it one step behind again, and the next round must still wait for it.
             record.syncing_since = None
         self.tick(now)
+        if dropped is not None:
+            in_flight = (
+                self.round if self.round is not None and self.round.outcome is None else None
+            )
+            if in_flight is not None and record.peer_id in in_flight.members:
+                self._decide(in_flight, "abort", f"member {record.peer_id} drops its samples", now)
+            return self._instruction(record, "drop", reason=dropped)
         return self._instruct(record, now)
+
+    def _instruction(self, record: PeerRecord, action: Action, **fields: Any) -> Instruction:
+        writer = self.checkpoint_writer == record.peer_id
+        return Instruction(
+            action=action,
+            step=self.step,
+            step_certificate=self.certificate(self.step),
+            finished=self.finished,
+            draining=record.draining,
+            checkpoint_writer=writer,
+            checkpoint_last_step=self.checkpoint_taken_step if writer else None,
+            data_table=self.data.table if self.data is not None else None,
+            **fields,
+        )
 
     def _instruct(self, record: PeerRecord, now: float) -> Instruction:
         def instruction(action: Action, **fields: Any) -> Instruction:
-            writer = self.checkpoint_writer == record.peer_id
-            return Instruction(
-                action=action,
-                step=self.step,
-                step_certificate=self.certificate(self.step),
-                finished=self.finished,
-                draining=record.draining,
-                checkpoint_writer=writer,
-                checkpoint_last_step=self.checkpoint_taken_step if writer else None,
-                data_table=self.data.table if self.data is not None else None,
-                **fields,
-            )
+            return self._instruction(record, action, **fields)
 
         needed = self.config.target_batch_size - sum(r.samples for r in self.eligible(now))
         if self.finished:
@@ -720,6 +770,12 @@ class CoordinatorState:
         # Each member trains its share before reporting again, so rounds do not overshoot.
         share = -(-needed // max(1, len(self.eligible(now))))
         lease = None
+        if self.data is not None and not self._data_table_settled(now):
+            return instruction(
+                "wait",
+                reason=f"waiting for a peer to bring the data table of step {self.step}",
+                checkpoint_step=checkpoint_step,
+            )
         if self.data is not None:
             lease = self.data.lease_for(record.peer_id)
             if lease is None:
@@ -808,7 +864,9 @@ class CoordinatorState:
             return None  # a peer is fetching this step's state: let it catch up first
         total = sum(r.samples for r in members)
         # At an epoch's end the last shards' samples may fall short of the target batch.
-        data_ended = self.data is not None and total > 0 and self.data.exhausted()
+        data_ended = (
+            self.data is not None and total > 0 and self.data.exhausted(leaving=self.draining)
+        )
         if total < self.config.target_batch_size and not data_ended:
             return None
         member_ids = tuple(r.peer_id for r in members)
@@ -859,12 +917,9 @@ class CoordinatorState:
             current.weights = tuple(
                 min(self.peers[m].samples, cap) if m in self.peers else 0 for m in current.members
             )
-            current.data_reads = [
-                read
-                for m in current.members
-                if m in self.peers
-                for read in self.peers[m].data_reads
-            ]
+            current.data_reads = {
+                m: self.peers[m].data_reads for m in current.members if m in self.peers
+            }
         self._evaluate(now)
         if current.outcome is not None:
             return self._past_decision(request.round_id)
@@ -934,6 +989,15 @@ class CoordinatorState:
             reason=decision.reason,
             step_certificate=(
                 self.certificate(decision.step) if decision.outcome == "commit" else None
+            ),
+            # The table the certificate signs, so that a peer holds both even when the
+            # coordinator dies before its next instruction.
+            data_table=(
+                self.data.table
+                if self.data is not None
+                and decision.outcome == "commit"
+                and decision.step == self.step
+                else None
             ),
         )
 
@@ -1083,8 +1147,15 @@ class CoordinatorState:
                 record.step = self.step
                 record.param_hash = None  # until it reports the hash after its step
         if self.data is not None:
-            self.data.commit(current.data_reads)
+            for rank, member in enumerate(current.members):
+                if rank in excluded:
+                    # Its gradient was left out: its records are read again (it drops
+                    # its stream when it sees itself excluded).
+                    self.data.release(member)
+                else:
+                    self.data.commit(current.data_reads.get(member, []))
             self.data_tables[self.step] = self.data.table
+            self.data_table_known = True
             for old in [s for s in self.data_tables if s < self.step - _HASH_HISTORY]:
                 del self.data_tables[old]
         every = self.config.checkpoint.every_steps if self.config.checkpoint else None

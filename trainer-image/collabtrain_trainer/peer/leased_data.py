@@ -45,11 +45,14 @@ class LeasedData:
             return []
         assert self.lease is not None
         records = stream.records(count)
+        before = self.reads.get(stream.shard)
+        so_far = before.records if before is not None and before.epoch == self.lease.epoch else 0
         self.reads[stream.shard] = ShardRead(
             epoch=self.lease.epoch,
             shard=stream.shard,
             offset=stream.offset,
             finished=stream.finished,
+            records=so_far + len(records),
         )
         return records
 
@@ -63,8 +66,9 @@ class LeasedData:
         self.reads.clear()
 
     def drop(self) -> None:
-        """The accumulated samples are thrown away (a resync, a restore): the coordinator
-        gives their shards out again from the committed offsets."""
+        """The accumulated samples are thrown away (a resync, a restore, a gradient left
+        out of the average): the coordinator gives their shards out again from the
+        committed offsets."""
         self.reads.clear()
         self._close()
 

@@ -721,7 +721,12 @@ class Peer:
         with self.tracer.start_as_current_span("apply"):
             self._apply(result.average, assignment.step + 1)
             if self.data is not None:
-                self.data.committed()
+                if assignment.rank in result.excluded_ranks:
+                    self.data.drop()  # its records were not used: they are read again
+                else:
+                    self.data.committed()
+                if decision.data_table is not None:
+                    self.data.table = decision.data_table  # what the certificate signs
         self._note_certificate(decision.step, decision.step_certificate)
         self.samples_seen += round(result.total_weight)
         self._rounds_counter.add(1, {"outcome": "commit"})
@@ -867,6 +872,12 @@ class Peer:
                 return instruction.reason or "finished"
             if action == "round" and instruction.round is not None:
                 self._run_round(instruction.round)
+            elif action == "drop":
+                log.info("dropping %d samples: %s", self.accumulator.samples, instruction.reason)
+                with self.state_lock:
+                    self._reset_accumulation()
+                if self.data is not None:
+                    self.data.drop()
             elif action == "resync":
                 log.info("re-syncing: %s", instruction.reason)
                 if not self._sync_from(
