@@ -112,10 +112,12 @@ def _rewrite(
             )
             # An omitted object whose fields all have defaults gets them spelled out as
             # its default: the API server checks a default against the object's CEL
-            # rules as written, before nested defaults apply.
+            # rules as written, before nested defaults apply. Not an optional one (its
+            # Python default is None): absent means off, e.g. spec.autoscaling.
             if (
                 with_defaults
                 and name not in required
+                and _resolve(child, definitions, path).get("default", ...) is not None
                 and rewritten.get("type") == "object"
                 and "properties" in rewritten
                 and not rewritten.get("required")

@@ -121,6 +121,10 @@ def test_objects_of_defaulted_fields_default_to_their_fields_defaults() -> None:
     assert at("spec.training")["default"]["compression"]["codec"] == "none"
     assert at("spec.trainer.resources")["default"] == {}
     assert "default" not in at("spec.checkpoint")  # has required fields
+    # Optional objects stay absent: a job that omits spec.autoscaling is not autoscaled
+    # (and is not refused for lacking the maxReplicas autoscaling needs).
+    assert "default" not in at("spec.autoscaling")
+    assert "default" not in at("spec.training.data")
 
 
 def test_status_has_no_defaults() -> None:
