@@ -8,6 +8,7 @@ from collabtrain_trainer import credentials
 from collabtrain_trainer.coordinator.data_leases import DataLeases, DatasetMismatch, table_digest
 from collabtrain_trainer.coordinator.state import CoordinatorState, InvalidRequest
 from collabtrain_trainer.protocol import (
+    DataLease,
     Dataset,
     DataTable,
     DrainRequest,
@@ -99,13 +100,29 @@ class DataHarness:
             self.now,
         )
 
-    def commit_round(self, members: list[str]) -> None:
+    def ready_round(self, members: list[str]) -> int:
+        """Every member says it is ready for the round in flight; returns its id."""
         round_id = self.state.round.round_id if self.state.round else -1
         for peer_id in members:
             self.state.ready(RoundReady(peer_id=peer_id, round_id=round_id), self.now)
+        return round_id
+
+    def commit_round(self, members: list[str]) -> None:
+        round_id = self.ready_round(members)
         for peer_id in members:
             self.state.vote(RoundVote(peer_id=peer_id, round_id=round_id, ok=True), self.now)
         assert self.state.decisions[round_id].outcome == "commit"
+
+
+def two_readers() -> tuple[DataHarness, DataLease, DataLease]:
+    """A coordinator with peers a and b, each leased a shard."""
+    harness = DataHarness()
+    harness.join("a")
+    harness.join("b")
+    lease_a = harness.report("a", 0, []).data_lease
+    lease_b = harness.report("b", 0, []).data_lease
+    assert lease_a is not None and lease_b is not None
+    return harness, lease_a, lease_b
 
 
 def test_a_commit_moves_each_members_shard_to_where_its_reads_ended() -> None:
@@ -128,17 +145,10 @@ def test_a_commit_moves_each_members_shard_to_where_its_reads_ended() -> None:
 
 
 def test_a_member_lost_after_the_round_formed_counts_its_reads_once_the_round_commits() -> None:
-    harness = DataHarness()
-    harness.join("a")
-    harness.join("b")
-    lease_a = harness.report("a", 0, []).data_lease
-    lease_b = harness.report("b", 0, []).data_lease
-    assert lease_a is not None and lease_b is not None
+    harness, lease_a, lease_b = two_readers()
     harness.report("a", 5, [read(lease_a.shard, 500)])
     harness.report("b", 5, [read(lease_b.shard, 400)])
-    round_id = harness.state.round.round_id if harness.state.round else -1
-    for peer_id in ("a", "b"):
-        harness.state.ready(RoundReady(peer_id=peer_id, round_id=round_id), harness.now)
+    round_id = harness.ready_round(["a", "b"])
     # b's gradient is in the average, then b is gone: its shard is not handed out before
     # the round is decided, and the commit counts b's reads.
     harness.state.leave(LeaveRequest(peer_id="b", reason="preempted"), harness.now)
@@ -224,17 +234,10 @@ def test_a_peer_back_from_expiry_drops_samples_of_a_shard_that_went_to_another()
 
 
 def test_the_reads_of_a_member_left_out_of_the_average_are_read_again() -> None:
-    harness = DataHarness()
-    harness.join("a")
-    harness.join("b")
-    lease_a = harness.report("a", 0, []).data_lease
-    lease_b = harness.report("b", 0, []).data_lease
-    assert lease_a is not None and lease_b is not None
+    harness, lease_a, lease_b = two_readers()
     harness.report("a", 5, [read(lease_a.shard, 50)])
     harness.report("b", 5, [read(lease_b.shard, 50)])
-    round_id = harness.state.round.round_id if harness.state.round else -1
-    for peer_id in ("a", "b"):
-        harness.state.ready(RoundReady(peer_id=peer_id, round_id=round_id), harness.now)
+    round_id = harness.ready_round(["a", "b"])
     for peer_id in ("a", "b"):  # both say b's gradient was not finite
         vote = RoundVote(peer_id=peer_id, round_id=round_id, ok=True, excluded_ranks=[1])
         harness.state.vote(vote, harness.now)
