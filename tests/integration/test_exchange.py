@@ -23,6 +23,7 @@ from collabtrain_trainer.averaging.exchange import ExchangeState, average
 from collabtrain_trainer.codecs import PowerSGD, make_codec
 from collabtrain_trainer.codecs.powersgd import matrix_shape
 from collabtrain_trainer.config import CompressionConfig
+from collabtrain_trainer.local import FORK_SERVER_PRELOAD
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -76,7 +77,9 @@ def _worker(rank: int, world: int, store_path: str, out_dir: str, scenario: Scen
 
 # Ranks fork from one server that imported torch once: a fresh interpreter per rank would
 # spend seconds importing torch, and forking pytest itself is unsafe once torch ran ops.
-mp.set_forkserver_preload(["torch", "torch.distributed", "collabtrain_trainer.averaging.exchange"])
+# It is the process's one fork server, which the trainer tests' peers fork from too: its
+# preload keeps theirs (whichever test module is imported last sets the list).
+mp.set_forkserver_preload([*FORK_SERVER_PRELOAD, "collabtrain_trainer.averaging.exchange"])
 
 
 def run(tmp_path: Path, world: int, scenario: Scenario) -> list[Outcome]:

@@ -28,8 +28,9 @@ from collabtrain_trainer.credentials import admin_token, peer_token
 from collabtrain_trainer.protocol import TOKEN_HEADER, CoordinatorStatus
 
 # The fork server imports these once; every process forked from it starts in a fraction of
-# a second instead of importing torch (and torch.optim's lazy import of dynamo) again.
-_PRELOAD = [
+# a second instead of importing torch (and torch.optim's lazy import of dynamo) again. A
+# process has one fork server: whoever else forks from it must keep this list in its own.
+FORK_SERVER_PRELOAD = [
     "torch",
     "torch._dynamo",
     "sklearn.datasets",
@@ -38,7 +39,7 @@ _PRELOAD = [
     "collabtrain_trainer.coordinator.server",
 ]
 _context = multiprocessing.get_context("forkserver")
-_context.set_forkserver_preload(_PRELOAD)
+_context.set_forkserver_preload(FORK_SERVER_PRELOAD)
 
 
 def _nothing() -> None:
