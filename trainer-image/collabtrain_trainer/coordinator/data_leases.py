@@ -37,6 +37,13 @@ def table_digest(table: DataTable) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
+def lost_to_others(reads: list[ShardRead], valid: list[ShardRead]) -> list[ShardRead]:
+    """Of a peer's reads, those that gave it samples of records it does not hold any
+    more (not among its `valid` ones: it was expired, or a restarted coordinator gave
+    the shard to another peer first): its samples must go, or they count twice."""
+    return [read for read in reads if read.records > 0 and read not in valid]
+
+
 class DataLeases:
     def __init__(self, seed: int) -> None:
         self.seed = seed
@@ -190,10 +197,3 @@ class DataLeases:
         if self.dataset is None or set(self.reading) - set(leaving):
             return False
         return self._free_shard() is None
-
-    def lost_to_others(self, peer_id: str, reads: Iterable[ShardRead]) -> list[ShardRead]:
-        """Reads that gave `peer_id` samples of records it does not hold any more (it was
-        expired, or a restarted coordinator gave the shard to another peer first): its
-        samples must go, or those records count twice."""
-        valid = self.valid_reads(peer_id, reads)
-        return [read for read in reads if read.records > 0 and read not in valid]

@@ -27,7 +27,12 @@ from typing import Any, Literal
 
 from collabtrain_trainer import credentials
 from collabtrain_trainer.config import TrainerConfig
-from collabtrain_trainer.coordinator.data_leases import DataLeases, DatasetMismatch, table_digest
+from collabtrain_trainer.coordinator.data_leases import (
+    DataLeases,
+    DatasetMismatch,
+    lost_to_others,
+    table_digest,
+)
 from collabtrain_trainer.coordinator.deadline import AdaptiveDeadline
 from collabtrain_trainer.protocol import (
     Action,
@@ -647,7 +652,8 @@ class CoordinatorState:
         record.reported = True
         dropped = None
         if self.data is not None:
-            lost = self.data.lost_to_others(report.peer_id, report.data_reads)
+            valid = self.data.valid_reads(report.peer_id, report.data_reads)
+            lost = lost_to_others(report.data_reads, valid)
             if lost:
                 dropped = (
                     f"shards {sorted({r.shard for r in lost})} went to other peers while "
@@ -657,7 +663,6 @@ class CoordinatorState:
                 record.samples = 0
                 record.data_reads = []
             else:
-                valid = self.data.valid_reads(report.peer_id, report.data_reads)
                 record.data_reads = self.data.note_reads(report.peer_id, valid)
             if report.data_table is not None:
                 record.data_table = report.data_table

@@ -56,11 +56,6 @@ class LeasedData:
         )
         return records
 
-    @property
-    def exhausted(self) -> bool:
-        """Nothing more to read until the coordinator leases another shard."""
-        return self.stream is None or self.stream.finished
-
     def committed(self) -> None:
         """A step with everything read so far committed."""
         self.reads.clear()
