@@ -142,6 +142,15 @@ def _checkpoint_config(args: argparse.Namespace) -> dict[str, Any] | None:
     }
 
 
+def _local_updates_config(args: argparse.Namespace) -> dict[str, Any] | None:
+    if args.inner_steps is None:
+        if args.outer_lr is not None or args.outer_momentum is not None:
+            raise SystemExit("--outer-lr/--outer-momentum need --inner-steps (local updates)")
+        return None
+    outer = {"outer_lr": args.outer_lr, "outer_momentum": args.outer_momentum}
+    return {"inner_steps": args.inner_steps} | {k: v for k, v in outer.items() if v is not None}
+
+
 def _local_config(args: argparse.Namespace) -> TrainerConfig:
     task_defaults = {"tinylm": (3e-3, 256), "digits": (1e-2, 256)}
     lr, target = task_defaults.get(args.task, (1e-3, 256))
@@ -155,6 +164,7 @@ def _local_config(args: argparse.Namespace) -> TrainerConfig:
             "seed": args.seed,
             "optimizer": {"name": args.optimizer, "lr": args.lr or lr},
             "compression": {"codec": args.codec},
+            "local_updates": _local_updates_config(args),
             "checkpoint": _checkpoint_config(args),
             "timing": LOOPBACK_TIMING.model_dump(),
         }
@@ -222,7 +232,7 @@ def _local(args: argparse.Namespace) -> int:
                 print(
                     f"step {status.step}/{status.max_steps}  loss {loss}  "
                     f"peers {len(status.peers)}  "
-                    f"samples {status.samples_in_round}/{status.target_batch_size}  "
+                    f"samples {status.samples_in_round}/{config.round_samples}  "
                     f"epoch {status.membership_epoch}  aborted {status.rounds_aborted}",
                     flush=True,
                 )
@@ -271,6 +281,11 @@ def _summary(
         "param_hashes_agree": totals.param_hashes_agree,
         "bytes_sent": totals.bytes_sent,
         "bytes_fp32_equivalent": totals.bytes_fp32_equivalent,
+        "inner_steps": args.inner_steps,
+        # Against per-step fp32 averaging of the same samples (local updates send less often).
+        "compression_vs_per_step_fp32": (
+            round(totals.bytes_per_step_fp32 / totals.bytes_sent, 2) if totals.bytes_sent else None
+        ),
         "samples_committed": status.samples_committed if status is not None else 0,
         "rounds_aborted": totals.rounds_aborted,
         "wall_seconds": round(elapsed, 2),
@@ -319,6 +334,19 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("--target-batch-size", type=int, default=None)
     local.add_argument("--micro-batch-size", type=int, default=16)
     local.add_argument("--optimizer", default="adamw", choices=["sgd", "adam", "adamw"])
+    local.add_argument(
+        "--inner-steps",
+        type=int,
+        default=None,
+        metavar="H",
+        help="local updates (DiLoCo): rounds of H steps' samples, each peer taking an inner "
+        "optimizer step per micro-batch, then averaging the compressed pseudo-gradient "
+        "(default: average gradients every step)",
+    )
+    local.add_argument("--outer-lr", type=float, default=None, help="with --inner-steps (0.7)")
+    local.add_argument(
+        "--outer-momentum", type=float, default=None, help="with --inner-steps (0.9, Nesterov)"
+    )
     local.add_argument("--lr", type=float, default=None)
     local.add_argument("--seed", type=int, default=0)
     local.add_argument("--job", default="local")

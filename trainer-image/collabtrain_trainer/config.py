@@ -32,7 +32,8 @@ class StrictModel(BaseModel):
 
 
 class CompressionConfig(StrictModel):
-    """How gradients are compressed before averaging."""
+    """How what the peers average (gradients, or pseudo-gradients with local updates) is
+    compressed."""
 
     codec: CodecName = Field(
         default="none",
@@ -61,6 +62,28 @@ class OptimizerConfig(StrictModel):
     lr: float = Field(default=1e-3, gt=0, description="Learning rate.")
     weight_decay: float = Field(default=0.0, ge=0, description="Weight decay.")
     momentum: float = Field(default=0.0, ge=0, lt=1, description="Momentum (sgd only).")
+
+
+class LocalUpdatesConfig(StrictModel):
+    """Local updates (DiLoCo): each peer takes inner steps of the job's optimizer on its
+    own micro-batches, and a round averages the change of the parameters since the last
+    round (a pseudo-gradient, compressed by the job's codec), which every peer then
+    applies with the same outer optimizer: SGD with Nesterov momentum."""
+
+    inner_steps: int = Field(
+        ge=1,
+        le=10000,
+        description="Length of a round in steps of targetBatchSize samples: a round ends "
+        "when the live peers together trained innerSteps x targetBatchSize samples, one "
+        "inner step per micro-batch on each peer (a slow peer takes fewer). The data sent "
+        "per sample falls by this factor.",
+    )
+    outer_lr: float = Field(
+        default=0.7, gt=0, le=10, description="Learning rate of the outer optimizer."
+    )
+    outer_momentum: float = Field(
+        default=0.9, ge=0, lt=1, description="Nesterov momentum of the outer optimizer."
+    )
 
 
 class DataConfig(StrictModel):
@@ -162,6 +185,8 @@ class TrainerConfig(StrictModel):
     min_peers: int = Field(default=1, ge=1)
     # Shards in S3, leased by the coordinator (instead of the task's own `batches`).
     data: DataConfig | None = None
+    # Rounds of inner steps averaging pseudo-gradients; None: a round per optimizer step.
+    local_updates: LocalUpdatesConfig | None = None
 
     @model_validator(mode="after")
     def _data_needs_storage(self) -> TrainerConfig:
@@ -171,6 +196,12 @@ class TrainerConfig(StrictModel):
                 "configure checkpoint too"
             )
         return self
+
+    @property
+    def round_samples(self) -> int:
+        """Samples the live peers together train before a round forms."""
+        inner_steps = self.local_updates.inner_steps if self.local_updates else 1
+        return self.target_batch_size * inner_steps
 
     @property
     def data_bucket(self) -> str | None:

@@ -149,6 +149,10 @@ class RunTotals:
         return self.last.bytes_fp32_equivalent if self.last else 0
 
     @property
+    def bytes_per_step_fp32(self) -> int:
+        return self.last.bytes_per_step_fp32 if self.last else 0
+
+    @property
     def rounds_aborted(self) -> int:
         return sum(s.rounds_aborted for s in self.instances.values())
 

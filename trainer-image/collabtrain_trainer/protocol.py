@@ -112,6 +112,11 @@ class CoordinatorStatus(Model):
     restore_problem: RestoreProblem | None = None
     bytes_sent: int = 0
     bytes_fp32_equivalent: int = 0
+    # What per-step fp32 gradient averaging would send for the committed samples (with
+    # local updates, a round's fp32 bytes for every target batch it holds).
+    bytes_per_step_fp32: int = 0
+    # With local updates: the rounds' length in target batches (a step is a round).
+    inner_steps: int | None = None
     # Added by the trainer runtime (readers that do not know them ignore them).
     instance: str = ""  # changes when the coordinator restarts
     membership_epoch: int = 0

@@ -168,11 +168,12 @@ def byte_view(tensor: Tensor) -> memoryview:
 
 
 def _state_items(
-    model: nn.Module, optimizer: torch.optim.Optimizer
+    model: nn.Module, optimizer: torch.optim.Optimizer | None
 ) -> tuple[list[tuple[str, Tensor]], dict[str, Scalar]]:
     tensors = [(f"model/{key}", value) for key, value in model.state_dict().items()]
     scalars: dict[str, Scalar] = {}
-    for index, per_param in sorted(optimizer.state_dict()["state"].items()):
+    per_param_state = optimizer.state_dict()["state"] if optimizer is not None else {}
+    for index, per_param in sorted(per_param_state.items()):
         for key, value in sorted(per_param.items()):
             name = f"optimizer/{index}/{key}"
             if isinstance(value, Tensor):
@@ -259,10 +260,13 @@ class StateCopy:
 
 
 def copy_state(
-    model: nn.Module, optimizer: torch.optim.Optimizer, buffers: SnapshotBuffers | None = None
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    buffers: SnapshotBuffers | None = None,
 ) -> StateCopy:
     """The only part that must not overlap training (the caller holds the lock that keeps
-    the state from changing): one copy of each tensor."""
+    the state from changing): one copy of each tensor. No optimizer: the model's alone
+    (with local updates, the global state's module holds the outer optimizer's state)."""
     named, scalars = _state_items(model, optimizer)
     tensors = copy_tensors([tensor for _, tensor in named], buffers)
     return StateCopy([name for name, _ in named], tensors, scalars)
@@ -314,7 +318,7 @@ def describe(
 
 def take_snapshot(
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | None,
     step: int,
     param_hash: str,
     step_certificate: str | None = None,
@@ -334,9 +338,10 @@ class StateLayout:
     max_tensors: int
 
     @classmethod
-    def of(cls, model: nn.Module, optimizer: torch.optim.Optimizer) -> StateLayout:
+    def of(cls, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> StateLayout:
         state = model.state_dict()
-        params = [p for group in optimizer.param_groups for p in group["params"]]
+        groups = optimizer.param_groups if optimizer is not None else []
+        params = [p for group in groups for p in group["params"]]
         model_bytes = sum(t.numel() * t.element_size() for t in state.values())
         return cls(
             model={key: (value.dtype, tuple(value.shape)) for key, value in state.items()},
@@ -418,11 +423,13 @@ def optimizer_state(snapshot: StateSnapshot) -> dict[int, dict[str, object]]:
 
 
 def apply_snapshot(
-    snapshot: StateSnapshot, model: nn.Module, optimizer: torch.optim.Optimizer
+    snapshot: StateSnapshot, model: nn.Module, optimizer: torch.optim.Optimizer | None
 ) -> None:
     """Load a checked, verified snapshot: the model's tensors are copied in, the optimizer's
     per-parameter state is replaced (its hyperparameters stay this peer's)."""
     model.load_state_dict(model_tensors(snapshot))
+    if optimizer is None:
+        return
     params = [p for group in optimizer.param_groups for p in group["params"]]
     state: defaultdict[Tensor, dict[str, object]] = defaultdict(dict)
     for index, per_param in optimizer_state(snapshot).items():

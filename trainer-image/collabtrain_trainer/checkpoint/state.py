@@ -183,7 +183,7 @@ def restore_rng(state: Mapping[str, Any], generator: torch.Generator | None = No
 
 def snapshot_state(
     model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | None,
     step: int,
     samples_seen: int,
     data_position: Any,
@@ -212,7 +212,9 @@ def snapshot_state(
         "data_position": data_position,
         "rng": capture_rng(rng),
         # Hyperparameters as the optimizer has them (a schedule may have moved lr).
-        "optimizer_param_groups": optimizer.state_dict()["param_groups"],
+        "optimizer_param_groups": (
+            optimizer.state_dict()["param_groups"] if optimizer is not None else None
+        ),
     }
     return Snapshot(
         step=step,

@@ -192,7 +192,7 @@ class CoordinatorApp:
             "collabtrain_compression_ratio",
             [
                 self._observe(
-                    lambda s: s.bytes_fp32_equivalent / s.bytes_sent if s.bytes_sent else 1.0
+                    lambda s: s.bytes_per_step_fp32 / s.bytes_sent if s.bytes_sent else 1.0
                 )
             ],
         )
@@ -345,12 +345,12 @@ def run_coordinator(config: TrainerConfig, settings: CoordinatorSettings) -> int
         return 2
     coordinator = CoordinatorApp(config, settings, job_key)
     log.info(
-        "coordinator %s for job %s on %s:%d (target batch %d, max steps %d)",
+        "coordinator %s for job %s on %s:%d (rounds of %d samples, max steps %d)",
         coordinator.state.instance,
         config.job,
         settings.host,
         settings.port,
-        config.target_batch_size,
+        config.round_samples,
         config.max_steps,
     )
 

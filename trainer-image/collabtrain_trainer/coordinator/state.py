@@ -201,6 +201,7 @@ class CoordinatorState:
         self.loss: float | None = None
         self.bytes_sent = 0
         self.bytes_fp32_equivalent = 0
+        self.bytes_per_step_fp32 = 0  # what per-step fp32 averaging sends for these samples
         self.hashes: dict[int, dict[str, str]] = {}
         self.param_hashes_agree = True
         self.draining: set[str] = set()
@@ -359,6 +360,7 @@ class CoordinatorState:
             "samples": self.samples_committed,
             "bytes": self.bytes_sent,
             "bytes_fp32": self.bytes_fp32_equivalent,
+            "bytes_step_fp32": self.bytes_per_step_fp32,
             "initial_loss": self.initial_loss,
             "loss": self.loss,
             "durable": self.durable_step,
@@ -424,6 +426,7 @@ class CoordinatorState:
         self.samples_committed = count("samples")
         self.bytes_sent = count("bytes")
         self.bytes_fp32_equivalent = count("bytes_fp32")
+        self.bytes_per_step_fp32 = count("bytes_step_fp32")
         self.initial_loss = loss("initial_loss")
         self.loss = loss("loss")
         self.durable_step = max(self.durable_step, min(count("durable"), step))
@@ -722,7 +725,7 @@ class CoordinatorState:
         def instruction(action: Action, **fields: Any) -> Instruction:
             return self._instruction(record, action, **fields)
 
-        needed = self.config.target_batch_size - sum(r.samples for r in self.eligible(now))
+        needed = self.config.round_samples - sum(r.samples for r in self.eligible(now))
         if self.finished:
             if self.run_complete(now) or record.step != self.step:
                 return instruction("stop", reason=self.finish_reason)
@@ -872,7 +875,7 @@ class CoordinatorState:
         data_ended = (
             self.data is not None and total > 0 and self.data.exhausted(leaving=self.draining)
         )
-        if total < self.config.target_batch_size and not data_ended:
+        if total < self.config.round_samples and not data_ended:
             return None
         member_ids = tuple(r.peer_id for r in members)
         if member_ids != self.epoch_members or not self.epoch_usable:
@@ -913,12 +916,12 @@ class CoordinatorState:
         current.ready.add(request.peer_id)
         if current.formed and current.weights is None:
             # Every member is here and trains no more until the round ends: what it last
-            # reported is what it holds. Capped at the target batch: one member's weight in
-            # a round is at most the target batch, however many samples it claims. That
-            # bounds what a member gains by reporting samples it never trained; it does not
-            # stop one member from outweighing all the others put together (the others'
-            # weights can sum to less than the target batch).
-            cap = self.config.target_batch_size
+            # reported is what it holds. Capped at the round's samples: one member's weight
+            # in a round is at most that, however many samples it claims. That bounds what
+            # a member gains by reporting samples it never trained; it does not stop one
+            # member from outweighing all the others put together (the others' weights can
+            # sum to less than the round's samples).
+            cap = self.config.round_samples
             current.weights = tuple(
                 min(self.peers[m].samples, cap) if m in self.peers else 0 for m in current.members
             )
@@ -1137,7 +1140,11 @@ class CoordinatorState:
                 self.initial_loss = self.loss
         # Every member sent the same number of bytes per rank-pair; sum what each reported.
         self.bytes_sent += sum(v.bytes_sent for v in votes)
-        self.bytes_fp32_equivalent += sum(v.bytes_fp32_equivalent for v in votes)
+        round_fp32 = sum(v.bytes_fp32_equivalent for v in votes)
+        self.bytes_fp32_equivalent += round_fp32
+        # Per-step averaging would exchange as much for every target batch of the round.
+        steps = total_weight / self.config.target_batch_size if self.config.local_updates else 1
+        self.bytes_per_step_fp32 += round(round_fp32 * steps)
         for rank in sorted(excluded):
             log.warning(
                 "round %d: %s excluded: it sent a non-finite gradient (NaN or Inf)",
@@ -1360,6 +1367,10 @@ class CoordinatorState:
             ),
             bytes_sent=self.bytes_sent,
             bytes_fp32_equivalent=self.bytes_fp32_equivalent,
+            bytes_per_step_fp32=self.bytes_per_step_fp32,
+            inner_steps=(
+                self.config.local_updates.inner_steps if self.config.local_updates else None
+            ),
             instance=self.instance,
             membership_epoch=self.epoch,
             round_id=current.round_id if current else None,

@@ -82,7 +82,7 @@ class PeerCheckpoints:
         self,
         step: int,
         model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
+        optimizer: torch.optim.Optimizer | None,
         samples_seen: int,
         data_position: dict[str, Any],
         step_certificate: str | None = None,
@@ -182,7 +182,9 @@ class PeerCheckpoints:
             return None
         return CheckpointSource(reader, step, manifest.state)
 
-    def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Restored | None:
+    def restore(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
+    ) -> Restored | None:
         """Load the newest verified checkpoint into `model` and `optimizer` (and the
         process RNGs: this is a full restart); None when the job has none. Raises
         CheckpointCorruptError when checkpoints exist but none verifies,

@@ -3,7 +3,9 @@
 Every round is decided by the coordinator (see `coordinator.state`): the peer applies the
 optimizer step only after the coordinator committed the round, and keeps its accumulated
 gradient untouched until then, so an abandoned round loses nothing and a step is never
-applied twice.
+applied twice. With local updates (`peer.local_updates`) the peer takes inner optimizer
+steps as it trains, and a round averages and applies the pseudo-gradient instead; an
+abandoned round again loses nothing (the next one carries the inner steps since).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from collabtrain_trainer.peer.client import (
     RejoinRequired,
 )
 from collabtrain_trainer.peer.leased_data import LeasedData
+from collabtrain_trainer.peer.local_updates import LocalUpdates
 from collabtrain_trainer.peer.model_state import (
     assign_flat_gradient,
     flat_mean_gradient,
@@ -84,7 +87,10 @@ _FINISHED_POLL_S = 0.5
 
 @dataclass
 class Accumulator:
+    """What this peer trained since the last committed step."""
+
     samples: int = 0
+    micro_batches: int = 0  # with local updates: the inner steps taken
     loss_sum: float = 0.0
     started: float = field(default_factory=time.monotonic)
     recent_rate: float = 0.0
@@ -125,16 +131,26 @@ class Peer:
         self.optimizer, self.params = self._optimizer()
         # Each group's own learning rate, which the task's schedule scales step by step.
         self.base_lrs = [float(group["lr"]) for group in self.optimizer.param_groups]
+        self.local = (
+            LocalUpdates(config.local_updates, self.model, self.params)
+            if config.local_updates
+            else None
+        )
+        # The state a step names: what its hash covers, newcomers fetch, checkpoints hold.
+        # Per-step averaging: the model and the optimizer. Local updates: the global state
+        # (parameters and outer momentum); the inner optimizer's moments stay on the peer.
+        self.shared_model: nn.Module = self.local.state if self.local else self.model
+        self.shared_optimizer = None if self.local else self.optimizer
         self.step = 0
         self.trained_once = False  # a first micro-batch went through (errors before: the task's)
-        self.hash = param_hash(self.model)
+        self.hash = param_hash(self.shared_model)
         self.seed_hash = self.hash  # step 0's state: every peer builds it from the seed
         # The coordinator's signature of a step (step, certificate), shown when joining a
         # restarted coordinator with that step.
         self.certificate: tuple[int, str] | None = None
         self.has_state = False
         # What a source's state must look like: this model's, within a size bound.
-        self.state_layout = StateLayout.of(self.model, self.optimizer)
+        self.state_layout = StateLayout.of(self.shared_model, self.shared_optimizer)
         self.accumulator = Accumulator()
         self.exchange_state = self._fresh_exchange_state()
         self.groups: EpochGroups | None = None
@@ -206,7 +222,7 @@ class Peer:
                     cached.manifest.step_certificate,
                 ):
                     return cached
-                copied = copy_state(self.model, self.optimizer)
+                copied = copy_state(self.shared_model, self.shared_optimizer)
             self._snapshot = describe(copied, *key)
             return self._snapshot
 
@@ -237,12 +253,12 @@ class Peer:
             return False
         manifest = snapshot.manifest
         with self.state_lock:
-            apply_snapshot(snapshot, self.model, self.optimizer)
+            apply_snapshot(snapshot, self.shared_model, self.shared_optimizer)
             self.step = manifest.step
             self.hash = manifest.param_hash  # verified by fetch_state
             if manifest.step_certificate is not None:
                 self.certificate = (manifest.step, manifest.step_certificate)
-            self._reset_accumulation()
+            self._discard_progress()
             if self.data is not None:
                 self.data.drop()
                 self.data.table = data_table if manifest.step == step else None
@@ -361,7 +377,7 @@ class Peer:
         while True:
             with self.state_lock:
                 try:
-                    restored = self.checkpoints.restore(self.model, self.optimizer)
+                    restored = self.checkpoints.restore(self.shared_model, self.shared_optimizer)
                     break
                 except CheckpointStorageError as error:
                     # Retrying covers a store that is still coming up; a person fixes the
@@ -388,9 +404,9 @@ class Peer:
             self.step = progress.step
             if progress.step_certificate is not None:
                 self.certificate = (progress.step, progress.step_certificate)
-            self.hash = param_hash(self.model)
+            self.hash = param_hash(self.shared_model)
             self.samples_seen = progress.samples_seen
-            self._reset_accumulation()
+            self._discard_progress()
             if self.data is not None:
                 self.data.drop()
                 self.data.table = _data_table_of(progress.data_position)
@@ -517,6 +533,14 @@ class Peer:
         self.optimizer.zero_grad(set_to_none=True)
         self.accumulator = Accumulator()
 
+    def _discard_progress(self) -> None:
+        """Forget what was trained since the step this peer holds (its samples go to
+        others, or the step changed under it): the accumulated gradient, or with local
+        updates the inner steps (the live model starts again from the global one)."""
+        self._reset_accumulation()
+        if self.local is not None:
+            self.local.reset_live()
+
     def _next_batch(self) -> Any:
         """The next micro-batch: the task's own, or records of the leased shard collated
         (None at the shard's end)."""
@@ -560,8 +584,12 @@ class Peer:
             self.model.train()
             with self._autocast():
                 loss = self.task.mean_loss(self.model, batch)
-            # Sum over samples, so the accumulated gradient divides by the sample count.
-            (loss.float() * count).backward()  # type: ignore[no-untyped-call]
+            if self.local is not None:
+                loss.float().backward()  # type: ignore[no-untyped-call]
+                self._inner_step()
+            else:
+                # Sum over samples, so the accumulated gradient divides by the sample count.
+                (loss.float() * count).backward()  # type: ignore[no-untyped-call]
         except Exception as error:
             if not first:
                 raise
@@ -571,6 +599,7 @@ class Peer:
             ) from error
         self.trained_once = True
         self.accumulator.samples += count
+        self.accumulator.micro_batches += 1
         self.accumulator.loss_sum += float(loss.detach()) * count
         elapsed = time.perf_counter() - started
         rate = count / max(elapsed, 1e-6)
@@ -581,6 +610,22 @@ class Peer:
         )
         self._samples_counter.add(count)
         return True
+
+    def _inner_step(self) -> None:
+        """Local updates: the job's optimizer steps on this micro-batch's gradient. The
+        task's schedule sees inner step numbers (a round counts as innerSteps of them)."""
+        assert self.local is not None
+        if self.task.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, self.task.max_grad_norm)
+        if self.task.lr_schedule is not None:
+            inner_step = self.step * self.local.config.inner_steps + self.accumulator.micro_batches
+            self._scale_lr(float(self.task.lr_schedule(inner_step)))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _scale_lr(self, factor: float) -> None:
+        for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            group["lr"] = base_lr * factor
 
     def _report(self) -> Instruction:
         checkpoint, self.pending_checkpoint = self.pending_checkpoint, None
@@ -670,7 +715,11 @@ class Peer:
                 )
                 if epoch_changed:
                     self.exchange_state.reset()  # part boundaries and members changed
-                contribution = flat_mean_gradient(self.params, self.accumulator.samples)
+                contribution = (
+                    self.local.pseudo_gradient()
+                    if self.local is not None
+                    else flat_mean_gradient(self.params, self.accumulator.samples)
+                )
                 result = average(contribution, weight, group, self.exchange_state, weights)
             except Exception as error:
                 reason = f"{type(error).__name__}: {error}".splitlines()[0][:300]
@@ -742,19 +791,20 @@ class Peer:
 
     def _apply(self, averaged: Tensor, new_step: int) -> None:
         with self.state_lock:
-            assign_flat_gradient(self.params, averaged)
-            # On the averaged gradient, at the collaborative step: the same on every peer.
-            if self.task.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(self.params, self.task.max_grad_norm)
-            if self.task.lr_schedule is not None:
-                factor = float(self.task.lr_schedule(self.step))
-                for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
-                    group["lr"] = base_lr * factor
-            self.optimizer.step()
+            if self.local is not None:
+                self.local.outer_step(averaged)  # the live model starts from the result
+            else:
+                assign_flat_gradient(self.params, averaged)
+                # On the averaged gradient, at the collaborative step: the same on every peer.
+                if self.task.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(self.params, self.task.max_grad_norm)
+                if self.task.lr_schedule is not None:
+                    self._scale_lr(float(self.task.lr_schedule(self.step)))
+                self.optimizer.step()
             self._reset_accumulation()
             self.committed_micro_batches = self.micro_batches
             self.step = new_step
-            self.hash = param_hash(self.model)
+            self.hash = param_hash(self.shared_model)
         log_context.step = self.step
 
     # --- checkpoints -----------------------------------------------------------------
@@ -786,8 +836,8 @@ class Peer:
             with self.state_lock:
                 checkpoints.take(
                     self.step,
-                    self.model,
-                    self.optimizer,
+                    self.shared_model,
+                    self.shared_optimizer,
                     self.samples_seen,
                     self._data_position(),
                     self.step_certificate,
@@ -875,7 +925,7 @@ class Peer:
             elif action == "drop":
                 log.info("dropping %d samples: %s", self.accumulator.samples, instruction.reason)
                 with self.state_lock:
-                    self._reset_accumulation()
+                    self._discard_progress()
                 if self.data is not None:
                     self.data.drop()
             elif action == "resync":
