@@ -15,7 +15,12 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
 from pydantic.alias_generators import to_camel
 
-from collabtrain_trainer.config import CompressionConfig, DataConfig, OptimizerConfig
+from collabtrain_trainer.config import (
+    CompressionConfig,
+    DataConfig,
+    LocalUpdatesConfig,
+    OptimizerConfig,
+)
 
 GROUP = "collabtrain.io"
 VERSION = "v1alpha1"
@@ -173,15 +178,23 @@ class TrainerSpec(ApiModel):
 
 
 class OptimizerSpec(ApiModel, OptimizerConfig):
-    """The optimizer applied at every collaborative step: the trainer's `OptimizerConfig`
-    (its fields, bounds and texts), camelCase on the wire."""
+    """The optimizer applied at every collaborative step (with localUpdates: at every inner
+    step, on each peer): the trainer's `OptimizerConfig` (its fields, bounds and texts),
+    camelCase on the wire."""
 
     model_config = ApiModel.model_config
 
 
 class CompressionSpec(ApiModel, CompressionConfig):
-    """How gradients are compressed before averaging: the trainer's `CompressionConfig`,
-    camelCase on the wire."""
+    """How what the peers average (gradients, or pseudo-gradients with localUpdates) is
+    compressed: the trainer's `CompressionConfig`, camelCase on the wire."""
+
+    model_config = ApiModel.model_config
+
+
+class LocalUpdatesSpec(ApiModel, LocalUpdatesConfig):
+    """Local updates (DiLoCo): the trainer's `LocalUpdatesConfig`, camelCase on the wire.
+    Omit for a round per optimizer step (gradients averaged every step)."""
 
     model_config = ApiModel.model_config
 
@@ -214,10 +227,14 @@ class TrainingSpec(ApiModel):
         default=256,
         ge=1,
         description="Samples that the live peers together accumulate before a "
-        "collaborative step commits.",
+        "collaborative step commits (with localUpdates: per inner step; a round holds "
+        "innerSteps of these).",
     )
     micro_batch_size: int = Field(
-        default=16, ge=1, description="Samples per forward/backward pass."
+        default=16,
+        ge=1,
+        description="Samples per forward/backward pass (with localUpdates: per inner "
+        "step of a peer).",
     )
     max_steps: int = Field(
         default=100, ge=1, description="Collaborative steps until the job succeeds."
@@ -225,7 +242,17 @@ class TrainingSpec(ApiModel):
     seed: int = Field(default=0, description="Seed of the model initialisation and data order.")
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec, description="Optimizer.")
     compression: CompressionSpec = Field(
-        default_factory=CompressionSpec, description="Gradient compression."
+        default_factory=CompressionSpec,
+        description="Compression of what is averaged: gradients, or pseudo-gradients "
+        "with localUpdates.",
+    )
+    local_updates: LocalUpdatesSpec | None = Field(
+        default=None,
+        description="Train with local updates (DiLoCo): peers take innerSteps optimizer "
+        "steps between rounds and average the change of the parameters, sending about "
+        "innerSteps times fewer bytes per sample; for slow or unreliable links. A step "
+        "(maxSteps, status.progress.step) is then a round. Omit to average gradients at "
+        "every step.",
     )
     data: DataSpec | None = Field(
         default=None,
@@ -587,6 +614,12 @@ class Progress(ApiModel):
     bytes_sent: int = Field(default=0, description="Gradient bytes the peers sent.")
     bytes_fp32_equivalent: int = Field(
         default=0, description="What the same exchanges would have sent uncompressed (fp32)."
+    )
+    compression: float | None = Field(
+        default=None,
+        description="Bytes that averaging fp32 gradients at every step would have sent for "
+        "the committed samples, divided by the bytes sent: the codec's ratio, times "
+        "innerSteps with localUpdates.",
     )
     samples_per_second: float = Field(default=0.0, description="Throughput of all peers.")
     live_peers: int = Field(default=0, description="Peers the coordinator counts as alive.")

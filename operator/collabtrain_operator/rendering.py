@@ -28,6 +28,7 @@ from collabtrain_trainer.config import (
     CheckpointConfig,
     CompressionConfig,
     DataConfig,
+    LocalUpdatesConfig,
     OptimizerConfig,
     TimingConfig,
     TrainerConfig,
@@ -214,6 +215,11 @@ def trainer_config(job: str, namespace: str, spec: JobSpec) -> TrainerConfig:
         optimizer=OptimizerConfig.model_validate(training.optimizer.model_dump()),
         compression=CompressionConfig.model_validate(training.compression.model_dump()),
         data=DataConfig.model_validate(training.data.model_dump()) if training.data else None,
+        local_updates=(
+            LocalUpdatesConfig.model_validate(training.local_updates.model_dump())
+            if training.local_updates
+            else None
+        ),
         checkpoint=checkpoint,
         coordinator_url=coordinator_url(job, namespace),
         job_key_env=JOB_KEY_ENV,

@@ -8,7 +8,6 @@ import re
 import signal
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -24,7 +23,7 @@ from tests.integration.trainer_fixtures import (
     trainer_fork_server,
     wait_for_step,
 )
-from tests.integration.trainer_reference import weighted_means_by_all_reduce
+from tests.integration.trainer_reference import load_step_dumps, weighted_means_by_all_reduce
 
 __all__ = ["make_cluster", "trainer_fork_server"]
 
@@ -68,38 +67,6 @@ def test_local_cli_trains_tinylm_with_falling_loss_and_agreeing_hashes(tmp_path:
     assert summary["bytes_sent"] > 0 and summary["bytes_fp32_equivalent"] > 0
 
 
-@dataclass
-class StepDump:
-    """What a peer wrote about one committed step (faulty_peer.DUMP_DIR_ENV)."""
-
-    peer: str
-    step: int
-    members: list[str]
-    rank: int
-    weight: float
-    contribution: torch.Tensor
-    average: torch.Tensor
-    params_after: torch.Tensor  # flat
-
-
-def _load_dumps(dump_dir: Path) -> dict[int, list[StepDump]]:
-    by_step: dict[int, list[StepDump]] = {}
-    for path in dump_dir.glob("*.pt"):
-        raw = torch.load(path, weights_only=False)
-        dump = StepDump(
-            peer=path.name.split("-step")[0],
-            step=int(raw["step"]),
-            members=list(raw["members"]),
-            rank=int(raw["rank"]),
-            weight=float(raw["weight"]),
-            contribution=raw["contribution"],
-            average=raw["average"],
-            params_after=torch.cat([v.reshape(-1) for v in raw["params_after"].values()]),
-        )
-        by_step.setdefault(dump.step, []).append(dump)
-    return by_step
-
-
 @pytest.mark.timeout(90, func_only=True)
 def test_committed_step_equals_the_sample_weighted_mean(
     make_cluster: ClusterFactory, tmp_path: Path
@@ -118,7 +85,7 @@ def test_committed_step_equals_the_sample_weighted_mean(
         cluster.start_peer()
     wait_for_step(cluster, 4, timeout=60)
 
-    dumps = _load_dumps(dump_dir)
+    dumps = load_step_dumps(dump_dir)
     complete = {
         step: sorted(members, key=lambda d: d.rank)
         for step, members in dumps.items()

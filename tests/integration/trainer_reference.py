@@ -3,7 +3,9 @@ weighted contributions, run in its own processes (one group for all the steps ch
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -53,3 +55,36 @@ def weighted_means_by_all_reduce(rounds: list[tuple[list[Tensor], list[float]]])
             if worker.is_alive():
                 worker.kill()
     return [torch.tensor(mean, dtype=torch.float32) for mean in means]
+
+
+@dataclass
+class StepDump:
+    """What a peer wrote about one committed step (faulty_peer.DUMP_DIR_ENV)."""
+
+    peer: str
+    step: int
+    members: list[str]
+    rank: int
+    weight: float
+    contribution: torch.Tensor
+    average: torch.Tensor
+    params_after: torch.Tensor  # flat
+
+
+def load_step_dumps(dump_dir: Path) -> dict[int, list[StepDump]]:
+    """The dumps of every committed step, by step."""
+    by_step: dict[int, list[StepDump]] = {}
+    for path in dump_dir.glob("*.pt"):
+        raw = torch.load(path, weights_only=False)
+        dump = StepDump(
+            peer=path.name.split("-step")[0],
+            step=int(raw["step"]),
+            members=list(raw["members"]),
+            rank=int(raw["rank"]),
+            weight=float(raw["weight"]),
+            contribution=raw["contribution"],
+            average=raw["average"],
+            params_after=torch.cat([v.reshape(-1) for v in raw["params_after"].values()]),
+        )
+        by_step.setdefault(dump.step, []).append(dump)
+    return by_step

@@ -125,6 +125,8 @@ def test_objects_of_defaulted_fields_default_to_their_fields_defaults() -> None:
     # (and is not refused for lacking the maxReplicas autoscaling needs).
     assert "default" not in at("spec.autoscaling")
     assert "default" not in at("spec.training.data")
+    assert "default" not in at("spec.training.localUpdates")  # absent: per-step averaging
+    assert "localUpdates" not in at("spec.training")["default"]
 
 
 def test_status_has_no_defaults() -> None:
@@ -216,6 +218,7 @@ def test_parse_duration_rejects_other_forms() -> None:
     [
         (".spec.training.optimizer", "OptimizerConfig"),
         (".spec.training.compression", "CompressionConfig"),
+        (".spec.training.localUpdates", "LocalUpdatesConfig"),
     ],
 )
 def test_the_trainers_config_is_the_one_source_of_its_spec_fields(path: str, config: str) -> None:
@@ -235,9 +238,12 @@ def test_the_trainers_config_is_the_one_source_of_its_spec_fields(path: str, con
             "training": {
                 "optimizer": {"name": "sgd", "lr": 0.5, "momentum": 0.9, "weightDecay": 0.01},
                 "compression": {"codec": "int4", "blockSize": 64, "errorFeedback": False},
+                "localUpdates": {"innerSteps": 16, "outerLr": 0.5, "outerMomentum": 0.8},
             },
         }
     )
     rendered = rendering.trainer_config("demo", "team-a", spec)
     assert rendered.optimizer.model_dump() == spec.training.optimizer.model_dump()
     assert rendered.compression.model_dump() == spec.training.compression.model_dump()
+    assert spec.training.local_updates is not None and rendered.local_updates is not None
+    assert rendered.local_updates.model_dump() == spec.training.local_updates.model_dump()

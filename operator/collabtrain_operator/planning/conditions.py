@@ -112,6 +112,11 @@ def training_progress(p: Pass) -> None:
             initial_loss=coordinator.initial_loss,
             bytes_sent=coordinator.bytes_sent,
             bytes_fp32_equivalent=coordinator.bytes_fp32_equivalent,
+            compression=(
+                round(coordinator.bytes_per_step_fp32 / coordinator.bytes_sent, 1)
+                if coordinator.bytes_sent
+                else None
+            ),
             samples_per_second=coordinator.samples_per_second,
             live_peers=len(coordinator.peers),
             data_epoch=coordinator.data_epoch,
