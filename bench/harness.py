@@ -26,7 +26,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from collabtrain_trainer.averaging.exchange import ExchangeState, average
-from collabtrain_trainer.config import CompressionConfig, OptimizerConfig
+from collabtrain_trainer.config import CompressionConfig, LocalUpdatesConfig, OptimizerConfig
+from collabtrain_trainer.peer.local_updates import LocalUpdates
 from collabtrain_trainer.peer.model_state import (
     assign_flat_gradient,
     flat_mean_gradient,
@@ -165,11 +166,16 @@ def train(
     data: TaskData,
     group: dist.ProcessGroup,
     stop_at_loss: float | None = None,
+    local_updates: LocalUpdatesConfig | None = None,
 ) -> RunRecord:
     """Train from the seeded initial model; `compression=None` means PyTorch DDP.
 
-    With `stop_at_loss`, training ends at the first evaluation at or below it (the clock
-    is paused while evaluating); `steps` is then only the cap.
+    With `local_updates`, every step is an inner step of each peer's own optimizer, and
+    every `inner_steps` steps (and after the last) the peers average their compressed
+    pseudo-gradients and take the runtime's outer step (`peer.local_updates`); held-out
+    loss is then the global model's. With `stop_at_loss`, training ends at the first
+    evaluation at or below it (the clock is paused while evaluating); `steps` is then
+    only the cap.
     """
     rank = dist.get_rank(group)
     model = data.model(hyper.seed)
@@ -179,6 +185,8 @@ def train(
     )
     ddp: nn.Module | None = None
     state: ExchangeState | None = None
+    local = LocalUpdates(local_updates, model, params) if local_updates is not None else None
+    evaluated = local.state.model if local is not None else model
     if compression is None:
         # What users run today: DDP's fp32 gradient all-reduce over the same gloo group.
         ddp = nn.parallel.DistributedDataParallel(model, process_group=group)
@@ -202,7 +210,19 @@ def train(
             group_["lr"] = lr_at(step, hyper)
         inputs, targets = data.train_batch(generator, hyper.micro_batch)
         optimizer.zero_grad(set_to_none=True)
-        if ddp is not None:
+        if local is not None:
+            assert state is not None and local_updates is not None
+            data.loss(model(inputs), targets).backward()  # type: ignore[no-untyped-call]
+            optimizer.step()  # the inner step
+            if (step + 1) % local_updates.inner_steps == 0 or step + 1 == hyper.steps:
+                before = time.perf_counter()
+                result = average(local.pseudo_gradient(), float(len(inputs)), group, state)
+                exchange_seconds.append(time.perf_counter() - before)
+                local.outer_step(result.average)
+                sent += result.bytes_sent
+                excluded += bool(result.excluded_ranks)
+                fp32 += result.bytes_fp32_equivalent
+        elif ddp is not None:
             # DDP all-reduces during backward; time the whole backward as its exchange.
             loss = data.loss(ddp(inputs), targets)
             before = time.perf_counter()
@@ -223,17 +243,20 @@ def train(
             sent += result.bytes_sent
             excluded += bool(result.excluded_ranks)
             fp32 += result.bytes_fp32_equivalent
-        optimizer.step()
+        if local is None:
+            optimizer.step()
         step += 1
         train_seconds += time.perf_counter() - started
         if step % hyper.eval_every == 0 or step == hyper.steps:
-            value = held_out_loss(model, data, group)
+            value = held_out_loss(evaluated, data, group)
             curve.append((step, train_seconds, value))
             if not math.isfinite(value):
                 break  # diverged: more steps cannot bring it back
             if stop_at_loss is not None and value <= stop_at_loss:
                 break
-    final = curve[-1][2] if curve and curve[-1][0] == step else held_out_loss(model, data, group)
+    final = (
+        curve[-1][2] if curve and curve[-1][0] == step else held_out_loss(evaluated, data, group)
+    )
     return RunRecord(
         label=label,
         codec=compression.codec if compression is not None else "ddp",
@@ -244,7 +267,7 @@ def train(
         train_seconds=train_seconds,
         exchange_ms_median=1000 * sorted(exchange_seconds)[len(exchange_seconds) // 2],
         steps=step,
-        params_agree=params_agree(model, group),
+        params_agree=params_agree(evaluated, group),
         excluded_steps=excluded,
         settings=compression.model_dump() if compression is not None else {},
     )

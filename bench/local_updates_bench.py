@@ -1,0 +1,349 @@
+"""Local updates (DiLoCo) against per-step fp32 averaging (DDP) at the same samples.
+
+The grid: four peers, real processes in one gloo group on loopback (bench.harness), each
+training the same seeded tinylm on its own samples with AdamW. The baseline is PyTorch DDP
+(an fp32 gradient all-reduce at every step). The local-update runs take one inner AdamW
+step per micro-batch and, every H steps, average the pseudo-gradients with collabtrain's
+`average()` and codec (error feedback on the peer) and apply the runtime's own outer step
+(`peer.local_updates.LocalUpdates`: Nesterov SGD, lr 0.7, momentum 0.9). Per run: the
+global model's final held-out loss and the bytes each peer put on the wire per sample.
+Two model sizes: the default tinylm (85k parameters) and width 256 (1.1M).
+
+The runtime check: the best grid setting of the default model and per-step fp32 averaging
+run again through the real runtime (`LocalCluster`: coordinator and four peer processes,
+rounds, heartbeats), on the same training split; the final global state comes back from
+a checkpoint in MinIO and is evaluated on the same held-out set. Its bytes are what the
+coordinator counted (`bytes_per_step_fp32 / bytes_sent`).
+
+    python -m bench.local_updates_bench [--quick] [--large-steps N] [--no-large] [--no-runtime]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing
+import os
+import secrets
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from bench.common import print_table, write_result
+from bench.harness import Hyper, TaskData, free_port, held_out_loss, lr_at, train
+from collabtrain_trainer.config import CompressionConfig, LocalUpdatesConfig
+from collabtrain_trainer.tasks import Task
+
+PEERS = 4
+INNER_STEPS = (4, 8, 16, 32)
+CODECS: dict[str, CompressionConfig] = {
+    "none": CompressionConfig(codec="none"),
+    "int8": CompressionConfig(codec="int8", block_size=256),
+    "int4": CompressionConfig(codec="int4", block_size=256),
+    # SparseLoCo's shape: few coordinates sent, the rest carried on the peer.
+    "topk 0.05 +EF": CompressionConfig(codec="topk", ratio=0.05, error_feedback=True),
+}
+LARGE_SETTINGS = ((8, "none"), (8, "int4"), (16, "int4"), (32, "int4"))
+
+
+@dataclass(frozen=True)
+class Run:
+    label: str
+    model: str  # "default" or "large"
+    hyper: Hyper
+    compression: CompressionConfig | None  # None: DDP
+    inner_steps: int | None = None
+
+
+def plan(small: Hyper, large: Hyper | None) -> list[Run]:
+    runs = [
+        Run("ddp", "default", small, None),
+        Run("ddp seed 1", "default", replace(small, seed=1), None),
+    ]
+    for h in INNER_STEPS:
+        for name, codec in CODECS.items():
+            runs.append(Run(f"H={h} {name}", "default", small, codec, h))
+    if large is not None:
+        runs.append(Run("ddp", "large", large, None))
+        for h, name in LARGE_SETTINGS:
+            runs.append(Run(f"H={h} {name}", "large", large, CODECS[name], h))
+    return runs
+
+
+def _worker(rank: int, port: int, runs: list[Run], out: str) -> None:
+    torch.set_num_threads(1)  # four peers share two cores
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=PEERS
+    )
+    group = dist.group.WORLD
+    assert group is not None
+    rows = []
+    for run in runs:
+        data = TaskData("tinylm", run.hyper.eval_examples, dict(run.hyper.task_args))
+        local = LocalUpdatesConfig(inner_steps=run.inner_steps) if run.inner_steps else None
+        record = train(run.label, run.compression, run.hyper, data, group, local_updates=local)
+        row = {
+            **record.as_row(),
+            "model": run.model,
+            "inner_steps": run.inner_steps,
+            "seed": run.hyper.seed,
+            "model_params": sum(p.numel() for p in data.model(0).parameters()),
+        }
+        if rank == 0:
+            print(
+                f"  {run.model} {run.label}: loss {record.final_eval_loss:.4f} "
+                f"({record.train_seconds:.0f} s)",
+                flush=True,
+            )
+            Path(out).write_text(json.dumps([*rows, row]))  # partial results survive
+        rows.append(row)
+    dist.destroy_process_group()
+
+
+def run_grid(runs: list[Run]) -> list[dict[str, Any]]:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "rows.json")
+        context = multiprocessing.get_context("spawn")
+        port = free_port()
+        procs = [
+            context.Process(target=_worker, args=(rank, port, runs, out)) for rank in range(PEERS)
+        ]
+        for proc in procs:
+            proc.start()
+        try:
+            while any(p.is_alive() for p in procs):
+                if any(p.exitcode not in (None, 0) for p in procs):
+                    break
+                time.sleep(0.5)
+        finally:
+            for proc in procs:
+                if proc.is_alive():
+                    proc.kill()
+                proc.join()
+        if any(p.exitcode != 0 for p in procs):
+            raise RuntimeError(f"peer processes failed: {[p.exitcode for p in procs]}")
+        rows: list[dict[str, Any]] = json.loads(Path(out).read_text())
+    return rows
+
+
+def summarize(rows: list[dict[str, Any]], model: str) -> dict[str, Any]:
+    """Against the seed-0 DDP row of the same model: loss within 1%, bytes per sample."""
+    mine = [r for r in rows if r["model"] == model]
+    ddp = next(r for r in mine if r["label"] == "ddp")
+    for row in mine:
+        loss = row["final_eval_loss"]
+        row["loss_vs_ddp"] = loss / ddp["final_eval_loss"] - 1 if math.isfinite(loss) else None
+        row["within_1pct"] = math.isfinite(loss) and loss <= ddp["final_eval_loss"] * 1.01
+        # Every run trains the same samples per step: bytes per step compare as per sample.
+        row["ratio_vs_ddp"] = ddp["bytes_sent_per_step"] / row["bytes_sent_per_step"]
+    within = [r for r in mine if r["within_1pct"] and r["inner_steps"]]
+    best = max(within, key=lambda r: r["ratio_vs_ddp"], default=None)
+    return {
+        "ddp_final_loss": ddp["final_eval_loss"],
+        "best_ratio_within_1pct": best["ratio_vs_ddp"] if best else None,
+        "best_setting": best["label"] if best else None,
+        "model_params": ddp["model_params"],
+        "steps": ddp["steps"],
+    }
+
+
+# --- the runtime check ---------------------------------------------------------------
+
+
+def tinylm_train_split(args: dict[str, str]) -> Task:
+    """tinylm on the harness's training split (the held-out tenth never trained on),
+    with the harness's warm-up and cosine schedule over `steps` steps."""
+    from collabtrain_trainer.tasks import DataShard, endless, shard_indices
+    from collabtrain_trainer.tasks.tinylm import make_task
+
+    task = make_task(args)
+    data = TaskData("tinylm", 1)
+    hyper = Hyper(steps=int(args["steps"]))
+    context = data.context
+    train_text = data._train
+
+    def batches(shard: DataShard) -> Any:
+        offsets = torch.arange(context + 1)
+        windows = len(train_text) - context - 1
+        for starts in endless(
+            shard_indices(windows, shard), shard.micro_batch_size, shard.seed + shard.index
+        ):
+            window = train_text[starts[:, None] + offsets]
+            yield window[:, :-1], window[:, 1:]
+
+    return replace(task, batches=batches, lr_schedule=lambda step: lr_at(step, hyper) / hyper.lr)
+
+
+def runtime_run(
+    hyper: Hyper, compression: CompressionConfig, inner_steps: int | None, minio: Any
+) -> dict[str, Any]:
+    from collabtrain_trainer.checkpoint import CheckpointReader, restore_state
+    from collabtrain_trainer.config import LOOPBACK_TIMING, TrainerConfig
+    from collabtrain_trainer.local import LocalCluster
+    from collabtrain_trainer.peer.local_updates import LocalUpdates
+    from collabtrain_trainer.tasks import load_task
+
+    bucket = f"bench-{secrets.token_hex(4)}"
+    minio.client().make_bucket(bucket)
+    rounds = hyper.steps // (inner_steps or 1)
+    config = TrainerConfig.model_validate(
+        {
+            "job": "bench-local-updates",
+            "task": "bench.local_updates_bench:tinylm_train_split",
+            "task_args": {"steps": str(hyper.steps)},
+            "target_batch_size": PEERS * hyper.micro_batch,
+            "micro_batch_size": hyper.micro_batch,
+            "max_steps": rounds,
+            "min_peers": PEERS,
+            "optimizer": {"name": hyper.optimizer, "lr": hyper.lr},
+            "compression": compression.model_dump(),
+            "local_updates": {"inner_steps": inner_steps} if inner_steps else None,
+            "checkpoint": {
+                "endpoint": minio.endpoint,
+                "bucket": bucket,
+                "secure": False,
+                "every_steps": rounds,
+            },
+            "timing": LOOPBACK_TIMING.model_dump(),
+        }
+    )
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory() as workdir:
+        cluster = LocalCluster(config, Path(workdir), env=minio.s3_env())
+        try:
+            cluster.start_coordinator()
+            cluster.wait_coordinator()
+            for _ in range(PEERS):
+                cluster.start_peer()
+            status = cluster.wait_for(
+                lambda s: s.finished and s.final_state_saved, 3600, "the run to finish"
+            )
+        finally:
+            cluster.stop()
+    seconds = time.monotonic() - started
+    assert config.checkpoint is not None
+    loaded = CheckpointReader(config.checkpoint, config.job, env=minio.s3_env()).load_latest()
+    assert loaded is not None and loaded.step == rounds
+    model = load_task(config.task, config.task_args, config.seed).model
+    if config.local_updates is not None:
+        local = LocalUpdates(config.local_updates, model, list(model.parameters()))
+        restore_state(loaded.objects, local.state, None, restore_global_rng=False)
+        evaluated = local.state.model
+    else:
+        restore_state(loaded.objects, model, None, restore_global_rng=False)
+        evaluated = model
+    return {
+        "label": f"H={inner_steps} {compression.codec}" if inner_steps else "per-step fp32",
+        "runtime": "full",
+        "inner_steps": inner_steps,
+        "rounds": status.step,
+        "samples_committed": status.samples_committed,
+        "final_eval_loss": held_out_loss(evaluated, TaskData("tinylm", hyper.eval_examples), None),
+        "bytes_sent": status.bytes_sent,
+        "bytes_per_sample": status.bytes_sent / status.samples_committed,
+        "compression_vs_per_step_fp32": status.bytes_per_step_fp32 / status.bytes_sent,
+        "rounds_aborted": status.rounds_aborted,
+        "param_hashes_agree": status.param_hashes_agree,
+        "wall_seconds": round(seconds, 1),
+    }
+
+
+def runtime_check(hyper: Hyper, best_label: str) -> list[dict[str, Any]]:
+    from testbed.cluster import MinioServer
+
+    inner_steps = int(best_label.split()[0].removeprefix("H="))
+    codec = CODECS[best_label.split(" ", 1)[1]]
+    with tempfile.TemporaryDirectory() as workdir:
+        minio = MinioServer(workdir=Path(workdir)).start()
+        try:
+            baseline = runtime_run(hyper, CompressionConfig(codec="none"), None, minio)
+            ours = runtime_run(hyper, codec, inner_steps, minio)
+        finally:
+            minio.stop()
+    ours["loss_vs_per_step_fp32"] = ours["final_eval_loss"] / baseline["final_eval_loss"] - 1
+    ours["ratio_bytes_per_sample"] = baseline["bytes_per_sample"] / ours["bytes_per_sample"]
+    return [baseline, ours]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a smoke run: few steps")
+    parser.add_argument("--large-steps", type=int, default=1200)
+    parser.add_argument("--no-large", action="store_true", help="skip the 1.1M model")
+    parser.add_argument("--no-runtime", action="store_true", help="skip the runtime check")
+    args = parser.parse_args()
+
+    small = Hyper(task="tinylm", steps=400, lr=3e-3, eval_every=50)
+    large: Hyper | None = Hyper(
+        task="tinylm", task_args=(("width", "256"),), steps=args.large_steps, eval_every=100
+    )
+    if args.quick:
+        small = replace(small, steps=64, eval_every=32, eval_examples=128)
+        large = replace(large, steps=64, eval_every=32, eval_examples=128)  # type: ignore[arg-type]
+    if args.no_large:
+        large = None
+    runs = plan(small, large)
+    started = time.perf_counter()
+    print(f"{len(runs)} runs, {PEERS} peers")
+    rows = run_grid(runs)
+    per_model = {"default": summarize(rows, "default")}
+    if large is not None:
+        per_model["large"] = summarize(rows, "large")
+    headline = per_model["large" if large is not None else "default"]
+    ddp_seeds = [
+        r["final_eval_loss"] for r in rows if r["model"] == "default" and "ddp" in r["label"]
+    ]
+    runtime_rows: list[dict[str, Any]] = []
+    best_small = per_model["default"]["best_setting"]
+    if not args.no_runtime and best_small is not None:
+        runtime_rows = runtime_check(small, best_small)
+    print_table(
+        rows,
+        ["model", "label", "final_eval_loss", "loss_vs_ddp", "within_1pct", "ratio_vs_ddp"],
+    )
+    if runtime_rows:
+        print_table(
+            runtime_rows,
+            ["label", "final_eval_loss", "bytes_per_sample", "compression_vs_per_step_fp32"],
+        )
+    summary = {
+        **{k: v for k, v in headline.items()},
+        "headline_model": "large" if large is not None else "default",
+        "goal_ratio_within_1pct": 64,
+        "goal_met": (headline["best_ratio_within_1pct"] or 0) >= 64,
+        "per_model": per_model,
+        "ddp_seed_spread": max(ddp_seeds) / min(ddp_seeds) - 1,
+        "runtime": "exchange",
+        "runtime_check": runtime_rows,
+        "peers": PEERS,
+        "outer_optimizer": {"lr": 0.7, "momentum": 0.9, "nesterov": True},
+        "hyperparameters": {"default": small.__dict__, "large": large.__dict__ if large else None},
+        "quick": args.quick,
+        "seconds": round(time.perf_counter() - started, 1),
+        "measures": (
+            "grid: collabtrain's average() and outer step (LocalUpdates) inside a 4-process "
+            "gloo training loop on loopback, not the coordinator/peer runtime; DDP is "
+            "PyTorch DDP on the same group; loss is the final held-out loss of the global "
+            "model; ratio_vs_ddp is DDP's bytes per sample over this run's "
+            "(ExchangeResult.bytes_sent, metadata included); runtime_check: the default "
+            "model's best setting and per-step fp32 through the full runtime (LocalCluster, "
+            "4 peer processes), final state from the checkpoint"
+        ),
+    }
+    write_result("local_updates_quick" if args.quick else "local_updates", summary, rows)
+    for model, value in per_model.items():
+        print(
+            f"{model} ({value['model_params']} parameters): DDP loss "
+            f"{value['ddp_final_loss']:.4f}; best within 1%: {value['best_setting']} at "
+            f"{value['best_ratio_within_1pct']}x"
+        )
+
+
+if __name__ == "__main__":
+    main()
