@@ -71,11 +71,17 @@ def run_to_completion(
     return final, observation, coordinator_views
 
 
-def loss_of_final_checkpoint(cluster: LocalCluster, job: str) -> float:
+def loss_of_final_checkpoint(
+    cluster: LocalCluster, job: str, step: int = MAX_STEPS, local_updates: Any = None
+) -> float:
+    """The held-out loss of the job's last checkpoint (which must be of `step`), loaded
+    into a fresh model; with local updates (a LocalUpdatesConfig), into the global state,
+    whose outer momentum must be there too."""
     import torch
 
     from collabtrain_trainer.checkpoint import CheckpointReader, restore_state
     from collabtrain_trainer.config import CheckpointConfig
+    from collabtrain_trainer.peer.local_updates import LocalUpdates
     from collabtrain_trainer.tasks import DataShard, load_task
 
     assert cluster.minio is not None
@@ -93,9 +99,15 @@ def loss_of_final_checkpoint(cluster: LocalCluster, job: str) -> float:
         "AWS_SECRET_ACCESS_KEY": cluster.minio.secret_key,
     }
     loaded = CheckpointReader(config, job, env=env).load_latest()
-    assert loaded is not None and loaded.step == MAX_STEPS
+    assert loaded is not None and loaded.step == step
     task = load_task(manifest["trainer"]["task"], {}, seed=0)
-    restore_state(loaded.objects, task.model, None, restore_global_rng=False)
+    if local_updates is None:
+        restore_state(loaded.objects, task.model, None, restore_global_rng=False)
+    else:
+        local = LocalUpdates(local_updates, task.model, list(task.model.parameters()))
+        restore_state(loaded.objects, local.state, None, restore_global_rng=False)
+        assert all(m.abs().sum() > 0 for m in local.state.momentum), "no outer momentum"
+        local.reset_live()
     task.model.eval()
     batches = task.batches(DataShard(index=63, count=64, micro_batch_size=16, seed=1))
     with torch.no_grad():
@@ -181,6 +193,40 @@ def test_s3_data_is_used_once_per_epoch_through_a_spot_preemption(cluster: Local
     # Every record once per epoch, as the coordinator counted the committed samples.
     assert progress["samplesCommitted"] == 2 * records, progress
     assert condition(job, "Ready")["message"].startswith("finished 2 pass(es) over the data")
+
+
+def test_local_updates_train_through_a_spot_preemption_mid_round(cluster: LocalCluster) -> None:
+    """spec.training.localUpdates on real kubelets: the peers take inner steps and average
+    int4 pseudo-gradients every 4 target batches; a spot node goes while a round's inner
+    steps run, and the job still succeeds with the outer state checkpointed."""
+    from collabtrain_trainer.config import LocalUpdatesConfig
+
+    manifest = quickstart("diloco")
+    training = manifest["spec"]["training"]
+    training["maxSteps"] = 12
+    training["localUpdates"] = {"innerSteps": 4}
+    training["compression"] = {"codec": "int4"}
+    manifest["spec"]["checkpoint"]["everySteps"] = 3
+    namespace = "e2e-local-updates"
+    cluster.create_namespace(namespace)
+    name = cluster.submit(namespace, manifest)
+    job, observation, _ = run_to_completion(cluster, namespace, name, preempt_at=3)
+    status = job["status"]
+    assert status["phase"] == "Succeeded", json.dumps(status, indent=1) + pod_logs(cluster)
+    assert status["preemptions"] >= 1 and observation.preempted_node is not None
+    assert status.get("failures", 0) == 0
+    progress = status["progress"]
+    assert progress["step"] == 12
+    # Every round held 4 target batches (96 samples) or more.
+    assert progress["samplesCommitted"] >= 12 * 4 * 96
+    # int4 (about 7x) on rounds of 4 steps: far fewer bytes than fp32 every step.
+    assert progress["compression"] > 20, progress
+    first, last = observation.losses[0][1], observation.losses[-1][1]
+    assert last < first - 0.5, observation.losses
+    evaluated = loss_of_final_checkpoint(
+        cluster, name, step=12, local_updates=LocalUpdatesConfig(inner_steps=4)
+    )
+    assert abs(evaluated - last) < 0.35, (evaluated, last)
 
 
 def test_coordinator_pod_deleted_mid_training_is_recreated_and_training_continues(

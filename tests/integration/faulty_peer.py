@@ -80,22 +80,22 @@ def main(args: list[str]) -> int:
 
 
 def _instrument(faults: Faults, dump_dir: str | None) -> None:
-    from collabtrain_trainer.peer import runtime, state_server
+    from collabtrain_trainer.peer import rounds, runtime, state_server, training
 
     peer_class = runtime.Peer
-    real_round_phases = peer_class._round_phases
+    real_run_round = peer_class._run_round
     real_apply = peer_class._apply
-    real_train = peer_class._train_micro_batch
-    real_average = runtime.average
+    real_train = training.Training.train_micro_batch
+    real_average = rounds.average
     # The round this process is in (one training thread) and what it sent in it.
     current: dict[str, Any] = {}
 
-    @functools.wraps(real_round_phases)
-    def round_phases(self: Any, assignment: Any, deadline: float) -> None:
+    @functools.wraps(real_run_round)
+    def run_round(self: Any, assignment: Any) -> None:
         current.clear()
         current["assignment"] = assignment
         faults.maybe_pause("formation", assignment.step)
-        real_round_phases(self, assignment, deadline)
+        real_run_round(self, assignment)
         if dump_dir and self.step == assignment.step + 1 and "result" in current:
             _dump(Path(dump_dir), self, assignment, current)
 
@@ -120,16 +120,16 @@ def _instrument(faults: Faults, dump_dir: str | None) -> None:
         real_apply(self, averaged, new_step)
 
     @functools.wraps(real_train)
-    def train_micro_batch(self: Any) -> None:
+    def train_micro_batch(self: Any, step: int) -> int:
         before = self.accumulator.recent_rate
-        samples = self.accumulator.samples
         started = time.perf_counter()
-        real_train(self)
+        samples = real_train(self, step)
         elapsed = time.perf_counter() - started
         time.sleep(elapsed * (faults.slowdown - 1))
         # Report the rate the peer really trains at, as a slow machine would.
-        rate = (self.accumulator.samples - samples) / max(elapsed * faults.slowdown, 1e-6)
+        rate = samples / max(elapsed * faults.slowdown, 1e-6)
         self.accumulator.recent_rate = rate if not before else 0.8 * before + 0.2 * rate
+        return samples
 
     real_serve = state_server.StateServer._serve_chunk
 
@@ -160,11 +160,11 @@ def _instrument(faults: Faults, dump_dir: str | None) -> None:
         real_serve(self, handler, snapshot, index)
 
     state_server.StateServer._serve_chunk = serve_chunk  # type: ignore[method-assign]
-    peer_class._round_phases = round_phases  # type: ignore[method-assign]
+    peer_class._run_round = run_round  # type: ignore[method-assign]
     peer_class._apply = apply  # type: ignore[method-assign]
     if faults.slowdown > 1:
-        peer_class._train_micro_batch = train_micro_batch  # type: ignore[method-assign]
-    runtime.average = average  # type: ignore[assignment]
+        training.Training.train_micro_batch = train_micro_batch  # type: ignore[method-assign]
+    rounds.average = average  # type: ignore[assignment]
 
 
 def _dump(directory: Path, peer: Any, assignment: Any, sent: dict[str, Any]) -> None:
@@ -176,7 +176,9 @@ def _dump(directory: Path, peer: Any, assignment: Any, sent: dict[str, Any]) -> 
             "weight": sent["weight"],
             "contribution": sent["contribution"],
             "average": sent["result"].average.cpu(),
-            "params_after": {k: v.cpu().clone() for k, v in peer.model.state_dict().items()},
+            "params_after": {
+                k: v.cpu().clone() for k, v in peer.training.model.state_dict().items()
+            },
         },
         directory / f"{peer.peer_id}-step{assignment.step}.pt",
     )
