@@ -961,6 +961,11 @@ def test_a_peer_token_missing_after_an_operator_stop_is_made_again(
             "spec.training.data is read through spec.checkpoint's storage",
         ),
         ({"training": {"data": {"prefix": "shards/", "epochs": 0}}}, "spec.training.data.epochs"),
+        ({"training": {"localUpdates": {}}}, "spec.training.localUpdates.innerSteps"),
+        (
+            {"training": {"localUpdates": {"innerSteps": 8, "outerMomentum": 1}}},
+            "spec.training.localUpdates.outerMomentum",
+        ),
     ],
 )
 def test_invalid_objects_are_refused_with_their_message(

@@ -1,0 +1,126 @@
+"""The local-update pieces on their own: the global state (what the step's hash covers and
+newcomers and checkpoints carry), the outer step, and the configuration."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from collabtrain_trainer.cli import _local_config, build_parser
+from collabtrain_trainer.config import LocalUpdatesConfig, TrainerConfig
+from collabtrain_trainer.peer.local_updates import LocalUpdates
+from collabtrain_trainer.peer.model_state import param_hash
+from collabtrain_trainer.state_snapshot import (
+    StateLayout,
+    StateMismatch,
+    apply_snapshot,
+    take_snapshot,
+)
+
+
+def model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2))
+
+
+def inner_steps(net: nn.Module, optimizer: torch.optim.Optimizer, steps: int, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        inputs = torch.randn(16, 4, generator=generator)
+        loss = net(inputs).pow(2).mean()
+        loss.backward()  # type: ignore[no-untyped-call]
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def test_the_outer_step_is_torchs_nesterov_sgd_on_the_pseudo_gradient() -> None:
+    net = model()
+    params = list(net.parameters())
+    config = LocalUpdatesConfig(inner_steps=4, outer_lr=0.7, outer_momentum=0.9)
+    local = LocalUpdates(config, net, params)
+    reference = [nn.Parameter(p.detach().clone()) for p in params]
+    outer = torch.optim.SGD(reference, lr=0.7, momentum=0.9, nesterov=True)
+    inner = torch.optim.AdamW(params, lr=1e-2)
+    for round_ in range(3):
+        inner_steps(net, inner, 4, seed=round_)
+        pseudo = local.pseudo_gradient()
+        # Global minus live, flat, in the optimizer's parameter order.
+        expected = torch.cat(
+            [(r.detach() - p.detach()).reshape(-1) for r, p in zip(reference, params, strict=True)]
+        )
+        torch.testing.assert_close(pseudo, expected)
+        offset = 0
+        for r in reference:
+            r.grad = pseudo[offset : offset + r.numel()].view_as(r).clone()
+            offset += r.numel()
+        outer.step()
+        local.outer_step(pseudo)
+        for r, g, p in zip(reference, local.state.params, params, strict=True):
+            torch.testing.assert_close(g, r.detach())
+            torch.testing.assert_close(p.detach(), r.detach())  # the live model restarts there
+        for index, r in enumerate(reference):
+            torch.testing.assert_close(
+                local.state.momentum[index], outer.state[r]["momentum_buffer"]
+            )
+
+
+def test_the_global_state_keeps_the_models_keys_and_its_hash_covers_the_outer_momentum() -> None:
+    net = model()
+    local = LocalUpdates(LocalUpdatesConfig(inner_steps=2), net, list(net.parameters()))
+    keys = list(local.state.state_dict())
+    assert keys[: len(net.state_dict())] == list(net.state_dict())
+    assert keys[len(net.state_dict()) :] == [
+        f"outer_momentum_{i}" for i in range(len(list(net.parameters())))
+    ]
+    # The checkpoint's tensors load into the task's own model, momentum aside.
+    fresh = model()
+    fresh.load_state_dict(local.state.state_dict(), strict=False)
+    before = param_hash(local.state)
+    with torch.no_grad():
+        local.state.momentum[0].add_(1.0)
+    assert param_hash(local.state) != before
+    assert param_hash(local.state.model) == param_hash(net)
+
+
+def test_a_snapshot_of_the_global_state_loads_into_another_peers_and_no_other_kind() -> None:
+    net = model()
+    source = LocalUpdates(LocalUpdatesConfig(inner_steps=2), net, list(net.parameters()))
+    inner_steps(net, torch.optim.SGD(net.parameters(), lr=0.1), 3, seed=1)
+    source.outer_step(source.pseudo_gradient())
+    snapshot = take_snapshot(source.state, None, 1, param_hash(source.state))
+
+    other_net = model()
+    target = LocalUpdates(
+        LocalUpdatesConfig(inner_steps=2), other_net, list(other_net.parameters())
+    )
+    layout = StateLayout.of(target.state, None)
+    layout.check(snapshot.manifest)
+    apply_snapshot(snapshot, target.state, None)
+    target.reset_live()
+    assert param_hash(target.state) == param_hash(source.state)
+    assert param_hash(other_net) == param_hash(net)
+
+    # A per-step job's state (no outer momentum) is not a local-update job's.
+    plain = model()
+    per_step = take_snapshot(plain, torch.optim.AdamW(plain.parameters()), 1, param_hash(plain))
+    with pytest.raises(StateMismatch):
+        layout.check(per_step.manifest)
+
+
+def test_rounds_hold_inner_steps_times_the_target_batch() -> None:
+    base = {"job": "j", "target_batch_size": 64}
+    assert TrainerConfig.model_validate(base).round_samples == 64
+    config = TrainerConfig.model_validate({**base, "local_updates": {"inner_steps": 16}})
+    assert config.round_samples == 1024
+    assert config.local_updates is not None and config.local_updates.outer_lr == 0.7
+
+
+def test_the_local_runner_takes_inner_steps_and_refuses_outer_flags_without_them() -> None:
+    parser = build_parser()
+    args = parser.parse_args(["local", "--inner-steps", "8", "--outer-lr", "0.5"])
+    config = _local_config(args)
+    assert config.local_updates == LocalUpdatesConfig(inner_steps=8, outer_lr=0.5)
+    assert _local_config(parser.parse_args(["local"])).local_updates is None
+    with pytest.raises(SystemExit, match="need --inner-steps"):
+        _local_config(parser.parse_args(["local", "--outer-momentum", "0.8"]))
