@@ -8,7 +8,10 @@ churn; `--repeats` schedules (seeds seed, seed + 1, ...) run interleaved, median
 
 (a) collabtrain: a real coordinator and peer processes (`LocalCluster`, as
     `collabtrain-trainer local` runs them); a killed peer's replacement joins the running
-    job. Samples committed = the coordinator's `samples_committed`.
+    job. Samples committed = the coordinator's `samples_committed`. Also with local
+    updates (`collabtrain_local_updates`: rounds of 16 target batches, int4
+    pseudo-gradients, the best setting of local_updates_bench): a killed peer loses the
+    inner steps it took since the last commit.
 (b) torchrun elastic: four real `torchrun` agents (`--nnodes 1:4`, c10d rendezvous, one
     worker each) running `torchrun_worker.py`: DDP over gloo, resume from the last
     checkpoint on every start, rank 0 checkpoints every K steps. A kill takes a node
@@ -61,7 +64,12 @@ def schedule(seed: int, window: float, mean: float) -> list[tuple[float, int]]:
 # --- (a) collabtrain --------------------------------------------------------------------
 
 
-def run_collab(kills: list[tuple[float, int]], window: float, delay: float) -> dict[str, Any]:
+LOCAL_UPDATES = {"inner_steps": 16}
+
+
+def run_collab(
+    kills: list[tuple[float, int]], window: float, delay: float, local_updates: bool = False
+) -> dict[str, Any]:
     from collabtrain_trainer.config import LOOPBACK_TIMING, TrainerConfig
     from collabtrain_trainer.local import LocalCluster
 
@@ -74,7 +82,8 @@ def run_collab(kills: list[tuple[float, int]], window: float, delay: float) -> d
             "max_steps": 1_000_000,
             "seed": 0,
             "optimizer": {"name": "adamw", "lr": 3e-3},
-            "compression": {"codec": "none"},
+            "compression": {"codec": "int4" if local_updates else "none"},
+            "local_updates": LOCAL_UPDATES if local_updates else None,
             "timing": LOOPBACK_TIMING.model_dump(),  # as `collabtrain-trainer local` uses
         }
     )
@@ -288,7 +297,7 @@ def _seconds_without_steps(steps: list[dict[str, Any]], t0: float, window: float
     return sum(b - a for a, b in itertools.pairwise(times) if b - a > 2)
 
 
-SYSTEMS = ("collabtrain", "torchrun_elastic", "checkpoint_restart")
+SYSTEMS = ("collabtrain", "collabtrain_local_updates", "torchrun_elastic", "checkpoint_restart")
 
 
 def main() -> None:
@@ -300,11 +309,20 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="repeat r uses seed + r")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--systems", default=",".join(SYSTEMS), help=f"a subset of {', '.join(SYSTEMS)}"
+    )
     args = parser.parse_args()
+    systems = [s for s in SYSTEMS if s in args.systems.split(",")]
+    if "checkpoint_restart" in systems and "torchrun_elastic" not in systems:
+        parser.error("checkpoint_restart shares torchrun_elastic's no-churn runs: add it")
     if args.quick:
         args.window, args.mean_interval, args.repeats = 20.0, 6.0, 1
     runners = {
         "collabtrain": lambda k: run_collab(k, args.window, args.replace_delay),
+        "collabtrain_local_updates": lambda k: run_collab(
+            k, args.window, args.replace_delay, local_updates=True
+        ),
         "torchrun_elastic": lambda k: run_torchrun(
             k, args.window, args.replace_delay, args.ckpt_every, True
         ),
@@ -321,7 +339,7 @@ def main() -> None:
         kills = schedule(args.seed + repeat, args.window, args.mean_interval)
         schedules.append([t for t, _ in kills])
         print(f"repeat {repeat}: kill schedule (s) {schedules[-1]}", flush=True)
-        for system in SYSTEMS:
+        for system in systems:
             # Without churn checkpoint-restart is the same 4-node DDP job as elastic.
             for churn in (False, True) if system != "checkpoint_restart" else (True,):
                 began = time.monotonic()
@@ -353,22 +371,27 @@ def main() -> None:
             "churn_samples_per_s": rate(system, True),
             "goodput": round(rate(system, True) / rate(system, False), 3),
         }
-        for system in SYSTEMS
+        for system in systems
     ]
     goodput = {row["system"]: row["goodput"] for row in table}
+    both = {"collabtrain", "torchrun_elastic"} <= set(systems)
     summary = {
-        "collab_goodput": goodput["collabtrain"],
-        "torchrun_elastic_goodput": goodput["torchrun_elastic"],
-        "checkpoint_restart_goodput": goodput["checkpoint_restart"],
+        "collab_goodput": goodput.get("collabtrain"),
+        "collab_local_updates_goodput": goodput.get("collabtrain_local_updates"),
+        "torchrun_elastic_goodput": goodput.get("torchrun_elastic"),
+        "checkpoint_restart_goodput": goodput.get("checkpoint_restart"),
         # Same wall time with churn, so the ratio of rates is the ratio of samples.
-        "advantage_vs_torchrun": round(
-            rate("collabtrain", True) / max(1e-9, rate("torchrun_elastic", True)), 3
+        "advantage_vs_torchrun": (
+            round(rate("collabtrain", True) / max(1e-9, rate("torchrun_elastic", True)), 3)
+            if both
+            else None
         ),
         "medians": table,
         "settings": {
             "peers": PEERS,
             "task": "tinylm",
             "global_batch": TARGET,
+            "local_updates": LOCAL_UPDATES | {"codec": "int4"},
             "collab_micro_batch": MICRO,
             "window_s": args.window,
             "mean_kill_interval_s": args.mean_interval,

@@ -83,7 +83,7 @@ def _worker(rank: int, port: int, runs: list[Run], out: str) -> None:
     )
     group = dist.group.WORLD
     assert group is not None
-    rows = []
+    rows: list[dict[str, Any]] = []
     for run in runs:
         data = TaskData("tinylm", run.hyper.eval_examples, dict(run.hyper.task_args))
         local = LocalUpdatesConfig(inner_steps=run.inner_steps) if run.inner_steps else None
@@ -280,22 +280,20 @@ def main() -> None:
     args = parser.parse_args()
 
     small = Hyper(task="tinylm", steps=400, lr=3e-3, eval_every=50)
-    large: Hyper | None = Hyper(
+    large = Hyper(
         task="tinylm", task_args=(("width", "256"),), steps=args.large_steps, eval_every=100
     )
     if args.quick:
         small = replace(small, steps=64, eval_every=32, eval_examples=128)
-        large = replace(large, steps=64, eval_every=32, eval_examples=128)  # type: ignore[arg-type]
-    if args.no_large:
-        large = None
-    runs = plan(small, large)
+        large = replace(large, steps=64, eval_every=32, eval_examples=128)
+    runs = plan(small, None if args.no_large else large)
     started = time.perf_counter()
     print(f"{len(runs)} runs, {PEERS} peers")
     rows = run_grid(runs)
     per_model = {"default": summarize(rows, "default")}
-    if large is not None:
+    if not args.no_large:
         per_model["large"] = summarize(rows, "large")
-    headline = per_model["large" if large is not None else "default"]
+    headline = per_model["default" if args.no_large else "large"]
     ddp_seeds = [
         r["final_eval_loss"] for r in rows if r["model"] == "default" and "ddp" in r["label"]
     ]
@@ -314,7 +312,7 @@ def main() -> None:
         )
     summary = {
         **{k: v for k, v in headline.items()},
-        "headline_model": "large" if large is not None else "default",
+        "headline_model": "default" if args.no_large else "large",
         "goal_ratio_within_1pct": 64,
         "goal_met": (headline["best_ratio_within_1pct"] or 0) >= 64,
         "per_model": per_model,
@@ -323,7 +321,10 @@ def main() -> None:
         "runtime_check": runtime_rows,
         "peers": PEERS,
         "outer_optimizer": {"lr": 0.7, "momentum": 0.9, "nesterov": True},
-        "hyperparameters": {"default": small.__dict__, "large": large.__dict__ if large else None},
+        "hyperparameters": {
+            "default": small.__dict__,
+            "large": None if args.no_large else large.__dict__,
+        },
         "quick": args.quick,
         "seconds": round(time.perf_counter() - started, 1),
         "measures": (
