@@ -312,6 +312,7 @@ def main() -> None:
     parser.add_argument(
         "--systems", default=",".join(SYSTEMS), help=f"a subset of {', '.join(SYSTEMS)}"
     )
+    parser.add_argument("--output", default="churn", help="bench/results/<output>.json")
     args = parser.parse_args()
     systems = [s for s in SYSTEMS if s in args.systems.split(",")]
     if "checkpoint_restart" in systems and "torchrun_elastic" not in systems:
@@ -410,7 +411,7 @@ def main() -> None:
         "wall_seconds": round(time.monotonic() - started, 1),
     }
     print_table(table, ["system", "no_churn_samples_per_s", "churn_samples_per_s", "goodput"])
-    name = "churn_quick" if args.quick else "churn"
+    name = f"{args.output}_quick" if args.quick else args.output
     print(write_result(name, summary, rows))
     bar_plot(
         RESULTS / f"{name}.png",
