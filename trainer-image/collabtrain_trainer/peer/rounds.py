@@ -20,7 +20,6 @@ from torch import Tensor
 from collabtrain_trainer.averaging.exchange import ExchangeResult, ExchangeState, average
 from collabtrain_trainer.averaging.groups import EpochGroups, default_backend
 from collabtrain_trainer.config import TrainerConfig
-from collabtrain_trainer.observability import log_context
 from collabtrain_trainer.peer.client import (
     CoordinatorClient,
     CoordinatorUnavailable,
@@ -103,22 +102,10 @@ class Rounds:
     def take_part(
         self, assignment: RoundAssignment, contribution: Contribution, step: int
     ) -> Committed | None:
-        """Run the round to its decision; the committed average, or None (abandoned)."""
-        log_context.round = assignment.round_id
+        """Run the round to its decision; the committed average, or None (abandoned). The
+        caller holds the round's span and log context, which its apply belongs to."""
         deadline = time.monotonic() + assignment.deadline_seconds
-        try:
-            with self.tracer.start_as_current_span(
-                "round",
-                attributes={
-                    "round": assignment.round_id,
-                    "step": assignment.step,
-                    "epoch": assignment.epoch,
-                    "world_size": assignment.world_size,
-                },
-            ):
-                committed = self._phases(assignment, contribution, step, deadline)
-        finally:
-            log_context.round = None
+        committed = self._phases(assignment, contribution, step, deadline)
         self._rounds_counter.add(1, {"outcome": "commit" if committed else "abort"})
         if committed is not None:
             self._bytes_counter.add(committed.result.bytes_sent)

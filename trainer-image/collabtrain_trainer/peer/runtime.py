@@ -403,6 +403,22 @@ class Peer:
         )
 
     def _run_round(self, assignment: RoundAssignment) -> None:
+        log_context.round = assignment.round_id
+        try:
+            with self.tracer.start_as_current_span(
+                "round",
+                attributes={
+                    "round": assignment.round_id,
+                    "step": assignment.step,
+                    "epoch": assignment.epoch,
+                    "world_size": assignment.world_size,
+                },
+            ):
+                self._take_part(assignment)
+        finally:
+            log_context.round = None
+
+    def _take_part(self, assignment: RoundAssignment) -> None:
         """Take part in the round; apply its average if the coordinator committed it."""
         accumulator = self.training.accumulator
         committed = self.rounds.take_part(
@@ -413,7 +429,7 @@ class Peer:
         if committed is None:
             return
         result, decision = committed.result, committed.decision
-        with self.tracer.start_as_current_span("apply", attributes={"step": assignment.step}):
+        with self.tracer.start_as_current_span("apply"):
             self._apply(result.average, assignment.step + 1)
             data = self.training.data
             if data is not None:
