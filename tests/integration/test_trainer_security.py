@@ -154,7 +154,8 @@ def test_the_rendezvous_store_serves_only_the_epochs_members(
 def test_state_is_served_only_with_a_ticket_for_that_peer_and_within_a_size_bound(
     make_cluster: ClusterFactory,
 ) -> None:
-    cluster = make_cluster(max_steps=200)
+    # The source must still serve when the checks below run (the fixture stops the job).
+    cluster = make_cluster(max_steps=100_000)
     source, other = cluster.start_peer(), cluster.start_peer()
     cluster.wait_for(lambda s: len(s.peers) == 2 and s.step >= 2, 60, "both peers training")
     url = _state_url(cluster, source)
@@ -211,13 +212,15 @@ def test_a_newcomer_keeps_its_state_when_a_source_serves_another_one(tmp_path: P
 
     tampered = Peer(config, "tampered", credentials.peer_token(job_key, "tampered"))
     with torch.no_grad():
-        for parameter in tampered.model.parameters():
+        for parameter in tampered.training.model.parameters():
             parameter.add_(1.0)
     # Parameters that are not the agreed ones under the agreed hash, and another model.
-    lie = take_snapshot(tampered.model, tampered.optimizer, 5, newcomer.seed_hash)
+    lie = take_snapshot(tampered.training.model, tampered.training.optimizer, 5, newcomer.seed_hash)
     other = fast_config(coordinator_url="http://127.0.0.1:9", task_args={"hidden": "48"})
     stranger = Peer(other, "stranger", credentials.peer_token(job_key, "stranger"))
-    junk = take_snapshot(stranger.model, stranger.optimizer, 5, newcomer.seed_hash)
+    junk = take_snapshot(
+        stranger.training.model, stranger.training.optimizer, 5, newcomer.seed_hash
+    )
     stranger.server.stop()
     servers = [
         StateServer("127.0.0.1", 0, liar_token, lambda snapshot=snapshot: snapshot)
@@ -227,7 +230,7 @@ def test_a_newcomer_keeps_its_state_when_a_source_serves_another_one(tmp_path: P
     for server in servers:
         server.start()
     try:
-        before = {k: v.clone() for k, v in newcomer.model.state_dict().items()}
+        before = {k: v.clone() for k, v in newcomer.training.model.state_dict().items()}
         agreed = "0123456789abcdef"  # what the coordinator says step 5 hashes to
         sources = [
             StateSource(
@@ -239,8 +242,8 @@ def test_a_newcomer_keeps_its_state_when_a_source_serves_another_one(tmp_path: P
         ]
         assert not newcomer._sync_from(sources, 5, agreed)
         assert newcomer.step == 0 and newcomer.hash == newcomer.seed_hash
-        assert param_hash(newcomer.model) == newcomer.seed_hash
-        after = newcomer.model.state_dict()
+        assert param_hash(newcomer.training.model) == newcomer.seed_hash
+        after = newcomer.training.model.state_dict()
         assert all(torch.equal(before[k], after[k]) for k in before)
     finally:
         for server in servers:
