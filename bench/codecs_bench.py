@@ -22,9 +22,7 @@ import argparse
 import json
 import logging
 import math
-import multiprocessing
 import os
-import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -34,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from bench.common import RESULTS, print_table, write_result
-from bench.harness import Hyper, TaskData, free_port, train
+from bench.harness import Hyper, TaskData, run_group, train
 from collabtrain_trainer.config import CompressionConfig
 
 PEERS = 4
@@ -110,31 +108,7 @@ def _worker(rank: int, port: int, task: str, todo: list[Variant], out: str) -> N
 
 
 def run_task(task: str, todo: list[Variant]) -> list[dict[str, Any]]:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "rows.json")
-        context = multiprocessing.get_context("spawn")
-        port = free_port()
-        procs = [
-            context.Process(target=_worker, args=(rank, port, task, todo, out))
-            for rank in range(PEERS)
-        ]
-        for proc in procs:
-            proc.start()
-        try:
-            # One dead peer leaves the others blocked in a collective: stop at the first.
-            while any(p.is_alive() for p in procs):
-                if any(p.exitcode not in (None, 0) for p in procs):
-                    break
-                time.sleep(0.5)
-        finally:
-            for proc in procs:
-                if proc.is_alive():
-                    proc.kill()
-                proc.join()
-        failed = [p.exitcode for p in procs if p.exitcode != 0]
-        if failed:
-            raise RuntimeError(f"peer processes failed, exit codes {failed}")
-        rows: list[dict[str, Any]] = json.loads(Path(out).read_text())
+    rows: list[dict[str, Any]] = run_group(_worker, (task, todo), PEERS)
     for row in rows:
         row["task"] = task
         row["ratio_vs_fp32"] = row["bytes_fp32_per_step"] / row["bytes_sent_per_step"]

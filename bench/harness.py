@@ -282,3 +282,39 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def run_group(worker: Callable[..., None], args: tuple[Any, ...], peers: int) -> list[Any]:
+    """Run `worker(rank, port, *args, out)` in `peers` spawned processes (they form one
+    gloo group on loopback at `port`); returns the JSON that rank 0 wrote to `out`. Stops
+    at the first process that fails: the others would wait for it in a collective."""
+    import json
+    import multiprocessing
+    import os
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "rows.json")
+        context = multiprocessing.get_context("spawn")
+        port = free_port()
+        procs = [
+            context.Process(target=worker, args=(rank, port, *args, out)) for rank in range(peers)
+        ]
+        for proc in procs:
+            proc.start()
+        try:
+            while any(p.is_alive() for p in procs):
+                if any(p.exitcode not in (None, 0) for p in procs):
+                    break
+                time.sleep(0.5)
+        finally:
+            for proc in procs:
+                if proc.is_alive():
+                    proc.kill()
+                proc.join()
+        failed = [p.exitcode for p in procs if p.exitcode != 0]
+        if failed:
+            raise RuntimeError(f"peer processes failed, exit codes {failed}")
+        rows: list[Any] = json.loads(Path(out).read_text())
+    return rows

@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import multiprocessing
-import os
 import secrets
 import tempfile
 import time
@@ -36,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from bench.common import print_table, write_result
-from bench.harness import Hyper, TaskData, free_port, held_out_loss, lr_at, train
+from bench.harness import Hyper, TaskData, held_out_loss, lr_at, run_group, train
 from collabtrain_trainer.config import CompressionConfig, LocalUpdatesConfig
 from collabtrain_trainer.tasks import Task
 
@@ -107,28 +105,7 @@ def _worker(rank: int, port: int, runs: list[Run], out: str) -> None:
 
 
 def run_grid(runs: list[Run]) -> list[dict[str, Any]]:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "rows.json")
-        context = multiprocessing.get_context("spawn")
-        port = free_port()
-        procs = [
-            context.Process(target=_worker, args=(rank, port, runs, out)) for rank in range(PEERS)
-        ]
-        for proc in procs:
-            proc.start()
-        try:
-            while any(p.is_alive() for p in procs):
-                if any(p.exitcode not in (None, 0) for p in procs):
-                    break
-                time.sleep(0.5)
-        finally:
-            for proc in procs:
-                if proc.is_alive():
-                    proc.kill()
-                proc.join()
-        if any(p.exitcode != 0 for p in procs):
-            raise RuntimeError(f"peer processes failed: {[p.exitcode for p in procs]}")
-        rows: list[dict[str, Any]] = json.loads(Path(out).read_text())
+    rows: list[dict[str, Any]] = run_group(_worker, (runs,), PEERS)
     return rows
 
 

@@ -71,6 +71,21 @@ def run_to_completion(
     return final, observation, coordinator_views
 
 
+def succeeds_through_a_preemption(
+    cluster: LocalCluster, namespace: str, manifest: dict[str, Any], preempt_at: int
+) -> tuple[dict[str, Any], Observation]:
+    """Submit the job in a namespace of its own, preempt a spot node at step `preempt_at`;
+    the job must succeed, having counted the preemption."""
+    cluster.create_namespace(namespace)
+    name = cluster.submit(namespace, manifest)
+    job, observation, _ = run_to_completion(cluster, namespace, name, preempt_at)
+    status = job["status"]
+    assert status["phase"] == "Succeeded", json.dumps(status, indent=1) + pod_logs(cluster)
+    assert status["preemptions"] >= 1 and observation.preempted_node is not None
+    assert status.get("failures", 0) == 0
+    return job, observation
+
+
 def loss_of_final_checkpoint(
     cluster: LocalCluster, job: str, step: int = MAX_STEPS, local_updates: Any = None
 ) -> float:
@@ -181,14 +196,8 @@ def test_s3_data_is_used_once_per_epoch_through_a_spot_preemption(cluster: Local
     records = writer.write_shards(cluster.minio.client(), bucket, "e2e-corpus/", 6, 80)
     manifest["spec"]["training"]["maxSteps"] = 1000
     manifest["spec"]["training"]["data"] = {"prefix": "e2e-corpus/", "epochs": 2}
-    namespace = "e2e-data"
-    cluster.create_namespace(namespace)
-    name = cluster.submit(namespace, manifest)
-    job, observation, _ = run_to_completion(cluster, namespace, name, preempt_at=3)
-    status = job["status"]
-    assert status["phase"] == "Succeeded", json.dumps(status, indent=1) + pod_logs(cluster)
-    assert status["preemptions"] >= 1 and observation.preempted_node is not None
-    progress = status["progress"]
+    job, _ = succeeds_through_a_preemption(cluster, "e2e-data", manifest, preempt_at=3)
+    progress = job["status"]["progress"]
     assert progress["dataEpoch"] == 2 and progress["dataShards"] == 6
     # Every record once per epoch, as the coordinator counted the committed samples.
     assert progress["samplesCommitted"] == 2 * records, progress
@@ -207,15 +216,10 @@ def test_local_updates_train_through_a_spot_preemption_mid_round(cluster: LocalC
     training["localUpdates"] = {"innerSteps": 4}
     training["compression"] = {"codec": "int4"}
     manifest["spec"]["checkpoint"]["everySteps"] = 3
-    namespace = "e2e-local-updates"
-    cluster.create_namespace(namespace)
-    name = cluster.submit(namespace, manifest)
-    job, observation, _ = run_to_completion(cluster, namespace, name, preempt_at=3)
-    status = job["status"]
-    assert status["phase"] == "Succeeded", json.dumps(status, indent=1) + pod_logs(cluster)
-    assert status["preemptions"] >= 1 and observation.preempted_node is not None
-    assert status.get("failures", 0) == 0
-    progress = status["progress"]
+    job, observation = succeeds_through_a_preemption(
+        cluster, "e2e-local-updates", manifest, preempt_at=3
+    )
+    progress = job["status"]["progress"]
     assert progress["step"] == 12
     # Every round held 4 target batches (96 samples) or more.
     assert progress["samplesCommitted"] >= 12 * 4 * 96
@@ -224,7 +228,7 @@ def test_local_updates_train_through_a_spot_preemption_mid_round(cluster: LocalC
     first, last = observation.losses[0][1], observation.losses[-1][1]
     assert last < first - 0.5, observation.losses
     evaluated = loss_of_final_checkpoint(
-        cluster, name, step=12, local_updates=LocalUpdatesConfig(inner_steps=4)
+        cluster, "diloco", step=12, local_updates=LocalUpdatesConfig(inner_steps=4)
     )
     assert abs(evaluated - last) < 0.35, (evaluated, last)
 
