@@ -34,10 +34,13 @@ class GlobalState(nn.Module):
         self.model.requires_grad_(False)
         by_id = dict(zip(map(id, model.parameters()), self.model.parameters(), strict=True))
         self.params = [by_id[id(p)] for p in params]  # the globals, in `params`' order
-        self.momentum: list[Tensor] = []
         for index, param in enumerate(self.params):
             self.register_buffer(f"{MOMENTUM_PREFIX}{index}", torch.zeros_like(param))
-            self.momentum.append(getattr(self, f"{MOMENTUM_PREFIX}{index}"))
+
+    @property
+    def momentum(self) -> list[Tensor]:
+        """The buffers as registered now (`Module.to` replaces buffers, not parameters)."""
+        return [getattr(self, f"{MOMENTUM_PREFIX}{i}") for i in range(len(self.params))]
 
     def state_dict(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         """The model's own keys (no "model." prefix) and the momentum buffers."""

@@ -51,7 +51,7 @@ class Committed:
 
 @dataclass(frozen=True)
 class Contribution:
-    """What this peer brings to a round, read once every member is ready."""
+    """What this peer brings to a round (it trains no more until the round ends)."""
 
     vector: Callable[[], Tensor]  # the (pseudo-)gradient, built when the exchange starts
     samples: int
@@ -77,7 +77,7 @@ class Rounds:
         self.rejoin = rejoin  # set when the coordinator is lost mid-round
         self.tracer = tracer
         self.groups = EpochGroups(client.rendezvous, peer_id, default_backend(device))
-        self.exchange_state = self.fresh_exchange_state()
+        self.exchange_state = self._fresh_exchange_state()
         self._rounds_counter = meter.create_counter(
             "collabtrain_peer_rounds", description="by outcome"
         )
@@ -86,15 +86,15 @@ class Rounds:
             "collabtrain_peer_round_phase_seconds", unit="s"
         )
 
-    def fresh_exchange_state(self) -> ExchangeState:
+    def _fresh_exchange_state(self) -> ExchangeState:
         """Zero residuals and no warm query: what a peer owes starts from nothing."""
         return ExchangeState(
             self.config.compression, powersgd_seed=self.config.seed, shapes=self.shapes
         )
 
     def forget_residuals(self) -> None:
-        """A fresh state starts with zero residual: what others owe is not ours to send."""
-        self.exchange_state = self.fresh_exchange_state()
+        """For a state loaded from elsewhere: what others owed is not this peer's to send."""
+        self.exchange_state = self._fresh_exchange_state()
 
     def close(self) -> None:
         self.groups.close()
