@@ -1242,3 +1242,36 @@ def test_a_newcomer_that_catches_up_while_a_round_is_in_flight_is_waited_for() -
     h.report("d", 0, param_hash="h1")
     assert h.report("c", 50, param_hash="h1").round is not None
     assert h.state.round is not None and "d" in h.state.round.members
+
+
+def test_local_update_rounds_hold_inner_steps_of_target_batches_and_count_per_step_bytes() -> None:
+    """With local updates a round forms at inner_steps x target batch samples, a member's
+    weight is capped there, and the bytes against per-step fp32 count every target batch
+    of the round (and come back with the step's certificate)."""
+    h = Harness(local_updates={"inner_steps": 4})
+    h.join("a")
+    h.join("b")
+    assert h.report("a", 100).action == "train"
+    instruction = h.report("b", 250)
+    # 50 samples short of the round: 25 from each peer.
+    assert instruction.action == "train" and instruction.samples_needed == 25
+    instruction = h.report("b", 10**9)
+    assert instruction.round is not None
+    round_id = instruction.round.round_id
+    weights = [h.state.ready(RoundReady(peer_id=p, round_id=round_id), h.now) for p in "ab"]
+    assert weights[-1].weights == [100, 400]
+    for peer in "ab":
+        h.state.vote(
+            RoundVote(
+                peer_id=peer, round_id=round_id, ok=True, bytes_sent=100,
+                bytes_fp32_equivalent=1000,
+            ),
+            h.now,
+        )  # fmt: skip
+    status = h.state.status(h.now)
+    assert status.step == 1 and status.samples_committed == 500 and status.inner_steps == 4
+    # Per-step fp32 averaging would have exchanged 2000 bytes for each 100 samples.
+    assert status.bytes_per_step_fp32 == 2000 * 5 and status.bytes_sent == 200
+    certificate = h.report("a", 0, param_hash="h1").step_certificate
+    progress = credentials.certified_progress(JOB_KEY, 1, certificate)
+    assert progress is not None and progress["bytes_step_fp32"] == 10000
