@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.optim.sgd import sgd
 
 from collabtrain_trainer.config import LocalUpdatesConfig
+from collabtrain_trainer.peer.model_state import split_flat
 
 MOMENTUM_PREFIX = "outer_momentum_"
 
@@ -85,20 +86,10 @@ class LocalUpdates:
     def outer_step(self, averaged: Tensor) -> None:
         """Apply the averaged pseudo-gradient to the global parameters (Nesterov SGD, the
         same on every peer), then start the live model from them."""
-        grads = []
-        offset = 0
-        for param in self.state.params:
-            count = param.numel()
-            grads.append(averaged[offset : offset + count].view_as(param).to(param.dtype))
-            offset += count
-        if offset != averaged.numel():
-            raise ValueError(
-                f"averaged pseudo-gradient has {averaged.numel()} elements, parameters {offset}"
-            )
         with torch.no_grad():
             sgd(
                 list(self.state.params),
-                grads,
+                split_flat(self.state.params, averaged),
                 list(self.state.momentum),
                 weight_decay=0.0,
                 momentum=self.config.outer_momentum,

@@ -39,14 +39,22 @@ def flat_mean_gradient(params: list[nn.Parameter], samples: int) -> Tensor:
     return flat / samples if samples > 0 else torch.zeros_like(flat)
 
 
-def assign_flat_gradient(params: list[nn.Parameter], flat: Tensor) -> None:
+def split_flat(params: list[nn.Parameter], flat: Tensor) -> list[Tensor]:
+    """`flat` cut into views shaped (and typed) like each of `params`, in their order."""
     expected = sum(p.numel() for p in params)
     if flat.numel() != expected:
         raise ValueError(
             f"averaged gradient has {flat.numel()} elements, parameters have {expected}"
         )
+    parts = []
     offset = 0
     for p in params:
         count = p.numel()
-        p.grad = flat[offset : offset + count].view_as(p).to(p.dtype).clone()
+        parts.append(flat[offset : offset + count].view_as(p).to(p.dtype))
         offset += count
+    return parts
+
+
+def assign_flat_gradient(params: list[nn.Parameter], flat: Tensor) -> None:
+    for p, part in zip(params, split_flat(params, flat), strict=True):
+        p.grad = part.clone()
