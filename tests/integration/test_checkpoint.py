@@ -516,6 +516,35 @@ def test_latest_never_moves_back_when_a_leaving_writer_finishes_late(
     assert steps_in_bucket(client, config) == ({20, 24}, set())
 
 
+def test_a_read_that_retention_prunes_under_it_reads_the_newer_checkpoint(
+    make_writer: Callable[..., CheckpointWriter], config: CheckpointConfig, env: dict[str, str]
+) -> None:
+    """A live writer moves `latest` on and deletes the folders a reader is in the middle of
+    reading: the reader takes the new checkpoint, not a corruption error."""
+    writer = make_writer()
+    for step in (1, 2):
+        writer.submit(small_snapshot(step), step)
+        assert writer.flush(timeout=30)
+    racing = reader(config, env)
+    load = racing.load
+    raced: list[int] = []
+
+    def load_while_the_writer_goes_on(step: int, **options: Any) -> LoadedCheckpoint:
+        if not raced:
+            raced.append(step)
+            for newer in (3, 4):  # keep_last=2: steps 1 and 2 are deleted
+                writer.submit(small_snapshot(newer), newer)
+                assert writer.flush(timeout=30)
+        return load(step, **options)
+
+    racing.load = load_while_the_writer_goes_on  # type: ignore[method-assign]
+    loaded = racing.load_latest()
+    assert raced == [2], "the race was not run"
+    assert loaded is not None
+    assert (loaded.step, loaded.skipped) == (4, ())
+    assert torch.all(small_weight(loaded) == 4.0)
+
+
 def test_retention_leaves_a_folder_another_writer_is_still_uploading(
     make_writer: Callable[..., CheckpointWriter],
     config: CheckpointConfig,

@@ -12,7 +12,7 @@ import io
 import logging
 from collections.abc import Collection, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -37,6 +37,8 @@ from collabtrain_trainer.state_snapshot import StateLayout, StateMismatch, State
 log = logging.getLogger("collabtrain_trainer.checkpoint")
 
 _MAX_SMALL_OBJECT = 1024 * 1024  # manifests and pointers are a few KiB
+# Passes a read makes while a live writer keeps moving `latest` and pruning under it.
+_READS_WHILE_WRITTEN = 3
 
 
 class CheckpointCorruptError(CheckpointStorageError):
@@ -257,6 +259,46 @@ class CheckpointReader:
         throw training away), CheckpointStorageError when the store cannot be read.
         """
         pointer = self.read_latest_pointer()
+        for _ in range(_READS_WHILE_WRITTEN):
+            loaded, skipped = self._load_newest(pointer, only=only, layout=layout)
+            if not skipped:
+                return loaded
+            # A live writer may have moved `latest` on and pruned what this read was
+            # reading (retention deletes old folders): that is no corruption, read again.
+            moved = self.read_latest_pointer()
+            if moved == pointer:
+                break
+            log.info(
+                "checkpoints changed while reading (latest moved from step %s to %s); "
+                "reading again",
+                pointer.step if pointer else None,
+                moved.step if moved else None,
+                extra={"job": self.job},
+            )
+            pointer = moved
+        if loaded is not None:
+            log.warning(
+                "loaded checkpoint of step %d after skipping %d newer one(s)",
+                loaded.step,
+                len(skipped),
+                extra={"job": self.job, "step": loaded.step},
+            )
+            return loaded
+        raise CheckpointCorruptError(
+            f"no usable checkpoint under {self.store.layout.root}: "
+            + "; ".join(skipped)
+            + ". Delete the broken folders to start over, or restore them from a backup"
+        )
+
+    def _load_newest(
+        self,
+        pointer: LatestPointer | None,
+        *,
+        only: Collection[str] | None,
+        layout: StateLayout | None,
+    ) -> tuple[LoadedCheckpoint | None, tuple[str, ...]]:
+        """One pass down the fallback order from `pointer`: the first checkpoint that
+        verifies (None if none does) and why each newer one was passed over."""
         order = fallback_order(self.complete_steps(), pointer.step if pointer else None)
         skipped: list[str] = []
         for step in order:
@@ -272,27 +314,8 @@ class CheckpointReader:
                     extra={"job": self.job, "step": step},
                 )
                 continue
-            if skipped:
-                log.warning(
-                    "loaded checkpoint of step %d after skipping %d newer one(s)",
-                    step,
-                    len(skipped),
-                    extra={"job": self.job, "step": step},
-                )
-            return LoadedCheckpoint(
-                step=loaded.step,
-                uri=loaded.uri,
-                manifest=loaded.manifest,
-                objects=loaded.objects,
-                skipped=tuple(skipped),
-            )
-        if skipped:
-            raise CheckpointCorruptError(
-                f"no usable checkpoint under {self.store.layout.root}: "
-                + "; ".join(skipped)
-                + ". Delete the broken folders to start over, or restore them from a backup"
-            )
-        return None
+            return replace(loaded, skipped=tuple(skipped)), tuple(skipped)
+        return None, tuple(skipped)
 
 
 def load_latest(
