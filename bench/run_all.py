@@ -1,7 +1,7 @@
 """Run every benchmark script in bench/ (`make bench`); `--quick` is passed through.
 
 Scripts run one after another in their own process, in a fixed order where one reads
-another's result (slow_links reads the best codec from codecs), then any other
+another's result (slow_links reads the best settings of codecs and local_updates), then any other
 `*_bench.py` found here. A failing script does not stop the others; the exit status is 1
 if any failed.
 
@@ -20,7 +20,7 @@ from pathlib import Path
 from bench.common import RESULTS
 
 HERE = Path(__file__).resolve().parent
-ORDER = ["codecs", "slow_links", "churn", "join", "checkpoint"]
+ORDER = ["codecs", "local_updates", "slow_links", "churn", "join", "checkpoint"]
 # Scripts that have no --quick of their own get smaller arguments in a quick run.
 QUICK_ARGS = {
     "checkpoint": [

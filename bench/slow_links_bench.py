@@ -1,26 +1,32 @@
-"""Time to loss on slow links: DDP vs collabtrain, 4 peers behind 50 Mbit/s links.
+"""Time to loss on slow links: DDP against collabtrain's full runtime, 4 peers behind
+50 Mbit/s links.
 
-Each peer is a process in its own network namespace, joined by a veth pair to a bridge
-that lives in a fifth namespace, so nothing is added to the host's own network: the
-addresses (10.213.7.0/24) exist only inside these namespaces, which have no default route.
-Both ends of every veth are shaped with `tc ... tbf rate 50mbit` (a symmetric 50 Mbit/s
-link per peer; netem is not available, so no added latency or loss).
+Each peer is a process in its own network namespace (testbed.network), joined to a bridge
+by a veth pair shaped with `tc tbf rate 50mbit` at both ends: a symmetric 50 Mbit/s link
+per peer (netem is not available, so no added latency or loss). The coordinator listens
+on the bridge, so its traffic crosses the peers' shaped links too.
 
-The same four processes then train tinylm to a fixed held-out loss with (a) PyTorch DDP
-over gloo (fp32 all-reduce of the gradient, what users run today), (b) collabtrain's
-`average()` with codec `none` and (c) with the best codec of codecs_bench (read from
-bench/results/codecs.json), and (d) by default also with top-k 0.015 + error feedback,
-the codec that sends 33x fewer bytes but misses the 1% quality bar of codecs_bench.
-Same model, seed, samples, global batch and optimizer (AdamW, as codecs_bench's headline);
-runs are interleaved and repeated, and the reported time is the median. The clock runs
-only while training: evaluation (every few steps) is paused out.
+The same four links carry, in one run:
+- DDP: PyTorch DDP over gloo (an fp32 gradient all-reduce at every step, what users run
+  today), four processes started with `ip netns exec`;
+- collabtrain through its real runtime (`LocalCluster`: a coordinator and four peer
+  processes that form rounds, heartbeat, exchange over process groups built per round,
+  vote and commit), per mode: per-step averaging with fp32 and with the best per-step
+  codec of codecs_bench, and local updates (DiLoCo) with the best setting of
+  local_updates_bench.
 
-What it does not measure: the coordinator/peer runtime (round formation, heartbeats,
-HTTP), which adds fixed per-round latency to (b) and (c); links with delay or loss.
+Same model, seed, training split, global batch (4 x 16), optimizer (AdamW) and learning-
+rate schedule. DDP evaluates every 10 steps with its clock paused. A runtime run cannot
+pause: one peer saves the committed model every few steps with the wall time, and the
+snapshots are evaluated after the run on the same held-out set. Its clock starts when the
+last of the four peers trains its first micro-batch. Each mode's time is the median over
+repeats of the time to the first held-out loss at or below each target: 2.25 (reached
+early, in DDP's first hundred steps) and 2.0 (further into training, the headline).
 
-Needs root (ip netns, tc). Namespaces are removed at the end, also on failure or signal.
+Needs root (ip netns, tc, iptables). The network is removed at the end, also on failure
+or SIGTERM.
 
-    python -m bench.slow_links_bench [--quick] [--repeats 3] [--target-loss 2.25]
+    python -m bench.slow_links_bench [--quick] [--repeats 3] [--target-loss 2.25 2.0]
 """
 
 from __future__ import annotations
@@ -28,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -36,6 +41,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
 from types import FrameType
@@ -45,110 +51,32 @@ import torch
 import torch.distributed as dist
 
 from bench.common import RESULTS, median, print_table, write_result
-from bench.harness import Hyper, TaskData, train
-from collabtrain_trainer.config import CompressionConfig
+from bench.harness import Hyper, TaskData, held_out_loss, train
+from testbed.network import PeerNetwork
 
 PEERS = 4
-SUBNET = "10.213.7"  # a private /24 that exists only inside this benchmark's namespaces
 RATE = "50mbit"
-PORT = 29533
-PREFIX = "ctbsl"  # namespace names: ctbsl<pid>-p<i>, ctbsl<pid>-hub
-# Also timed by default: the codec that reaches the 32x goal in bytes, whatever its loss.
-ALSO = "topk 0.015 +EF"
-
-
-# ---------------------------------------------------------------- network namespaces
-
-
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
-
-
-def _in(ns: str, *command: str) -> None:
-    subprocess.run(
-        ["ip", "netns", "exec", ns, *command], check=True, capture_output=True, text=True
-    )
-
-
-def _remove_stale_namespaces() -> None:
-    """Namespaces left by a run of this benchmark whose process is gone (killed -9)."""
-    listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    for line in listing.splitlines():
-        match = re.match(rf"({PREFIX}(\d+)-\S+)", line)
-        if match and not Path(f"/proc/{match.group(2)}").exists():
-            subprocess.run(["ip", "netns", "del", match.group(1)], capture_output=True)
-
-
-class SlowNetwork:
-    """Four peer namespaces and a hub namespace with a bridge; tbf on every veth end."""
-
-    def __init__(self, peers: int, rate: str) -> None:
-        tag = f"{PREFIX}{os.getpid()}"
-        self.hub = f"{tag}-hub"
-        self.peers = [f"{tag}-p{i}" for i in range(peers)]
-        self.rate = rate
-        self.created: list[str] = []
-
-    def address(self, rank: int) -> str:
-        return f"{SUBNET}.{rank + 1}"
-
-    @staticmethod
-    def peer_ifname(rank: int) -> str:
-        return f"ctbp{rank}"
-
-    def up(self) -> None:
-        _remove_stale_namespaces()
-        for ns in [self.hub, *self.peers]:
-            _ip("netns", "add", ns)
-            self.created.append(ns)
-            _in(ns, "ip", "link", "set", "lo", "up")
-        _in(self.hub, "ip", "link", "add", "br0", "type", "bridge")
-        _in(self.hub, "ip", "link", "set", "br0", "up")
-        shape = ["root", "tbf", "rate", self.rate, "burst", "32kbit", "latency", "400ms"]
-        for rank, ns in enumerate(self.peers):
-            inner, outer = self.peer_ifname(rank), f"ctbh{rank}"
-            # Both ends are born inside their namespaces: the host's netns never sees them.
-            _ip(
-                "link",
-                "add",
-                inner,
-                "netns",
-                ns,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                outer,
-                "netns",
-                self.hub,
-            )
-            _in(self.hub, "ip", "link", "set", outer, "master", "br0")
-            _in(self.hub, "ip", "link", "set", outer, "up")
-            _in(ns, "ip", "addr", "add", f"{self.address(rank)}/24", "dev", inner)
-            _in(ns, "ip", "link", "set", inner, "up")
-            _in(ns, "tc", "qdisc", "add", "dev", inner, *shape)  # upload
-            _in(self.hub, "tc", "qdisc", "add", "dev", outer, *shape)  # download
-
-    def down(self) -> None:
-        # Deleting a namespace deletes the veth ends, bridge and qdiscs inside it.
-        for ns in reversed(self.created):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-        self.created.clear()
+DDP_PORT = 29533
+# The environment a traced runtime peer reads (see traced_peer_main).
+TRACE_ENV = "COLLABTRAIN_BENCH_TRACE"
 
 
 @contextmanager
-def slow_network(peers: int, rate: str) -> Iterator[SlowNetwork]:
-    net = SlowNetwork(peers, rate)
+def slow_network(peers: int, rate: str) -> Iterator[PeerNetwork]:
+    """`peers` namespaces on a bridge, every link shaped to `rate` both ways."""
+    network = PeerNetwork()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         raise SystemExit(f"stopped by signal {signum}")
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        net.up()
-        yield net
+        network.create()
+        for _ in range(peers):
+            network.throttle(network.add_peer(), rate)
+        yield network
     finally:
-        net.down()
+        network.destroy()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
@@ -156,25 +84,19 @@ def slow_network(peers: int, rate: str) -> Iterator[SlowNetwork]:
 def check_netns_possible() -> str | None:
     """None when namespaces and tbf work here, else the failing command and its error."""
     if os.geteuid() != 0:
-        return "not root: ip netns and tc need CAP_NET_ADMIN"
-    probe = f"{PREFIX}{os.getpid()}-probe"
-    commands = [
-        ["ip", "netns", "add", probe],
-        ["ip", "-n", probe, "link", "add", "ctbq0", "type", "veth", "peer", "name", "ctbq1"],
-        ["ip", "netns", "exec", probe, "tc", "qdisc", "add", "dev", "ctbq0", "root", "tbf",
-         "rate", RATE, "burst", "32kbit", "latency", "400ms"],
-    ]  # fmt: skip
+        return "not root: ip netns, tc and iptables need CAP_NET_ADMIN"
+    network = PeerNetwork()
     try:
-        for command in commands:
-            done = subprocess.run(command, capture_output=True, text=True)
-            if done.returncode != 0:
-                return f"`{' '.join(command)}` failed: {done.stderr.strip()}"
+        network.create()
+        network.throttle(network.add_peer(), RATE)
         return None
+    except subprocess.CalledProcessError as exc:
+        return f"`{' '.join(exc.cmd)}` failed: {(exc.stderr or '').strip()}"
     finally:
-        subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+        network.destroy()
 
 
-# ---------------------------------------------------------------- the peers
+# ---------------------------------------------------------------- DDP
 
 
 def measure_link(group: dist.ProcessGroup, megabytes: float = 2.0) -> float:
@@ -192,12 +114,12 @@ def measure_link(group: dist.ProcessGroup, megabytes: float = 2.0) -> float:
     return megabytes * 8 / float(seconds)
 
 
-def worker(spec_path: str, rank: int) -> None:
+def ddp_worker(spec_path: str, rank: int) -> None:
     spec = json.loads(Path(spec_path).read_text())
     torch.set_num_threads(1)  # four peers share two cores
     dist.init_process_group(
         "gloo",
-        init_method=f"tcp://{spec['master']}:{PORT}",
+        init_method=f"tcp://{spec['master']}:{DDP_PORT}",
         rank=rank,
         world_size=PEERS,
         timeout=timedelta(seconds=300),
@@ -209,39 +131,42 @@ def worker(spec_path: str, rank: int) -> None:
     link_mbit = measure_link(group)
     rows = []
     for repeat in range(spec["repeats"]):
-        for mode in spec["modes"]:
-            config = CompressionConfig(**mode["compression"]) if mode["compression"] else None
-            dist.barrier(group=group)
-            record = train(mode["label"], config, hyper, data, group, spec["target_loss"])
-            row = {**record.as_row(), "mode": mode["label"], "repeat": repeat}
-            row["reached"] = record.final_eval_loss <= spec["target_loss"]
-            row["loadavg_1min_after"] = os.getloadavg()[0]  # the machine is shared
-            rows.append(row)
-            if rank == 0:
-                print(
-                    f"  repeat {repeat} {mode['label']}: {record.steps} steps, "
-                    f"{record.train_seconds:.1f} s, loss {record.final_eval_loss:.4f}",
-                    flush=True,
-                )
+        dist.barrier(group=group)
+        record = train("ddp fp32", None, hyper, data, group, min(spec["targets"]))
+        rows.append(
+            {
+                "mode": "ddp fp32",
+                "repeat": repeat,
+                "steps": record.steps,
+                "samples": record.steps * PEERS * hyper.micro_batch,
+                "final_eval_loss": record.final_eval_loss,
+                "curve": record.curve,
+                # All peers' sends, as the coordinator counts collabtrain's.
+                "bytes_per_sample": record.bytes_fp32_per_step / hyper.micro_batch,
+                "exchange_ms_median": record.exchange_ms_median,
+                "loadavg_1min_after": os.getloadavg()[0],  # the machine is shared
+            }
+        )
+        if rank == 0:
+            print(f"  ddp fp32, repeat {repeat}: {_described(rows[-1])}", flush=True)
     if rank == 0:
         Path(spec["out"]).write_text(json.dumps({"rows": rows, "link_mbit": link_mbit}))
     dist.destroy_process_group()
 
 
-def run_peers(net: SlowNetwork, spec: dict[str, Any], timeout: float) -> dict[str, Any]:
+def run_ddp(network: PeerNetwork, spec: dict[str, Any], timeout: float) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
-        spec = {**spec, "master": net.address(0), "out": os.path.join(tmp, "out.json")}
+        spec = {**spec, "master": network.links[0].address, "out": os.path.join(tmp, "out.json")}
         spec_path = os.path.join(tmp, "spec.json")
         Path(spec_path).write_text(json.dumps(spec))
         procs: list[subprocess.Popen[bytes]] = []
         try:
-            for rank, ns in enumerate(net.peers):
-                env = {**os.environ, "GLOO_SOCKET_IFNAME": net.peer_ifname(rank)}
-                command = [sys.executable, "-m", "bench.slow_links_bench", "--worker", spec_path]
+            for rank, link in enumerate(network.links):
+                command = [sys.executable, "-m", "bench.slow_links_bench", "--ddp-worker"]
                 procs.append(
                     subprocess.Popen(
-                        ["ip", "netns", "exec", ns, *command, "--rank", str(rank)],
-                        env=env,
+                        ["ip", "netns", "exec", link.netns, *command, spec_path, str(rank)],
+                        env={**os.environ, "GLOO_SOCKET_IFNAME": link.inside},
                         cwd=Path(__file__).resolve().parent.parent,
                     )
                 )
@@ -249,7 +174,7 @@ def run_peers(net: SlowNetwork, spec: dict[str, Any], timeout: float) -> dict[st
             for proc in procs:
                 code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
                 if code != 0:
-                    raise RuntimeError(f"peer exited with status {code}")
+                    raise RuntimeError(f"a DDP peer exited with status {code}")
         finally:
             for proc in procs:  # `ip netns exec` execs, so these pids are the peers
                 if proc.poll() is None:
@@ -259,26 +184,183 @@ def run_peers(net: SlowNetwork, spec: dict[str, Any], timeout: float) -> dict[st
         return result
 
 
+# ---------------------------------------------------------------- the runtime
+
+
+@dataclass(frozen=True)
+class Mode:
+    label: str
+    compression: dict[str, Any]
+    inner_steps: int | None  # None: per-step averaging
+    max_steps: int  # committed steps (rounds) before the run ends
+    snapshot_every: int  # committed steps between saved models
+
+
+def traced_peer_main(args: list[str]) -> int:
+    """A LocalCluster peer (its `peer_main`) in its network namespace: it writes when it
+    trained its first micro-batch and, where asked, the committed model every few steps
+    with the wall time. The bench's instrument, installed here, not in the trainer."""
+    from collabtrain_trainer import cli
+    from collabtrain_trainer.peer import runtime, training
+    from testbed.network import enter_netns
+
+    enter_netns(os.environ["COLLABTRAIN_TEST_NETNS"])
+    trace = json.loads(os.environ[TRACE_ENV])
+    directory = Path(trace["dir"])
+    peer_id = args[args.index("--peer-id") + 1]
+    every = int(trace.get("snapshot_every", 0))
+    real_train = training.Training.train_micro_batch
+    real_apply = runtime.Peer._apply
+
+    def train_micro_batch(self: Any, step: int) -> int:
+        start = directory / f"{peer_id}.start"
+        if not start.exists():
+            start.write_text(repr(time.time()))
+        return real_train(self, step)
+
+    def apply(self: Any, averaged: torch.Tensor, new_step: int) -> None:
+        real_apply(self, averaged, new_step)
+        if every and new_step % every == 0:
+            state = {k: v.clone() for k, v in self.training.model.state_dict().items()}
+            torch.save({"time": time.time(), "state": state}, directory / f"step-{new_step}.pt")
+
+    training.Training.train_micro_batch = train_micro_batch  # type: ignore[method-assign]
+    runtime.Peer._apply = apply  # type: ignore[method-assign]
+    return cli.main(args)
+
+
+def runtime_run(
+    network: PeerNetwork, mode: Mode, hyper: Hyper, data: TaskData, repeat: int
+) -> dict[str, Any]:
+    from bench import slow_links_bench  # the fork server finds the peer main by this name
+    from collabtrain_trainer.config import TrainerConfig
+    from collabtrain_trainer.local import LocalCluster
+    from collabtrain_trainer.tasks import load_task
+
+    config = TrainerConfig.model_validate(
+        {
+            "job": "bench-slow-links",
+            "task": "bench.local_updates_bench:tinylm_train_split",
+            "task_args": {"steps": str(hyper.steps), **dict(hyper.task_args)},
+            "target_batch_size": PEERS * hyper.micro_batch,
+            "micro_batch_size": hyper.micro_batch,
+            "max_steps": mode.max_steps,
+            "min_peers": PEERS,
+            "seed": hyper.seed,
+            "optimizer": {"name": hyper.optimizer, "lr": hyper.lr},
+            "compression": mode.compression,
+            "local_updates": {"inner_steps": mode.inner_steps} if mode.inner_steps else None,
+        }
+    )
+    with tempfile.TemporaryDirectory() as workdir:
+        trace_dir = Path(workdir) / "trace"
+        trace_dir.mkdir()
+        cluster = LocalCluster(
+            config,
+            Path(workdir) / "cluster",
+            host=network.host_address,
+            peer_main=slow_links_bench.traced_peer_main,
+        )
+        try:
+            cluster.start_coordinator()
+            cluster.wait_coordinator()
+            for index, link in enumerate(network.links):
+                trace = {
+                    "dir": str(trace_dir),
+                    "snapshot_every": mode.snapshot_every * (index == 0),
+                }
+                env = {**network.peer_env(link), TRACE_ENV: json.dumps(trace)}
+                cluster.start_peer(env=env, host=link.address)
+            status = cluster.wait_for(lambda s: s.finished, 1800, f"the {mode.label} run to end")
+        finally:
+            cluster.stop()
+        starts = [float(path.read_text()) for path in trace_dir.glob("*.start")]
+        assert len(starts) == PEERS, f"{len(starts)} of {PEERS} peers trained"
+        began = max(starts)
+        model = load_task(config.task, config.task_args, config.seed).model
+        curve = []
+        for path in sorted(trace_dir.glob("step-*.pt"), key=lambda p: int(p.stem[5:])):
+            saved = torch.load(path, weights_only=True)
+            model.load_state_dict(saved["state"])
+            curve.append(
+                (int(path.stem[5:]), saved["time"] - began, held_out_loss(model, data, None))
+            )
+    row = {
+        "mode": mode.label,
+        "repeat": repeat,
+        "runtime": "full",
+        "steps": status.step,
+        "samples": status.samples_committed,
+        "final_eval_loss": curve[-1][2] if curve else None,
+        "curve": curve,
+        "bytes_per_sample": status.bytes_sent / max(1, status.samples_committed),
+        "compression_vs_per_step_fp32": status.bytes_per_step_fp32 / max(1, status.bytes_sent),
+        "rounds_aborted": status.rounds_aborted,
+        "param_hashes_agree": status.param_hashes_agree,
+        "settings": asdict(mode),
+        "loadavg_1min_after": os.getloadavg()[0],
+    }
+    print(f"  {mode.label}, repeat {repeat}: {_described(row)}", flush=True)
+    return row
+
+
+def _described(row: dict[str, Any]) -> str:
+    _, seconds, loss = row["curve"][-1]
+    return f"{row['steps']} steps, {row['samples']} samples, loss {loss:.4f} at {seconds:.1f} s"
+
+
+def seconds_to(target: float, curve: list[tuple[int, float, float]]) -> float | None:
+    """When a run's held-out loss first reached `target` (None: it never did)."""
+    return next((seconds for _, seconds, loss in curve if loss <= target), None)
+
+
 # ---------------------------------------------------------------- the benchmark
 
 
-def best_codec(path: Path) -> tuple[str, dict[str, Any]]:
-    """The best codec within 1% of fp32 from codecs_bench, as (label, CompressionConfig)."""
-    if not path.exists():
-        raise SystemExit(f"{path} is missing: run `python -m bench.codecs_bench` first")
-    codecs = json.loads(path.read_text())
+def best_per_step_codec() -> tuple[str, dict[str, Any]]:
+    """The best per-step codec within 1% of fp32 (codecs_bench's headline, tinylm AdamW)."""
+    codecs = json.loads(_result("codecs.json").read_text())
     label = codecs.get("best_codec_within_1pct")
-    if label is None:
-        raise SystemExit(f"{path} names no codec within 1% of fp32; pass --codec-label")
-    return label, _tinylm_row(codecs["rows"], label)["settings"]
-
-
-def _tinylm_row(rows: list[dict[str, Any]], label: str) -> dict[str, Any]:
-    """The headline (tinylm, AdamW) row of codecs.json with this label."""
-    for row in rows:
+    for row in codecs["rows"]:
         if row["label"] == label and row["task"] == "tinylm" and row["series"] == "adamw":
-            return row
-    raise SystemExit(f"codecs.json has no tinylm/adamw row labelled {label!r}")
+            return label, row["settings"]
+    raise SystemExit("codecs.json names no tinylm/adamw codec within 1% of fp32")
+
+
+def best_local_setting() -> tuple[int, str, dict[str, Any]]:
+    """local_updates_bench's best setting within 1% of DDP on the default model."""
+    from bench.local_updates_bench import CODECS
+
+    label = json.loads(_result("local_updates.json").read_text())["per_model"]["default"][
+        "best_setting"
+    ]
+    inner, codec = label.split(" ", 1)
+    return int(inner.removeprefix("H=")), codec, CODECS[codec].model_dump()
+
+
+def _result(name: str) -> Path:
+    path = RESULTS / name
+    if not path.exists():
+        raise SystemExit(f"{path} is missing: run the benchmark that writes it first")
+    return path
+
+
+def plan(max_steps: int, quick: bool) -> list[Mode]:
+    codec_label, codec = best_per_step_codec()
+    inner, local_codec, local_settings = best_local_setting()
+    # Rounds enough to reach the target with room: local updates need more samples to get
+    # there (local_updates.json), a round holding `inner` steps' worth.
+    return [
+        Mode("collab fp32", {"codec": "none"}, None, max_steps, 5),
+        Mode(f"collab {codec_label}", codec, None, max_steps, 5),
+        Mode(
+            f"collab H={inner} {local_codec}",
+            local_settings,
+            inner,
+            max(2, (3 if quick else 2) * max_steps // inner),
+            1,
+        ),
+    ]
 
 
 def plot(rows: list[dict[str, Any]], summary: dict[str, Any], path: Path) -> None:
@@ -288,26 +370,18 @@ def plot(rows: list[dict[str, Any]], summary: dict[str, Any], path: Path) -> Non
     import matplotlib.pyplot as plt
 
     modes = list(dict.fromkeys(r["mode"] for r in rows))
-    fig, (bars, curves) = plt.subplots(1, 2, figsize=(12, 4.5))
-    medians = [median([r["train_seconds"] for r in rows if r["mode"] == m]) for m in modes]
-    palette = ["tab:grey", "tab:blue", "tab:green", "tab:orange", "tab:purple"]
-    bars.bar(modes, medians, color=palette[: len(modes)])
-    for i, mode in enumerate(modes):
-        points = [r["train_seconds"] for r in rows if r["mode"] == mode]
-        bars.scatter([i] * len(points), points, color="black", s=10, zorder=3)
-    bars.set_ylabel(f"seconds to held-out loss {summary['target_loss']}")
-    bars.set_title(f"4 peers, {RATE} links (median, dots: repeats)")
-    colors = dict(zip(modes, palette, strict=False))
+    palette = dict(zip(modes, ["tab:grey", "tab:blue", "tab:green", "tab:orange"], strict=False))
+    fig, axes = plt.subplots(figsize=(7, 4.5))
     for row in rows:
         _, seconds, losses = zip(*row["curve"], strict=True)
-        first = row["repeat"] == 0
-        curves.plot(
-            seconds, losses, color=colors[row["mode"]], label=row["mode"] if first else None
-        )
-    curves.axhline(summary["target_loss"], color="grey", linestyle="--")
-    curves.set_xlabel("training seconds")
-    curves.set_ylabel("held-out loss")
-    curves.legend(fontsize=8)
+        label = row["mode"] if row["repeat"] == 0 else None
+        axes.plot(seconds, losses, color=palette[row["mode"]], label=label)
+    for target in summary["targets"]:
+        axes.axhline(target, color="grey", linestyle="--")
+    axes.set_xlabel("training seconds")
+    axes.set_ylabel("held-out loss")
+    axes.set_title(f"4 peers, {RATE} links each")
+    axes.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -316,115 +390,105 @@ def plot(rows: list[dict[str, Any]], summary: dict[str, Any], path: Path) -> Non
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run: one repeat, easy target")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--target-loss", type=float, default=2.25)
-    parser.add_argument("--max-steps", type=int, default=1500, help="cap per run")
-    parser.add_argument("--timeout", type=float, default=1500, help="seconds for all runs")
-    parser.add_argument("--codec-label", help="override the codec read from codecs.json")
-    parser.add_argument(
-        "--also",
-        action="append",
-        default=None,
-        help=f"another codecs.json label to time (default: {ALSO!r}, the ~32x codec)",
-    )
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--rank", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--target-loss", type=float, nargs="+", default=[2.25, 2.0])
+    parser.add_argument("--max-steps", type=int, default=300, help="per-step runs' length")
+    parser.add_argument("--ddp-worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
-        worker(args.worker, args.rank)
+    if args.ddp_worker:
+        ddp_worker(args.ddp_worker[0], int(args.ddp_worker[1]))
         return
 
     problem = check_netns_possible()
     if problem is not None:
         raise SystemExit(f"slow-link benchmark impossible here: {problem}")
-    codecs_path = RESULTS / "codecs.json"
-    if args.quick and not codecs_path.exists():
-        codecs_path = RESULTS / "codecs_quick.json"  # a smoke run may follow a quick one
-    label, settings = best_codec(codecs_path)
-    if args.codec_label:
-        rows = json.loads(codecs_path.read_text())["rows"]
-        label, settings = args.codec_label, _tinylm_row(rows, args.codec_label)["settings"]
-    hyper = Hyper(task="tinylm", steps=args.max_steps, eval_every=10)
-    target, repeats = args.target_loss, args.repeats
+    # The learning-rate schedule spans 1500 steps in every mode, as in codecs_bench.
+    hyper = Hyper(task="tinylm", steps=1500, eval_every=10)
+    targets, repeats, max_steps = (
+        sorted(args.target_loss, reverse=True),
+        args.repeats,
+        args.max_steps,
+    )
     if args.quick:
-        hyper = Hyper(task="tinylm", steps=60, eval_every=10, eval_examples=128)
-        target, repeats = 3.0, 1
-    modes: list[dict[str, Any]] = [
-        {"label": "ddp fp32", "compression": None},
-        {"label": "collab none", "compression": {"codec": "none"}},
-        {"label": f"collab {label}", "compression": settings},
-    ]
-    codec_rows = json.loads(codecs_path.read_text())["rows"]
-    for also in [ALSO] if args.also is None else args.also:
-        modes.append(
-            {"label": f"collab {also}", "compression": _tinylm_row(codec_rows, also)["settings"]}
-        )
-    spec = {"hyper": hyper.__dict__, "modes": modes, "repeats": repeats, "target_loss": target}
+        hyper = Hyper(task="tinylm", steps=1500, eval_every=10, eval_examples=128)
+        targets, repeats, max_steps = [3.0], 1, 30
+    modes = plan(max_steps, args.quick)
+    data = TaskData(hyper.task, hyper.eval_examples, dict(hyper.task_args))
 
     started = time.perf_counter()
-    print(f"4 peers, {RATE} links; target held-out loss {target}; {repeats} repeats")
-    with slow_network(PEERS, RATE) as net:
-        result = run_peers(net, spec, args.timeout)
+    print(f"{PEERS} peers, {RATE} links; target held-out losses {targets}; {repeats} repeats")
+    with slow_network(PEERS, RATE) as network:
+        ddp_spec = {"hyper": hyper.__dict__, "repeats": repeats, "targets": targets}
+        ddp = run_ddp(network, ddp_spec, timeout=1200)
+        rows: list[dict[str, Any]] = ddp["rows"]
+        for repeat in range(repeats):  # interleaved, so drift in load spreads over modes
+            for mode in modes:
+                rows.append(runtime_run(network, mode, hyper, data, repeat))
     elapsed = time.perf_counter() - started
-    rows = result["rows"]
 
-    def seconds(mode: str) -> float | None:
-        runs = [r for r in rows if r["mode"] == mode]
-        if not all(r["reached"] for r in runs):
-            return None  # a run hit the step cap: no time to report
-        return median([r["train_seconds"] for r in runs])
+    mode_names = ["ddp fp32", *(m.label for m in modes)]
 
-    def ratio(slow: float | None, fast: float | None) -> float | None:
-        return slow / fast if slow and fast else None
+    def seconds(mode: str, target: float) -> float | None:
+        runs = [seconds_to(target, r["curve"]) for r in rows if r["mode"] == mode]
+        return median(runs) if all(s is not None for s in runs) else None
 
-    ddp, none, best = (seconds(m["label"]) for m in modes[:3])
     table = []
-    for mode in modes:
-        runs = [r for r in rows if r["mode"] == mode["label"]]
-        table.append(
-            {
-                "mode": mode["label"],
-                "median_seconds": seconds(mode["label"]),
-                "runs_seconds": [round(r["train_seconds"], 1) for r in runs],
-                "median_steps": median([r["steps"] for r in runs]),
-                "step_ms": median([1000 * r["train_seconds"] / r["steps"] for r in runs]),
-                "exchange_ms": median([r["exchange_ms_median"] for r in runs]),
-                "bytes_per_step": runs[0]["bytes_sent_per_step"],
-            }
-        )
-    print_table(table, list(table[0]))
+    for mode in mode_names:
+        runs = [r for r in rows if r["mode"] == mode]
+        entry: dict[str, Any] = {"mode": mode}
+        for target in targets:
+            mine, ddp_seconds = seconds(mode, target), seconds("ddp fp32", target)
+            entry[f"seconds_to_{target}"] = mine
+            entry[f"speedup_at_{target}"] = ddp_seconds / mine if ddp_seconds and mine else None
+        # Throughput, whatever the loss: what the links and cores let each mode process.
+        entry["samples_per_second"] = median([r["samples"] / r["curve"][-1][1] for r in runs])
+        entry["bytes_per_sample"] = median([r["bytes_per_sample"] for r in runs])
+        entry["runs_seconds"] = {
+            str(target): [seconds_to(target, r["curve"]) for r in runs] for target in targets
+        }
+        table.append(entry)
+    print_table(table, [c for c in table[0] if c != "runs_seconds"])
+    headline = targets[-1]
+    speedups = {row["mode"]: row[f"speedup_at_{headline}"] for row in table[1:]}
+    reached = {mode: value for mode, value in speedups.items() if value is not None}
+    best = max(reached, key=lambda mode: reached[mode]) if reached else None
     summary: dict[str, Any] = {
-        "ddp_seconds": ddp,
-        "collab_none_seconds": none,
-        "collab_best_seconds": best,
-        "speedup_vs_ddp": ratio(ddp, best),
-        "best_codec": label,
-        "extra_modes": {m["label"]: seconds(m["label"]) for m in modes[3:]},
-        "extra_speedups_vs_ddp": {m["label"]: ratio(ddp, seconds(m["label"])) for m in modes[3:]},
-        "target_loss": target,
-        "link": f"tbf {RATE} both directions per peer, burst 32kbit, latency 400ms",
-        "link_mbit_measured": round(result["link_mbit"], 1),
-        "loadavg_1min_during": [round(r["loadavg_1min_after"], 1) for r in rows],
+        "runtime": "full",
+        "ddp_seconds": seconds("ddp fp32", headline),
+        "speedup_vs_ddp": reached[best] if best else None,
+        "best_mode": best,
+        "speedups_vs_ddp": speedups,
+        "goal_speedup_vs_ddp": 5.0,
+        "target_loss": headline,
+        "targets": targets,
+        "link": f"tbf {RATE} both directions per peer, burst 32kb, latency 200ms",
+        "link_mbit_measured": round(ddp["link_mbit"], 1),
         "peers": PEERS,
         "repeats": repeats,
         "hyperparameters": hyper.__dict__,
+        "modes": [asdict(mode) for mode in modes],
         "per_mode": table,
         "quick": args.quick,
         "seconds": round(elapsed, 1),
         "measures": (
-            "training wall time (evaluation paused out) until the held-out loss first reaches "
-            "the target, median of repeats; collabtrain modes use average() in a synchronous "
-            "training loop, not the coordinator/peer runtime; DDP bytes_per_step is the fp32 "
-            "ring all-reduce estimate, not a capture"
+            "wall seconds until the held-out loss first reaches each target, median of "
+            "repeats; speedup_vs_ddp is at target_loss, the lowest. DDP: training time "
+            "with evaluation paused out. collabtrain: the full "
+            "runtime (LocalCluster: coordinator and peer processes over the shaped links), "
+            "from the last peer's first micro-batch to the wall time at which one peer "
+            "applied the first committed step whose model reaches the target (evaluated "
+            "after the run; snapshots every few steps, so a time is late by up to that). "
+            "bytes_per_sample: what all peers sent per committed sample; DDP's is the fp32 "
+            "ring all-reduce estimate, collabtrain's what the coordinator counted "
+            "(bytes_sent / samples_committed)"
         ),
     }
     name = "slow_links_quick" if args.quick else "slow_links"
     path = write_result(name, summary, rows)
     plot(rows, summary, RESULTS / f"{name}.png")
     print(
-        f"DDP {ddp} s, collab none {none} s, collab {label} {best} s, "
-        f"speedup {summary['speedup_vs_ddp']}; link {summary['link_mbit_measured']} Mbit/s "
-        f"({elapsed:.0f} s) -> {path}"
+        f"DDP {summary['ddp_seconds']} s to {headline}; speedups {speedups}; "
+        f"link {summary['link_mbit_measured']} Mbit/s ({elapsed:.0f} s) -> {path}"
     )
 
 
