@@ -44,8 +44,12 @@ CODECS: dict[str, CompressionConfig] = {
     "none": CompressionConfig(codec="none"),
     "int8": CompressionConfig(codec="int8", block_size=256),
     "int4": CompressionConfig(codec="int4", block_size=256),
-    # SparseLoCo's shape: few coordinates sent, the rest carried on the peer.
     "topk 0.05 +EF": CompressionConfig(codec="topk", ratio=0.05, error_feedback=True),
+    # SparseLoCo's shape: the top 1/32 of every 4096 coordinates with 4-bit values, the
+    # rest carried on the peer in a residual that fades by 5% a round.
+    "sparse 1/32 q4": CompressionConfig(
+        codec="topk", ratio=1 / 32, chunk_size=4096, value_bits=4, error_feedback_decay=0.95
+    ),
 }
 LARGE_SETTINGS = ((8, "none"), (8, "int4"), (16, "int4"), (32, "int4"))
 
@@ -57,20 +61,27 @@ class Run:
     hyper: Hyper
     compression: CompressionConfig | None  # None: DDP
     inner_steps: int | None = None
+    outer: tuple[float, float] = (0.7, 0.9)  # the outer step's lr and Nesterov momentum
 
 
-def plan(small: Hyper, large: Hyper | None) -> list[Run]:
+def plan(
+    small: Hyper,
+    large: Hyper | None,
+    inner_steps: tuple[int, ...],
+    codecs: list[str],
+    outer: tuple[float, float],
+) -> list[Run]:
     runs = [
         Run("ddp", "default", small, None),
         Run("ddp seed 1", "default", replace(small, seed=1), None),
     ]
-    for h in INNER_STEPS:
-        for name, codec in CODECS.items():
-            runs.append(Run(f"H={h} {name}", "default", small, codec, h))
+    for h in inner_steps:
+        for name in codecs:
+            runs.append(Run(f"H={h} {name}", "default", small, CODECS[name], h, outer))
     if large is not None:
         runs.append(Run("ddp", "large", large, None))
         for h, name in LARGE_SETTINGS:
-            runs.append(Run(f"H={h} {name}", "large", large, CODECS[name], h))
+            runs.append(Run(f"H={h} {name}", "large", large, CODECS[name], h, outer))
     return runs
 
 
@@ -84,12 +95,18 @@ def _worker(rank: int, port: int, runs: list[Run], out: str) -> None:
     rows: list[dict[str, Any]] = []
     for run in runs:
         data = TaskData("tinylm", run.hyper.eval_examples, dict(run.hyper.task_args))
-        local = LocalUpdatesConfig(inner_steps=run.inner_steps) if run.inner_steps else None
+        local = None
+        if run.inner_steps:
+            lr, momentum = run.outer
+            local = LocalUpdatesConfig(
+                inner_steps=run.inner_steps, outer_lr=lr, outer_momentum=momentum
+            )
         record = train(run.label, run.compression, run.hyper, data, group, local_updates=local)
         row = {
             **record.as_row(),
             "model": run.model,
             "inner_steps": run.inner_steps,
+            "outer": run.outer if run.inner_steps else None,
             "seed": run.hyper.seed,
             "model_params": sum(p.numel() for p in data.model(0).parameters()),
         }
@@ -254,6 +271,25 @@ def main() -> None:
     parser.add_argument("--large-steps", type=int, default=1200)
     parser.add_argument("--no-large", action="store_true", help="skip the 1.1M model")
     parser.add_argument("--no-runtime", action="store_true", help="skip the runtime check")
+    parser.add_argument(
+        "--inner-steps", type=int, nargs="+", default=list(INNER_STEPS), help="the grid's H"
+    )
+    parser.add_argument(
+        "--codecs",
+        nargs="+",
+        choices=sorted(CODECS),
+        default=list(CODECS),
+        help="the grid's codecs",
+    )
+    parser.add_argument(
+        "--outer",
+        type=float,
+        nargs=2,
+        default=[0.7, 0.9],
+        metavar=("LR", "MOMENTUM"),
+        help="the outer step's learning rate and Nesterov momentum",
+    )
+    parser.add_argument("--output", help="the result's name (default: local_updates)")
     args = parser.parse_args()
 
     small = Hyper(task="tinylm", steps=400, lr=3e-3, eval_every=50)
@@ -263,7 +299,10 @@ def main() -> None:
     if args.quick:
         small = replace(small, steps=64, eval_every=32, eval_examples=128)
         large = replace(large, steps=64, eval_every=32, eval_examples=128)
-    runs = plan(small, None if args.no_large else large)
+    outer = (args.outer[0], args.outer[1])
+    runs = plan(
+        small, None if args.no_large else large, tuple(args.inner_steps), args.codecs, outer
+    )
     started = time.perf_counter()
     print(f"{len(runs)} runs, {PEERS} peers")
     rows = run_grid(runs)
@@ -297,7 +336,7 @@ def main() -> None:
         "runtime": "exchange",
         "runtime_check": runtime_rows,
         "peers": PEERS,
-        "outer_optimizer": {"lr": 0.7, "momentum": 0.9, "nesterov": True},
+        "outer_optimizer": {"lr": outer[0], "momentum": outer[1], "nesterov": True},
         "hyperparameters": {
             "default": small.__dict__,
             "large": None if args.no_large else large.__dict__,
@@ -314,7 +353,8 @@ def main() -> None:
             "4 peer processes), final state from the checkpoint"
         ),
     }
-    write_result("local_updates_quick" if args.quick else "local_updates", summary, rows)
+    name = args.output or ("local_updates_quick" if args.quick else "local_updates")
+    write_result(name, summary, rows)
     for model, value in per_model.items():
         print(
             f"{model} ({value['model_params']} parameters): DDP loss "

@@ -38,6 +38,8 @@ CODECS: dict[str, CompressionConfig] = {
     "int8": CompressionConfig(codec="int8", block_size=64),
     "int4": CompressionConfig(codec="int4", block_size=32),
     "topk": CompressionConfig(codec="topk", ratio=0.1),
+    # SparseLoCo's shape: the top tenth of every 128 elements, 8-bit values.
+    "topk chunked": CompressionConfig(codec="topk", ratio=0.1, chunk_size=128, value_bits=8),
     "powersgd": CompressionConfig(codec="powersgd", rank=2),
 }
 
@@ -163,7 +165,7 @@ def nan_and_bad_weight(rank: int, world: int) -> Outcome:
     return outcomes
 
 
-KIND = {"topk": "sparse", "powersgd": "lowrank"}
+KIND = {"topk": "sparse", "topk chunked": "sparse", "powersgd": "lowrank"}
 
 
 def every_codec(rank: int, world: int) -> Outcome:
@@ -213,6 +215,19 @@ def many_rounds(rank: int, world: int) -> Outcome:
                 else _owed(state, rank, world, 500)
             )
             outcomes[f"{name}/{feedback}"] = {"sum": total, "residual": residual}
+    return outcomes
+
+
+def decayed_second_round(rank: int, world: int) -> Outcome:
+    """Round two sends nothing new, so it carries only the residual of round one, scaled
+    by the decay (top-k of fp32 values scales with its input)."""
+    outcomes: Outcome = {}
+    for decay in (1.0, 0.5):
+        config = CODECS["topk"].model_copy(update={"error_feedback_decay": decay})
+        state = ExchangeState(config, seed=rank)
+        average(gradient("dense", rank, 0, 500), 1.0, world_group(), state)
+        second = average(torch.zeros(500), 1.0, world_group(), state).average
+        outcomes[str(decay)] = second
     return outcomes
 
 
@@ -370,6 +385,7 @@ BOUNDS = {  # about twice what was measured
     "int8": 0.025,
     "int4": 0.35,
     "topk": 0.03,
+    "topk chunked": 0.035,
     "powersgd": 1e-5,
 }
 
@@ -427,6 +443,13 @@ def test_error_feedback_sum_of_averages_tracks_the_true_sum(tmp_path: Path) -> N
         without = outcomes[0][f"{name}/False"]["sum"]
         gap = float((with_feedback - truth).norm())
         assert gap < 0.5 * float((without - truth).norm()), name
+
+
+def test_error_feedback_decay_scales_what_the_residual_carries(tmp_path: Path) -> None:
+    outcomes = run(tmp_path, 3, decayed_second_round)
+    for outcome in outcomes:
+        assert outcome["1.0"].abs().sum() > 0, "round one left no residual to carry"
+        torch.testing.assert_close(outcome["0.5"], 0.5 * outcome["1.0"], rtol=1e-5, atol=1e-7)
 
 
 def test_reset_folds_owned_residual_so_churn_loses_only_the_leaver(tmp_path: Path) -> None:

@@ -966,6 +966,14 @@ def test_a_peer_token_missing_after_an_operator_stop_is_made_again(
             {"training": {"localUpdates": {"innerSteps": 8, "outerMomentum": 1}}},
             "spec.training.localUpdates.outerMomentum",
         ),
+        (
+            {"training": {"compression": {"codec": "topk", "valueBits": 2}}},
+            "spec.training.compression.valueBits",
+        ),
+        (
+            {"training": {"compression": {"codec": "int4", "errorFeedbackDecay": 0}}},
+            "spec.training.compression.errorFeedbackDecay",
+        ),
     ],
 )
 def test_invalid_objects_are_refused_with_their_message(

@@ -36,15 +36,28 @@ FORMULAS: dict[str, tuple[Callable[[], Codec], Callable[[int], int]]] = {
         lambda: BlockQuantCodec(4, 32),
         lambda n: 4 * math.ceil(n / 32) + math.ceil(n / 2),
     ),
+    # Positions: two-byte indices (chunks of at most 32768) or a bitmap, the smaller.
     "topk/0.05": (
         lambda: TopKCodec(0.05),
-        lambda n: 4 * math.ceil(0.05 * n) + min(4 * math.ceil(0.05 * n), math.ceil(n / 8)),
+        lambda n: 4 * math.ceil(0.05 * n) + min(2 * math.ceil(0.05 * n), math.ceil(n / 8)),
     ),
     "topk/0.3/q8": (
-        lambda: TopKCodec(0.3, quantize_values=True),
-        lambda n: 4 + math.ceil(0.3 * n) + min(4 * math.ceil(0.3 * n), math.ceil(n / 8)),
+        lambda: TopKCodec(0.3, value_bits=8),
+        lambda n: 4 + math.ceil(0.3 * n) + min(2 * math.ceil(0.3 * n), math.ceil(n / 8)),
+    ),
+    # SparseLoCo's shape: the top tenth of every 64 elements, 4-bit values, a scale each.
+    "topk/0.1/chunk64/q4": (
+        lambda: TopKCodec(0.1, chunk_size=64, value_bits=4),
+        lambda n: _chunked_topk_bytes(n, 0.1, 64, 4),
     ),
 }
+
+
+def _chunked_topk_bytes(n: int, ratio: float, chunk: int, bits: int) -> int:
+    count, length = (math.ceil(n / chunk), chunk) if n > chunk else (1, n)
+    k = math.ceil(ratio * length)
+    values = (4 * count if bits < 32 else 0) + math.ceil(count * k * bits / 8)
+    return values + min(2 * count * k, math.ceil(count * length / 8))
 
 
 def vectors(min_size: int = 1, max_size: int = 600) -> st.SearchStrategy[torch.Tensor]:
@@ -135,8 +148,13 @@ def test_block_quantization_error_is_below_one_step_of_its_block(
 
 @pytest.mark.parametrize(
     "codec",
-    [BlockQuantCodec(8, 16), BlockQuantCodec(4, 16), TopKCodec(1.0, quantize_values=True)],
-    ids=["int8", "int4", "topk-q8"],
+    [
+        BlockQuantCodec(8, 16),
+        BlockQuantCodec(4, 16),
+        TopKCodec(1.0, value_bits=8),
+        TopKCodec(1.0, chunk_size=16, value_bits=4),
+    ],
+    ids=["int8", "int4", "topk-q8", "topk-chunk16-q4"],
 )
 def test_stochastic_rounding_is_unbiased(codec: Codec) -> None:
     x = torch.randn(48, generator=gen(7))
@@ -148,7 +166,8 @@ def test_stochastic_rounding_is_unbiased(codec: Codec) -> None:
     mean = total / draws
     # A decode is within one step of x, so its std is at most step / 2; allow 5 sigma.
     # Round-to-nearest would miss by up to half a step, about 10x this bound.
-    levels = 7 if isinstance(codec, BlockQuantCodec) and codec.bits == 4 else 127
+    bits = codec.bits if isinstance(codec, BlockQuantCodec) else getattr(codec, "value_bits", 8)
+    levels = 7 if bits == 4 else 127
     step = x.abs().max() / levels
     assert float((mean - x).abs().max()) <= 5 * float(step) / (2 * math.sqrt(draws))
 
@@ -168,25 +187,80 @@ def test_topk_keeps_exactly_the_largest_magnitudes(x: torch.Tensor, ratio: float
 
 
 @pytest.mark.parametrize(
-    ("numel", "ratio", "bitmap"),
+    ("numel", "ratio", "bitmap", "index_bytes"),
     [
-        (1000, 0.01, False),  # k=10: 40 index bytes < 125 bitmap bytes
-        (1000, 0.1, True),  # k=100: 400 index bytes > 125 bitmap bytes
-        (1024, 1 / 32, False),  # k=32: 128 bytes either way, indices on a tie
-        (1024, 0.032, True),  # k=33: 132 index bytes > 128 bitmap bytes
+        (1000, 0.01, False, 2),  # k=10: 20 index bytes < 125 bitmap bytes
+        (1000, 0.1, True, 2),  # k=100: 200 index bytes > 125 bitmap bytes
+        (1024, 1 / 16, False, 2),  # k=64: 128 bytes either way, indices on a tie
+        (1024, 0.0625001, True, 2),  # k=65: 130 index bytes > 128 bitmap bytes
+        (40000, 0.001, False, 4),  # past 32768 elements an index takes four bytes
     ],
 )
-def test_topk_picks_the_smaller_position_encoding(numel: int, ratio: float, bitmap: bool) -> None:
+def test_topk_picks_the_smaller_position_encoding(
+    numel: int, ratio: float, bitmap: bool, index_bytes: int
+) -> None:
     codec = TopKCodec(ratio)
     k = math.ceil(ratio * numel)
     assert codec.uses_bitmap(numel) is bitmap
-    position_bytes = math.ceil(numel / 8) if bitmap else 4 * k
+    position_bytes = math.ceil(numel / 8) if bitmap else index_bytes * k
     assert codec.wire_bytes(numel) == 4 * k + position_bytes
     x = torch.randn(numel, generator=gen(3))
     decoded = codec.decode(codec.encode(x), numel)
     kept = torch.topk(x.abs(), k).indices
     assert torch.equal(decoded[kept], x[kept])
     assert int((decoded != 0).sum()) == k
+
+
+@FAST
+@given(
+    x=vectors(min_size=8),
+    chunk=st.sampled_from([8, 50, 64]),
+    ratio=st.sampled_from([0.05, 0.2, 0.5]),
+    bits=st.sampled_from([32, 8, 4]),
+)
+def test_chunked_topk_keeps_the_largest_of_every_chunk(
+    x: torch.Tensor, chunk: int, ratio: float, bits: int
+) -> None:
+    codec = TopKCodec(ratio, chunk_size=chunk, value_bits=bits)
+    decoded = codec.decode(codec.encode(x, gen(1)), x.numel())
+    assert len(codec.encode(x, gen(1))) == _chunked_topk_bytes(x.numel(), ratio, chunk, bits)
+    length = chunk if x.numel() > chunk else x.numel()
+    k = math.ceil(ratio * length)
+    for start in range(0, x.numel(), length):
+        mine, sent = x[start : start + length], decoded[start : start + length]
+        padded = torch.nn.functional.pad(mine.abs(), (0, length - len(mine)))
+        kth_largest = float(torch.topk(padded, k).values.min())
+        arrived = sent != 0
+        assert int(arrived.sum()) <= k
+        if bits == 32:  # the chunk's top k arrive exact, nothing larger stays behind
+            assert torch.equal(sent[arrived], mine[arrived])
+            assert float(torch.cat([mine[~arrived].abs(), torch.zeros(1)]).max()) <= kth_largest
+        else:  # within one step of the chunk's scale
+            step = float(padded.max()) / (7 if bits == 4 else 127)
+            error = torch.cat([(sent - mine)[arrived].abs(), torch.zeros(1)])
+            assert float(error.max()) <= step * (1 + 1e-5)
+
+
+def test_make_codec_builds_the_configured_topk() -> None:
+    config = CompressionConfig(codec="topk", ratio=1 / 32, chunk_size=4096, value_bits=4)
+    codec = make_codec(config)
+    assert isinstance(codec, TopKCodec)
+    assert (codec.ratio, codec.chunk_size, codec.value_bits) == (1 / 32, 4096, 4)
+    # 128 of every 4096 elements: 4-bit values, two-byte positions, a scale per chunk.
+    assert codec.wire_bytes(8192) == 2 * 4 + 256 // 2 + 2 * 256
+
+
+def test_error_feedback_decay_fades_the_residual() -> None:
+    codec = TopKCodec(0.1)
+    feedback = ErrorFeedback(codec, decay=0.5)
+    g = gen(4)
+    old = torch.zeros(100)
+    for _ in range(3):
+        x = torch.randn(100, generator=g)
+        decoded = codec.decode(feedback.compress("grad", x), 100)
+        new = feedback.residual("grad", x)
+        torch.testing.assert_close(decoded + new, x + 0.5 * old)
+        old = new.clone()
 
 
 @pytest.mark.parametrize("label", sorted(FORMULAS))

@@ -237,7 +237,13 @@ def test_the_trainers_config_is_the_one_source_of_its_spec_fields(path: str, con
             "trainer": {"image": "img"},
             "training": {
                 "optimizer": {"name": "sgd", "lr": 0.5, "momentum": 0.9, "weightDecay": 0.01},
-                "compression": {"codec": "int4", "blockSize": 64, "errorFeedback": False},
+                "compression": {
+                    "codec": "topk",
+                    "ratio": 0.03,
+                    "chunkSize": 4096,
+                    "valueBits": 4,
+                    "errorFeedbackDecay": 0.95,
+                },
                 "localUpdates": {"innerSteps": 16, "outerLr": 0.5, "outerMomentum": 0.8},
             },
         }

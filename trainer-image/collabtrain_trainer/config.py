@@ -49,9 +49,29 @@ class CompressionConfig(StrictModel):
     block_size: int = Field(
         default=256, ge=16, le=65536, description="int8/int4: elements per quantization block."
     )
+    chunk_size: int = Field(
+        default=0,
+        ge=0,
+        le=32768,
+        description="topk: keep the top `ratio` of every chunk of this many elements, "
+        "as SparseLoCo does (positions then take two bytes); 0 ranks the whole tensor.",
+    )
+    value_bits: Literal[32, 8, 4] = Field(
+        default=32,
+        description="topk: bits per kept value: 32 (fp32), or 8 or 4 (integer codes with "
+        "one scale per chunk).",
+    )
     error_feedback: bool = Field(
         default=True,
-        description="topk/powersgd: carry what compression dropped into the next step.",
+        description="Carry what compression dropped into the next exchange (all lossy codecs).",
+    )
+    error_feedback_decay: float = Field(
+        default=1.0,
+        gt=0,
+        le=1,
+        description="The share of the carried residual kept at each exchange (every codec "
+        "but powersgd): 1 keeps it all; below 1, old residuals fade (SparseLoCo uses about "
+        "0.95 with local updates).",
     )
 
 

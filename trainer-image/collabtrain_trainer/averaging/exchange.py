@@ -304,9 +304,10 @@ def _part_round(
     feedback = state.uses_error_feedback
     generator = state._rng(device)
 
+    decay = state.config.error_feedback_decay
     x = contribution
     if feedback and state.residual is not None:
-        x = x + state.residual
+        x = x + decay * state.residual
     parts = torch.nn.functional.pad(x, (0, world * part - numel)).view(world, part)
     send = torch.zeros(world * wire, dtype=torch.uint8, device=device)
     delivered = parts.clone()  # what the owners will decode; our own part needs no codec
@@ -324,7 +325,7 @@ def _part_round(
         if i != me:
             owned += codec.decode(recv[i * wire : (i + 1) * wire], part)
     if feedback and state.owned_residual is not None:
-        owned += state.owned_residual
+        owned += decay * state.owned_residual
     payload, decoded_owned = codec.roundtrip(owned, generator)
     gathered = [torch.empty_like(payload) for _ in range(world)]
     dist.all_gather(gathered, payload, group=group)

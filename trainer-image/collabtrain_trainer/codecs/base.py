@@ -85,8 +85,10 @@ class ErrorFeedback:
     last residual, which is what makes biased codecs (top-k) and coarse ones converge.
     """
 
-    def __init__(self, codec: Codec) -> None:
+    def __init__(self, codec: Codec, decay: float = 1.0) -> None:
         self.codec = codec
+        # The share of a residual carried on: below 1, old debts fade (SparseLoCo).
+        self.decay = decay
         self._residuals: dict[str, Tensor] = {}
 
     def residual(self, key: str, like: Tensor) -> Tensor:
@@ -109,7 +111,7 @@ class ErrorFeedback:
 
         Callers that must stay consistent when a collective fails commit later.
         """
-        x = flat + self.residual(key, flat)
+        x = flat + self.decay * self.residual(key, flat)
         payload, decoded = self.codec.roundtrip(x, generator)
         return payload, decoded, x - decoded
 
@@ -145,7 +147,7 @@ def make_codec(config: CompressionConfig) -> Codec:
         case "int4":
             return BlockQuantCodec(bits=4, block_size=config.block_size)
         case "topk":
-            return TopKCodec(ratio=config.ratio)
+            return TopKCodec(config.ratio, config.chunk_size, config.value_bits)
         case "powersgd":
             raise ValueError(
                 "compression.codec 'powersgd' exchanges low-rank factors with all_reduce, "

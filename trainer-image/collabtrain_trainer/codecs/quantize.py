@@ -34,6 +34,19 @@ def quantize_symmetric(
     return codes, scale
 
 
+def pack_nibbles(codes: Tensor) -> Tensor:
+    """Codes in [-8, 7] -> bytes, two a byte, low nibble first, each stored as code + 8."""
+    nibbles = (codes + 8).to(torch.uint8)
+    if nibbles.numel() % 2:
+        nibbles = torch.cat([nibbles, nibbles.new_zeros(1)])
+    return nibbles[0::2] | (nibbles[1::2] << 4)
+
+
+def unpack_nibbles(packed: Tensor, count: int) -> Tensor:
+    """The first `count` codes of pack_nibbles' bytes, as floats."""
+    return torch.stack([packed & 0x0F, packed >> 4], dim=1).reshape(-1)[:count].float() - 8
+
+
 class BlockQuantCodec(Codec):
     """Signed integers of `bits` bits with one fp32 absmax scale per block.
 
@@ -66,13 +79,7 @@ class BlockQuantCodec(Codec):
         padded = torch.nn.functional.pad(flat, (0, self._blocks(numel) * self.block_size - numel))
         codes, scale = quantize_symmetric(padded.view(-1, self.block_size), self.levels, generator)
         codes = codes.reshape(-1)[:numel]
-        if self.bits == 8:
-            packed = to_bytes(codes.to(torch.int8))
-        else:
-            nibbles = (codes + 8).to(torch.uint8)
-            if numel % 2:
-                nibbles = torch.cat([nibbles, nibbles.new_zeros(1)])
-            packed = nibbles[0::2] | (nibbles[1::2] << 4)
+        packed = to_bytes(codes.to(torch.int8)) if self.bits == 8 else pack_nibbles(codes)
         return torch.cat([to_bytes(scale.reshape(-1)), packed])
 
     def decode(self, payload: Tensor, numel: int) -> Tensor:
@@ -80,10 +87,10 @@ class BlockQuantCodec(Codec):
         blocks = self._blocks(numel)
         scale = from_bytes(payload[: 4 * blocks], torch.float32)
         packed = payload[4 * blocks :]
-        if self.bits == 8:
-            codes = from_bytes(packed, torch.int8).float()
-        else:
-            nibbles = torch.stack([packed & 0x0F, packed >> 4], dim=1).reshape(-1)[:numel]
-            codes = nibbles.float() - 8
+        codes = (
+            from_bytes(packed, torch.int8).float()
+            if self.bits == 8
+            else unpack_nibbles(packed, numel)
+        )
         padded = torch.nn.functional.pad(codes, (0, blocks * self.block_size - numel))
         return (padded.view(blocks, self.block_size) * scale.view(-1, 1)).reshape(-1)[:numel]
