@@ -50,6 +50,9 @@ CODECS: dict[str, CompressionConfig] = {
     "sparse 1/32 q4": CompressionConfig(
         codec="topk", ratio=1 / 32, chunk_size=4096, value_bits=4, error_feedback_decay=0.95
     ),
+    "sparse 1/8 q4": CompressionConfig(
+        codec="topk", ratio=1 / 8, chunk_size=4096, value_bits=4, error_feedback_decay=0.95
+    ),
 }
 LARGE_SETTINGS = ((8, "none"), (8, "int4"), (16, "int4"), (32, "int4"))
 
