@@ -41,7 +41,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from types import FrameType
@@ -56,6 +56,9 @@ from testbed.network import PeerNetwork
 
 PEERS = 4
 RATE = "50mbit"
+# DDP evaluates every this many steps; per-step runtime runs save a model as often, so
+# neither side's time to a target is later than the other's by more steps.
+DDP_EVAL_EVERY = 10
 DDP_PORT = 29533
 # The environment a traced runtime peer reads (see traced_peer_main).
 TRACE_ENV = "COLLABTRAIN_BENCH_TRACE"
@@ -194,6 +197,7 @@ class Mode:
     inner_steps: int | None  # None: per-step averaging
     max_steps: int  # committed steps (rounds) before the run ends
     snapshot_every: int  # committed steps between saved models
+    outer: dict[str, float] = field(default_factory=dict)  # outer_lr, outer_momentum
 
 
 def traced_peer_main(args: list[str]) -> int:
@@ -209,6 +213,7 @@ def traced_peer_main(args: list[str]) -> int:
     directory = Path(trace["dir"])
     peer_id = args[args.index("--peer-id") + 1]
     every = int(trace.get("snapshot_every", 0))
+    last = int(trace.get("last_step", 0))
     real_train = training.Training.train_micro_batch
     real_apply = runtime.Peer._apply
 
@@ -216,17 +221,17 @@ def traced_peer_main(args: list[str]) -> int:
         start = directory / f"{peer_id}.start"
         if not start.exists():
             start.write_text(repr(time.time()))
-        return real_train(self, step)
+        return int(real_train(self, step))
 
     def apply(self: Any, averaged: torch.Tensor, new_step: int) -> None:
         real_apply(self, averaged, new_step)
-        if every and new_step % every == 0:
+        if every and (new_step % every == 0 or new_step == last):
             state = {k: v.clone() for k, v in self.training.model.state_dict().items()}
             torch.save({"time": time.time(), "state": state}, directory / f"step-{new_step}.pt")
 
-    training.Training.train_micro_batch = train_micro_batch  # type: ignore[method-assign]
-    runtime.Peer._apply = apply  # type: ignore[method-assign]
-    return cli.main(args)
+    training.Training.train_micro_batch = train_micro_batch
+    runtime.Peer._apply = apply
+    return int(cli.main(args))
 
 
 def runtime_run(
@@ -249,7 +254,9 @@ def runtime_run(
             "seed": hyper.seed,
             "optimizer": {"name": hyper.optimizer, "lr": hyper.lr},
             "compression": mode.compression,
-            "local_updates": {"inner_steps": mode.inner_steps} if mode.inner_steps else None,
+            "local_updates": (
+                {"inner_steps": mode.inner_steps, **mode.outer} if mode.inner_steps else None
+            ),
         }
     )
     with tempfile.TemporaryDirectory() as workdir:
@@ -267,7 +274,8 @@ def runtime_run(
             for index, link in enumerate(network.links):
                 trace = {
                     "dir": str(trace_dir),
-                    "snapshot_every": mode.snapshot_every * (index == 0),
+                    "snapshot_every": mode.snapshot_every if index == 0 else 0,  # one saves
+                    "last_step": mode.max_steps,
                 }
                 env = {**network.peer_env(link), TRACE_ENV: json.dumps(trace)}
                 cluster.start_peer(env=env, host=link.address)
@@ -305,6 +313,8 @@ def runtime_run(
 
 
 def _described(row: dict[str, Any]) -> str:
+    if not row["curve"]:
+        return f"{row['steps']} steps, {row['samples']} samples, no model saved"
     _, seconds, loss = row["curve"][-1]
     return f"{row['steps']} steps, {row['samples']} samples, loss {loss:.4f} at {seconds:.1f} s"
 
@@ -327,15 +337,19 @@ def best_per_step_codec() -> tuple[str, dict[str, Any]]:
     raise SystemExit("codecs.json names no tinylm/adamw codec within 1% of fp32")
 
 
-def best_local_setting() -> tuple[int, str, dict[str, Any]]:
-    """local_updates_bench's best setting within 1% of DDP on the default model."""
+def best_local_setting() -> tuple[int, str, dict[str, Any], dict[str, float]]:
+    """local_updates_bench's best setting within 1% of DDP on the default model, and the
+    outer step it ran with."""
     from bench.local_updates_bench import CODECS
 
-    label = json.loads(_result("local_updates.json").read_text())["per_model"]["default"][
-        "best_setting"
-    ]
+    found = json.loads(_result("local_updates.json").read_text())
+    label = found["per_model"]["default"]["best_setting"]
+    if label is None:
+        raise SystemExit("local_updates.json has no setting within 1% of DDP")
     inner, codec = label.split(" ", 1)
-    return int(inner.removeprefix("H=")), codec, CODECS[codec].model_dump()
+    outer = {"outer_lr": found["outer_optimizer"]["lr"]}
+    outer["outer_momentum"] = found["outer_optimizer"]["momentum"]
+    return int(inner.removeprefix("H=")), codec, CODECS[codec].model_dump(), outer
 
 
 def _result(name: str) -> Path:
@@ -347,18 +361,19 @@ def _result(name: str) -> Path:
 
 def plan(max_steps: int, quick: bool) -> list[Mode]:
     codec_label, codec = best_per_step_codec()
-    inner, local_codec, local_settings = best_local_setting()
+    inner, local_codec, local_settings, outer = best_local_setting()
     # Rounds enough to reach the target with room: local updates need more samples to get
     # there (local_updates.json), a round holding `inner` steps' worth.
     return [
-        Mode("collab fp32", {"codec": "none"}, None, max_steps, 5),
-        Mode(f"collab {codec_label}", codec, None, max_steps, 5),
+        Mode("collab fp32", {"codec": "none"}, None, max_steps, DDP_EVAL_EVERY),
+        Mode(f"collab {codec_label}", codec, None, max_steps, DDP_EVAL_EVERY),
         Mode(
             f"collab H={inner} {local_codec}",
             local_settings,
             inner,
             max(2, (3 if quick else 2) * max_steps // inner),
             1,
+            outer,
         ),
     ]
 
@@ -403,14 +418,14 @@ def main() -> None:
     if problem is not None:
         raise SystemExit(f"slow-link benchmark impossible here: {problem}")
     # The learning-rate schedule spans 1500 steps in every mode, as in codecs_bench.
-    hyper = Hyper(task="tinylm", steps=1500, eval_every=10)
+    hyper = Hyper(task="tinylm", steps=1500, eval_every=DDP_EVAL_EVERY)
     targets, repeats, max_steps = (
         sorted(args.target_loss, reverse=True),
         args.repeats,
         args.max_steps,
     )
     if args.quick:
-        hyper = Hyper(task="tinylm", steps=1500, eval_every=10, eval_examples=128)
+        hyper = Hyper(task="tinylm", steps=1500, eval_every=DDP_EVAL_EVERY, eval_examples=128)
         targets, repeats, max_steps = [3.0], 1, 30
     modes = plan(max_steps, args.quick)
     data = TaskData(hyper.task, hyper.eval_examples, dict(hyper.task_args))
@@ -430,18 +445,20 @@ def main() -> None:
 
     def seconds(mode: str, target: float) -> float | None:
         runs = [seconds_to(target, r["curve"]) for r in rows if r["mode"] == mode]
-        return median(runs) if all(s is not None for s in runs) else None
+        reached = [s for s in runs if s is not None]
+        return median(reached) if len(reached) == len(runs) else None
 
     table = []
-    for mode in mode_names:
-        runs = [r for r in rows if r["mode"] == mode]
-        entry: dict[str, Any] = {"mode": mode}
+    for label in mode_names:
+        runs = [r for r in rows if r["mode"] == label]
+        entry: dict[str, Any] = {"mode": label}
         for target in targets:
-            mine, ddp_seconds = seconds(mode, target), seconds("ddp fp32", target)
+            mine, ddp_seconds = seconds(label, target), seconds("ddp fp32", target)
             entry[f"seconds_to_{target}"] = mine
             entry[f"speedup_at_{target}"] = ddp_seconds / mine if ddp_seconds and mine else None
         # Throughput, whatever the loss: what the links and cores let each mode process.
-        entry["samples_per_second"] = median([r["samples"] / r["curve"][-1][1] for r in runs])
+        timed = [r for r in runs if r["curve"]]
+        entry["samples_per_second"] = median([r["samples"] / r["curve"][-1][1] for r in timed])
         entry["bytes_per_sample"] = median([r["bytes_per_sample"] for r in runs])
         entry["runs_seconds"] = {
             str(target): [seconds_to(target, r["curve"]) for r in runs] for target in targets

@@ -545,6 +545,31 @@ def test_a_read_that_retention_prunes_under_it_reads_the_newer_checkpoint(
     assert torch.all(small_weight(loaded) == 4.0)
 
 
+def test_a_read_that_a_writer_keeps_outrunning_is_a_storage_error_not_corruption(
+    make_writer: Callable[..., CheckpointWriter], config: CheckpointConfig, env: dict[str, str]
+) -> None:
+    """Every checkpoint is pruned before it can be read: the reader gives up with an error
+    the restore retries, and does not call the bucket corrupt."""
+    writer = make_writer()
+    writer.submit(small_snapshot(1), 1)
+    assert writer.flush(timeout=30)
+    racing = reader(config, env)
+    load = racing.load
+    newest = [1]
+
+    def load_after_two_newer(step: int, **options: Any) -> LoadedCheckpoint:
+        for _ in range(2):  # keep_last=2: the step about to be read is deleted
+            newest.append(newest[-1] + 1)
+            writer.submit(small_snapshot(newest[-1]), newest[-1])
+            assert writer.flush(timeout=30)
+        return load(step, **options)
+
+    racing.load = load_after_two_newer  # type: ignore[method-assign]
+    with pytest.raises(CheckpointStorageError, match="kept changing") as raised:
+        racing.load_latest()
+    assert not isinstance(raised.value, CheckpointCorruptError)
+
+
 def test_retention_leaves_a_folder_another_writer_is_still_uploading(
     make_writer: Callable[..., CheckpointWriter],
     config: CheckpointConfig,

@@ -224,6 +224,8 @@ def test_chunked_topk_keeps_the_largest_of_every_chunk(
     codec = TopKCodec(ratio, chunk_size=chunk, value_bits=bits)
     decoded = codec.decode(codec.encode(x, gen(1)), x.numel())
     assert len(codec.encode(x, gen(1))) == _chunked_topk_bytes(x.numel(), ratio, chunk, bits)
+    fp32 = TopKCodec(ratio, chunk_size=chunk)
+    exact = fp32.decode(fp32.encode(x), x.numel())
     length = chunk if x.numel() > chunk else x.numel()
     k = math.ceil(ratio * length)
     for start in range(0, x.numel(), length):
@@ -235,7 +237,10 @@ def test_chunked_topk_keeps_the_largest_of_every_chunk(
         if bits == 32:  # the chunk's top k arrive exact, nothing larger stays behind
             assert torch.equal(sent[arrived], mine[arrived])
             assert float(torch.cat([mine[~arrived].abs(), torch.zeros(1)]).max()) <= kth_largest
-        else:  # within one step of the chunk's scale
+        else:  # the same picks as fp32, each within one step of the chunk's scale
+            assert not bool((arrived & (exact[start : start + length] == 0)).any())
+            largest = int(mine.abs().argmax())  # its code is ±levels: it always arrives
+            assert float(sent[largest]) * float(mine[largest]) > 0 or mine[largest] == 0
             step = float(padded.max()) / (7 if bits == 4 else 127)
             error = torch.cat([(sent - mine)[arrived].abs(), torch.zeros(1)])
             assert float(error.max()) <= step * (1 + 1e-5)

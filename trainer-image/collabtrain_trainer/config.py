@@ -69,9 +69,8 @@ class CompressionConfig(StrictModel):
         default=1.0,
         gt=0,
         le=1,
-        description="The share of the carried residual kept at each exchange (every codec "
-        "but powersgd): 1 keeps it all; below 1, old residuals fade (SparseLoCo uses about "
-        "0.95 with local updates).",
+        description="The share of the carried residual kept at each exchange: 1 keeps it "
+        "all; below 1, old residuals fade (SparseLoCo uses about 0.95 with local updates).",
     )
 
 

@@ -259,7 +259,7 @@ class CheckpointReader:
         throw training away), CheckpointStorageError when the store cannot be read.
         """
         pointer = self.read_latest_pointer()
-        for _ in range(_READS_WHILE_WRITTEN):
+        for attempt in range(1, _READS_WHILE_WRITTEN + 1):
             loaded, skipped = self._load_newest(pointer, only=only, layout=layout)
             if not skipped:
                 return loaded
@@ -268,6 +268,14 @@ class CheckpointReader:
             moved = self.read_latest_pointer()
             if moved == pointer:
                 break
+            if attempt == _READS_WHILE_WRITTEN:
+                if loaded is not None:
+                    break  # verified, if not the newest: a moving writer is no reason to fail
+                raise CheckpointStorageError(
+                    f"the checkpoints under {self.store.layout.root} kept changing while "
+                    f"being read ({attempt} reads): a writer saves faster than they load; "
+                    "the restore is retried"
+                )
             log.info(
                 "checkpoints changed while reading (latest moved from step %s to %s); "
                 "reading again",
@@ -275,7 +283,7 @@ class CheckpointReader:
                 moved.step if moved else None,
                 extra={"job": self.job},
             )
-            pointer = moved
+            pointer, loaded = moved, None  # let the older load go before the next one
         if loaded is not None:
             log.warning(
                 "loaded checkpoint of step %d after skipping %d newer one(s)",

@@ -177,12 +177,14 @@ class PowerSGD:
         seed: int = 0,
         error_feedback: bool = True,
         shapes: Sequence[Sequence[int]] | None = None,
+        error_feedback_decay: float = 1.0,
     ) -> None:
         if rank < 1:
             raise ValueError(f"PowerSGD rank must be at least 1, got {rank}")
         self.rank = rank
         self.seed = seed
         self.error_feedback = error_feedback
+        self.error_feedback_decay = error_feedback_decay
         self.shapes = [tuple(s) for s in shapes] if shapes is not None else None
         self.warm_query: Tensor | None = None  # every block's Q, flat, in block order
         self.residual: Tensor | None = None
@@ -195,7 +197,13 @@ class PowerSGD:
         seed: int = 0,
         shapes: Sequence[Sequence[int]] | None = None,
     ) -> PowerSGD:
-        return cls(rank=config.rank, seed=seed, error_feedback=config.error_feedback, shapes=shapes)
+        return cls(
+            rank=config.rank,
+            seed=seed,
+            error_feedback=config.error_feedback,
+            shapes=shapes,
+            error_feedback_decay=config.error_feedback_decay,
+        )
 
     def blocks(self, numel: int) -> list[Block]:
         if numel not in self._plans:
@@ -231,7 +239,7 @@ class PowerSGD:
         blocks = self.blocks(numel)
         x = contribution
         if self.error_feedback and self.residual is not None:
-            x = x + self.residual
+            x = x + self.error_feedback_decay * self.residual
         if warm and self.warm_query is not None and self.has_warm_query(numel):
             flat_query = self.warm_query
         else:
