@@ -55,6 +55,9 @@ class Hyper:
     seed: int = 0
     eval_every: int = 50
     eval_examples: int = 512
+    # Tuning runs: train on the first 85% of the text and evaluate on the next 5%, so that
+    # settings are chosen without looking at the held-out tenth the results report.
+    validation: bool = False
 
 
 @dataclass
@@ -81,7 +84,13 @@ class RunRecord:
 class TaskData:
     """A task's model factory, loss, training sampler and held-out set."""
 
-    def __init__(self, name: str, eval_examples: int, args: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        eval_examples: int,
+        args: dict[str, str] | None = None,
+        validation: bool = False,
+    ) -> None:
         self.name = name
         self.args = dict(args or {})  # the task's model arguments, e.g. {"width": "256"}
         self.loss: Callable[[Tensor, Tensor], Tensor]
@@ -93,6 +102,11 @@ class TaskData:
             split = int(len(text) * 0.9)
             self._train = text[:split]
             held_out = text[split:]
+            if validation:
+                self._train, held_out = (
+                    text[: int(len(text) * 0.85)],
+                    text[int(len(text) * 0.85) : split],
+                )
             starts = torch.linspace(0, len(held_out) - self.context - 2, eval_examples).long()
             window = held_out[starts[:, None] + torch.arange(self.context + 1)]
             self.eval_set: Batch = (window[:, :-1], window[:, 1:])
@@ -107,6 +121,8 @@ class TaskData:
             kept = order[len(labels) // 5 :]
             self._inputs, self._labels = inputs[kept], labels[kept]
             self.eval_set = (inputs[held], labels[held])
+            if validation:
+                raise ValueError("digits has no validation split: use tinylm")
         else:
             raise ValueError(f"unknown benchmark task {name!r}: use tinylm or digits")
         self.loss = load_task(name, self.args, 0).loss

@@ -15,7 +15,13 @@ rounds, heartbeats), on the same training split; the final global state comes ba
 a checkpoint in MinIO and is evaluated on the same held-out set. Its bytes are what the
 coordinator counted (`bytes_per_step_fp32 / bytes_sent`).
 
+Tuning the large model: `--validation` trains on 85% of the text and evaluates on the
+next 5%, so settings are chosen without the held-out tenth (`local_updates_tuning.json`);
+`--large-settings` lists the settings as `H:codec[:outer_lr:outer_momentum[:inner_lr]]`
+and `--large-seeds` repeats DDP and each of them over seeds (the summary compares means).
+
     python -m bench.local_updates_bench [--quick] [--large-steps N] [--no-large] [--no-runtime]
+        [--no-default] [--validation] [--large-settings S ...] [--large-seeds N]
 """
 
 from __future__ import annotations
@@ -53,8 +59,33 @@ CODECS: dict[str, CompressionConfig] = {
     "sparse 1/8 q4": CompressionConfig(
         codec="topk", ratio=1 / 8, chunk_size=4096, value_bits=4, error_feedback_decay=0.95
     ),
+    # ... and exchanged as SparseLoCo does: every peer's picks gathered, never re-encoded.
+    "sparse 1/32 q4 gathered": CompressionConfig(
+        codec="topk",
+        ratio=1 / 32,
+        chunk_size=4096,
+        value_bits=4,
+        error_feedback_decay=0.95,
+        all_gather=True,
+    ),
+    "sparse 1/8 q4 gathered": CompressionConfig(
+        codec="topk",
+        ratio=1 / 8,
+        chunk_size=4096,
+        value_bits=4,
+        error_feedback_decay=0.95,
+        all_gather=True,
+    ),
 }
-LARGE_SETTINGS = ((8, "none"), (8, "int4"), (16, "int4"), (32, "int4"))
+# The large model's grid: (H, codec, outer lr, outer momentum, inner lr or None for the
+# job's), chosen on the validation split (local_updates_tuning.json).
+LargeSetting = tuple[int, str, float, float, float | None]
+LARGE_SETTINGS: tuple[LargeSetting, ...] = (
+    (8, "none", 0.7, 0.9, None),
+    (8, "int4", 0.7, 0.9, None),
+    (16, "int4", 0.7, 0.9, None),
+    (32, "int4", 0.7, 0.9, None),
+)
 
 
 @dataclass(frozen=True)
@@ -67,24 +98,52 @@ class Run:
     outer: tuple[float, float] = (0.7, 0.9)  # the outer step's lr and Nesterov momentum
 
 
+def parse_setting(text: str) -> LargeSetting:
+    """`H:codec[:outer_lr:outer_momentum[:inner_lr]]`, e.g. `16:int4:1.0:0.0`."""
+    parts = text.split(":")
+    if len(parts) not in (2, 4, 5) or parts[1] not in CODECS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: use H:codec[:outer_lr:outer_momentum[:inner_lr]] with a codec "
+            f"among {sorted(CODECS)}"
+        )
+    outer_lr, outer_momentum = (float(parts[2]), float(parts[3])) if len(parts) > 2 else (0.7, 0.9)
+    return (
+        int(parts[0]),
+        parts[1],
+        outer_lr,
+        outer_momentum,
+        float(parts[4]) if len(parts) == 5 else None,
+    )
+
+
 def plan(
-    small: Hyper,
+    small: Hyper | None,
     large: Hyper | None,
     inner_steps: tuple[int, ...],
     codecs: list[str],
     outer: tuple[float, float],
+    large_settings: tuple[LargeSetting, ...] = LARGE_SETTINGS,
+    large_seeds: int = 1,
 ) -> list[Run]:
-    runs = [
-        Run("ddp", "default", small, None),
-        Run("ddp seed 1", "default", replace(small, seed=1), None),
-    ]
-    for h in inner_steps:
-        for name in codecs:
-            runs.append(Run(f"H={h} {name}", "default", small, CODECS[name], h, outer))
+    runs = []
+    if small is not None:
+        runs += [
+            Run("ddp", "default", small, None),
+            Run("ddp seed 1", "default", replace(small, seed=1), None),
+        ]
+        for h in inner_steps:
+            for name in codecs:
+                runs.append(Run(f"H={h} {name}", "default", small, CODECS[name], h, outer))
     if large is not None:
-        runs.append(Run("ddp", "large", large, None))
-        for h, name in LARGE_SETTINGS:
-            runs.append(Run(f"H={h} {name}", "large", large, CODECS[name], h, outer))
+        for seed in range(large_seeds):  # every seed's runs together: a cut run keeps seed 0
+            seeded = replace(large, seed=seed)
+            runs.append(Run("ddp", "large", seeded, None))
+            for h, name, outer_lr, outer_momentum, inner_lr in large_settings:
+                label = f"H={h} {name} outer {outer_lr:g}/{outer_momentum:g}"
+                hyper = seeded
+                if inner_lr is not None:
+                    label, hyper = f"{label} inner lr {inner_lr:g}", replace(seeded, lr=inner_lr)
+                runs.append(Run(label, "large", hyper, CODECS[name], h, (outer_lr, outer_momentum)))
     return runs
 
 
@@ -97,7 +156,9 @@ def _worker(rank: int, port: int, runs: list[Run], out: str) -> None:
     assert group is not None
     rows: list[dict[str, Any]] = []
     for run in runs:
-        data = TaskData("tinylm", run.hyper.eval_examples, dict(run.hyper.task_args))
+        data = TaskData(
+            "tinylm", run.hyper.eval_examples, dict(run.hyper.task_args), run.hyper.validation
+        )
         local = None
         if run.inner_steps:
             lr, momentum = run.outer
@@ -111,6 +172,8 @@ def _worker(rank: int, port: int, runs: list[Run], out: str) -> None:
             "inner_steps": run.inner_steps,
             "outer": run.outer if run.inner_steps else None,
             "seed": run.hyper.seed,
+            "inner_lr": run.hyper.lr,
+            "split": "validation" if run.hyper.validation else "held-out",
             "model_params": sum(p.numel() for p in data.model(0).parameters()),
         }
         if rank == 0:
@@ -130,23 +193,46 @@ def run_grid(runs: list[Run]) -> list[dict[str, Any]]:
 
 
 def summarize(rows: list[dict[str, Any]], model: str) -> dict[str, Any]:
-    """Against the seed-0 DDP row of the same model: loss within 1%, bytes per sample."""
+    """Every setting's mean final loss over its seeds against DDP's over the same seeds:
+    within 1% or not, and DDP's bytes per sample over the setting's."""
     mine = [r for r in rows if r["model"] == model]
+    losses: dict[str, list[float]] = {}
+    for row in mine:
+        losses.setdefault(row["label"], []).append(row["final_eval_loss"])
+    ddp_loss = sum(losses["ddp"]) / len(losses["ddp"])
     ddp = next(r for r in mine if r["label"] == "ddp")
     for row in mine:
+        same_seed = next((r for r in mine if r["label"] == "ddp" and r["seed"] == row["seed"]), ddp)
         loss = row["final_eval_loss"]
-        row["loss_vs_ddp"] = loss / ddp["final_eval_loss"] - 1 if math.isfinite(loss) else None
-        row["within_1pct"] = math.isfinite(loss) and loss <= ddp["final_eval_loss"] * 1.01
+        row["loss_vs_ddp"] = (
+            loss / same_seed["final_eval_loss"] - 1 if math.isfinite(loss) else None
+        )
         # Every run trains the same samples per step: bytes per step compare as per sample.
         row["ratio_vs_ddp"] = ddp["bytes_sent_per_step"] / row["bytes_sent_per_step"]
-    within = [r for r in mine if r["within_1pct"] and r["inner_steps"]]
-    best = max(within, key=lambda r: r["ratio_vs_ddp"], default=None)
+    settings = {}
+    for label, values in losses.items():
+        mean = sum(values) / len(values)
+        row = next(r for r in mine if r["label"] == label)
+        settings[label] = {
+            "mean_final_loss": mean,
+            "seeds": len(values),
+            "loss_vs_ddp": mean / ddp_loss - 1 if math.isfinite(mean) else None,
+            "within_1pct": math.isfinite(mean) and mean <= ddp_loss * 1.01,
+            "ratio_vs_ddp": row["ratio_vs_ddp"],
+            "inner_steps": row["inner_steps"],
+        }
+    for row in mine:
+        row["within_1pct"] = settings[row["label"]]["within_1pct"]
+    within = [s for s in settings.items() if s[1]["within_1pct"] and s[1]["inner_steps"]]
+    best = max(within, key=lambda s: s[1]["ratio_vs_ddp"], default=None)
     return {
-        "ddp_final_loss": ddp["final_eval_loss"],
-        "best_ratio_within_1pct": best["ratio_vs_ddp"] if best else None,
-        "best_setting": best["label"] if best else None,
+        "ddp_final_loss": ddp_loss,
+        "best_ratio_within_1pct": best[1]["ratio_vs_ddp"] if best else None,
+        "best_setting": best[0] if best else None,
         "model_params": ddp["model_params"],
         "steps": ddp["steps"],
+        "seeds": len(losses["ddp"]),
+        "settings": settings,
     }
 
 
@@ -273,6 +359,22 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a smoke run: few steps")
     parser.add_argument("--large-steps", type=int, default=1200)
     parser.add_argument("--no-large", action="store_true", help="skip the 1.1M model")
+    parser.add_argument("--no-default", action="store_true", help="skip the 85k model")
+    parser.add_argument(
+        "--large-settings",
+        type=parse_setting,
+        nargs="+",
+        default=list(LARGE_SETTINGS),
+        help="the 1.1M model's grid, each H:codec[:outer_lr:outer_momentum[:inner_lr]]",
+    )
+    parser.add_argument(
+        "--large-seeds", type=int, default=1, help="seeds of the 1.1M model's runs, DDP's too"
+    )
+    parser.add_argument(
+        "--validation",
+        action="store_true",
+        help="tune: train on 85%% of the text and evaluate on the next 5%%, not the held-out tenth",
+    )
     parser.add_argument("--no-runtime", action="store_true", help="skip the runtime check")
     parser.add_argument(
         "--inner-steps", type=int, nargs="+", default=list(INNER_STEPS), help="the grid's H"
@@ -295,34 +397,49 @@ def main() -> None:
     parser.add_argument("--output", help="the result's name (default: local_updates)")
     args = parser.parse_args()
 
-    small = Hyper(task="tinylm", steps=400, lr=3e-3, eval_every=50)
+    if args.no_default and args.no_large:
+        parser.error("--no-default and --no-large leave nothing to run")
+    small = Hyper(task="tinylm", steps=400, lr=3e-3, eval_every=50, validation=args.validation)
     large = Hyper(
-        task="tinylm", task_args=(("width", "256"),), steps=args.large_steps, eval_every=100
+        task="tinylm",
+        task_args=(("width", "256"),),
+        steps=args.large_steps,
+        eval_every=100,
+        validation=args.validation,
     )
     if args.quick:
         small = replace(small, steps=64, eval_every=32, eval_examples=128)
         large = replace(large, steps=64, eval_every=32, eval_examples=128)
     outer = (args.outer[0], args.outer[1])
     runs = plan(
-        small, None if args.no_large else large, tuple(args.inner_steps), args.codecs, outer
+        None if args.no_default else small,
+        None if args.no_large else large,
+        tuple(args.inner_steps),
+        args.codecs,
+        outer,
+        tuple(args.large_settings),
+        args.large_seeds,
     )
     started = time.perf_counter()
     print(f"{len(runs)} runs, {PEERS} peers")
     rows = run_grid(runs)
-    per_model = {"default": summarize(rows, "default")}
-    if not args.no_large:
-        per_model["large"] = summarize(rows, "large")
-    headline = per_model["default" if args.no_large else "large"]
+    models = [m for m, skip in (("default", args.no_default), ("large", args.no_large)) if not skip]
+    per_model = {model: summarize(rows, model) for model in models}
+    headline_model = models[-1]
+    headline = per_model[headline_model]
+    spread_model = "large" if args.large_seeds > 1 and not args.no_large else models[0]
     ddp_seeds = [
-        r["final_eval_loss"] for r in rows if r["model"] == "default" and "ddp" in r["label"]
+        r["final_eval_loss"]
+        for r in rows
+        if r["model"] == spread_model and r["label"].startswith("ddp")
     ]
     runtime_rows: list[dict[str, Any]] = []
-    best_small = per_model["default"]["best_setting"]
-    if not args.no_runtime and best_small is not None:
+    best_small = per_model["default"]["best_setting"] if "default" in per_model else None
+    if not args.no_runtime and not args.validation and best_small is not None:
         runtime_rows = runtime_check(small, best_small)
     print_table(
         rows,
-        ["model", "label", "final_eval_loss", "loss_vs_ddp", "within_1pct", "ratio_vs_ddp"],
+        ["model", "label", "seed", "final_eval_loss", "loss_vs_ddp", "within_1pct", "ratio_vs_ddp"],
     )
     if runtime_rows:
         print_table(
@@ -331,17 +448,19 @@ def main() -> None:
         )
     summary = {
         **{k: v for k, v in headline.items()},
-        "headline_model": "default" if args.no_large else "large",
+        "headline_model": headline_model,
+        "split": "validation" if args.validation else "held-out",
         "goal_ratio_within_1pct": 64,
         "goal_met": (headline["best_ratio_within_1pct"] or 0) >= 64,
         "per_model": per_model,
         "ddp_seed_spread": max(ddp_seeds) / min(ddp_seeds) - 1,
+        "ddp_seed_spread_model": spread_model,
         "runtime": "exchange",
         "runtime_check": runtime_rows,
         "peers": PEERS,
         "outer_optimizer": {"lr": outer[0], "momentum": outer[1], "nesterov": True},
         "hyperparameters": {
-            "default": small.__dict__,
+            "default": None if args.no_default else small.__dict__,
             "large": None if args.no_large else large.__dict__,
         },
         "quick": args.quick,
@@ -357,6 +476,8 @@ def main() -> None:
         ),
     }
     name = args.output or ("local_updates_quick" if args.quick else "local_updates")
+    if args.validation and not args.output:
+        name += "_tuning"
     write_result(name, summary, rows)
     for model, value in per_model.items():
         print(

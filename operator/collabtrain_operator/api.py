@@ -189,7 +189,15 @@ class CompressionSpec(ApiModel, CompressionConfig):
     """How what the peers average (gradients, or pseudo-gradients with localUpdates) is
     compressed: the trainer's `CompressionConfig`, camelCase on the wire."""
 
-    model_config = ApiModel.model_config
+    model_config = _validations(
+        _cel(
+            "!(has(self.allGather) && self.allGather && has(self.codec)"
+            " && self.codec == 'powersgd')",
+            "spec.training.compression.allGather does not apply to powersgd: set it to false "
+            "or choose another codec",
+            ".allGather",
+        )
+    )
 
 
 class LocalUpdatesSpec(ApiModel, LocalUpdatesConfig):

@@ -40,6 +40,10 @@ CODECS: dict[str, CompressionConfig] = {
     "topk": CompressionConfig(codec="topk", ratio=0.1),
     # SparseLoCo's shape: the top tenth of every 128 elements, 8-bit values.
     "topk chunked": CompressionConfig(codec="topk", ratio=0.1, chunk_size=128, value_bits=8),
+    # ... encoded once and gathered whole (SparseLoCo's exchange).
+    "topk gathered": CompressionConfig(
+        codec="topk", ratio=0.1, chunk_size=128, value_bits=8, all_gather=True
+    ),
     "powersgd": CompressionConfig(codec="powersgd", rank=2),
 }
 
@@ -165,7 +169,12 @@ def nan_and_bad_weight(rank: int, world: int) -> Outcome:
     return outcomes
 
 
-KIND = {"topk": "sparse", "topk chunked": "sparse", "powersgd": "lowrank"}
+KIND = {
+    "topk": "sparse",
+    "topk chunked": "sparse",
+    "topk gathered": "sparse",
+    "powersgd": "lowrank",
+}
 
 
 def every_codec(rank: int, world: int) -> Outcome:
@@ -173,6 +182,16 @@ def every_codec(rank: int, world: int) -> Outcome:
     for name, config in CODECS.items():
         grad = gradient(KIND.get(name, "dense"), rank, 0, 3001)
         outcomes[name] = average(grad, 1.0 + rank, world_group(), ExchangeState(config, seed=rank))
+    return outcomes
+
+
+def disjoint_supports(rank: int, world: int) -> Outcome:
+    """Each rank's gradient lives on its own 5% of the coordinates: the sum has 20%, more
+    than the tenth an owner may keep when it re-encodes; gathered, each pick arrives."""
+    outcomes: Outcome = {}
+    for name in ("topk chunked", "topk gathered"):
+        grad = gradient("sparse", 0, 0, 3000).roll(150 * rank)  # a shift of 5% per rank
+        outcomes[name] = average(grad, 1.0, world_group(), ExchangeState(CODECS[name], seed=rank))
     return outcomes
 
 
@@ -201,7 +220,7 @@ def powersgd_per_layer(rank: int, world: int) -> Outcome:
 
 def many_rounds(rank: int, world: int) -> Outcome:
     outcomes: Outcome = {}
-    for name in ("int4", "topk", "powersgd"):
+    for name in ("int4", "topk", "topk gathered", "powersgd"):
         for feedback in (True, False):
             config = CODECS[name].model_copy(update={"error_feedback": feedback})
             state = ExchangeState(config, seed=rank)
@@ -386,6 +405,7 @@ BOUNDS = {  # about twice what was measured
     "int4": 0.35,
     "topk": 0.03,
     "topk chunked": 0.035,
+    "topk gathered": 0.035,
     "powersgd": 1e-5,
 }
 
@@ -398,6 +418,8 @@ def expected_bytes(name: str, numel: int, world: int) -> int:
         p, q = block.rows * block.rank, block.cols * block.rank
         ring = [2 * (world - 1) * 4 * p // world, 2 * (world - 1) * 4 * q // world]
         return (world - 1) * META_BYTES + sum(ring)
+    if config.all_gather:  # the whole vector, once, to each other member
+        return (world - 1) * META_BYTES + (world - 1) * make_codec(config).wire_bytes(numel)
     wire = make_codec(config).wire_bytes(math.ceil(numel / world))
     return (world - 1) * META_BYTES + 2 * (world - 1) * wire
 
@@ -415,6 +437,24 @@ def test_every_codec_lands_near_the_mean_and_counts_its_bytes(tmp_path: Path) ->
             result = outcome[name]
             assert torch.equal(result.average, first), f"{name}: ranks disagree"
             assert result.bytes_sent == expected_bytes(name, 3001, world), name
+
+
+def test_all_gather_delivers_what_each_peer_picked_where_re_encoding_drops_it(
+    tmp_path: Path,
+) -> None:
+    world = 4
+    outcomes = run(tmp_path, world, disjoint_supports)
+    truth = weighted_mean(
+        [gradient("sparse", 0, 0, 3000).roll(150 * r) for r in range(world)], [1.0] * world
+    )
+    errors = {
+        name: float((outcomes[0][name].average - truth).norm() / truth.norm())
+        for name in ("topk chunked", "topk gathered")
+    }
+    assert errors["topk gathered"] < 0.03, errors  # only the 8-bit rounding (0.015)
+    assert errors["topk chunked"] > 0.15, errors  # the owners kept the larger half (0.25)
+    for outcome in outcomes:
+        assert torch.equal(outcome["topk gathered"].average, outcomes[0]["topk gathered"].average)
 
 
 def test_powersgd_factors_each_layer_and_sends_vectors_as_they_are(tmp_path: Path) -> None:
@@ -435,7 +475,7 @@ def test_error_feedback_sum_of_averages_tracks_the_true_sum(tmp_path: Path) -> N
     truth = torch.zeros(500)
     for round_ in range(30):
         truth += weighted_mean([gradient("dense", r, round_, 500) for r in range(world)], [1.0] * 3)
-    for name in ("int4", "topk", "powersgd"):
+    for name in ("int4", "topk", "topk gathered", "powersgd"):
         with_feedback = outcomes[0][f"{name}/True"]["sum"]
         owed = sum(o[f"{name}/True"]["residual"] for o in outcomes)
         # Nothing is lost: what was decoded plus what every peer still owes is the truth.

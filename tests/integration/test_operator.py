@@ -974,6 +974,10 @@ def test_a_peer_token_missing_after_an_operator_stop_is_made_again(
             {"training": {"compression": {"codec": "int4", "errorFeedbackDecay": 0}}},
             "spec.training.compression.errorFeedbackDecay",
         ),
+        (
+            {"training": {"compression": {"codec": "powersgd", "allGather": True}}},
+            "spec.training.compression.allGather does not apply to powersgd",
+        ),
     ],
 )
 def test_invalid_objects_are_refused_with_their_message(

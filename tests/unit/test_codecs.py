@@ -432,6 +432,11 @@ def test_make_codec_points_powersgd_elsewhere() -> None:
         make_codec(CompressionConfig(codec="powersgd"))
 
 
+def test_all_gather_with_powersgd_is_refused_naming_the_field() -> None:
+    with pytest.raises(ValueError, match="all_gather .allGather in a job's spec. does not apply"):
+        CompressionConfig(codec="powersgd", all_gather=True)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("label", sorted(FORMULAS))
 def test_codecs_run_on_cuda_and_match_cpu_sizes(label: str) -> None:

@@ -72,6 +72,22 @@ class CompressionConfig(StrictModel):
         description="The share of the carried residual kept at each exchange: 1 keeps it "
         "all; below 1, old residuals fade (SparseLoCo uses about 0.95 with local updates).",
     )
+    all_gather: bool = Field(
+        default=False,
+        description="Send every peer's encoded vector to every other peer, which decode and "
+        "sum them: each value is compressed once, as SparseLoCo does, at n-1 payloads per "
+        "peer instead of about 2 (by default the owner of each part re-encodes the part's "
+        "sum, which for topk drops much of what the peers picked). Not for powersgd.",
+    )
+
+    @model_validator(mode="after")
+    def _all_gather_needs_a_payload(self) -> CompressionConfig:
+        if self.all_gather and self.codec == "powersgd":
+            raise ValueError(
+                "all_gather (allGather in a job's spec) does not apply to powersgd, whose "
+                "factors are summed by all-reduce: set it to false or choose another codec"
+            )
+        return self
 
 
 class OptimizerConfig(StrictModel):

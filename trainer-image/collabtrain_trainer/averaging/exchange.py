@@ -5,6 +5,9 @@ differ), so the round is a reduce-scatter and an all-gather built from all_to_al
 flat vector is cut into one part per rank, rank j owns part j, receives every member's
 encoded part j, decodes and sums them, re-encodes the sum and all_gather returns every
 part to everyone. PowerSGD's factors do add up, so that codec uses all_reduce instead.
+With `all_gather` (SparseLoCo's exchange), every member's whole vector is encoded once and
+all_gather brings it to everyone, who decode and sum: nothing is re-encoded, at n-1
+payloads per member instead of about 2.
 
 Collectives raise when a peer dies; the caller abandons the round. State (residuals, the
 warm PowerSGD query) is committed only after every collective of the call succeeded.
@@ -211,7 +214,7 @@ def average(
         plan = psgd.wire_elements(layout.numel)
     else:
         assert state.codec is not None
-        plan = state.codec.wire_bytes(layout.part)
+        plan = state.codec.wire_bytes(layout.numel if state.config.all_gather else layout.part)
 
     status = _status(flat_grad, weight)
     meta = torch.tensor(
@@ -273,6 +276,9 @@ def average(
     if psgd is not None:
         warm = bool((table[:, 4] == 1).all()) and bool((table[:, 5] == table[0, 5]).all())
         result, sent = _powersgd_round(contribution, psgd, warm, group, world)
+    elif state.config.all_gather:
+        assert state.codec is not None
+        result, sent = _gather_round(contribution, state, state.codec, layout, group, device)
     else:
         assert state.codec is not None
         result, sent = _part_round(contribution, state, state.codec, layout, group, device)
@@ -337,6 +343,30 @@ def _part_round(
         state.residual = (x - delivered.reshape(-1)[:numel]).contiguous()
         state.owned_residual = owned - decoded_owned
     return result, 2 * (world - 1) * wire
+
+
+def _gather_round(
+    contribution: Tensor,
+    state: ExchangeState,
+    codec: Codec,
+    layout: _Layout,
+    group: ProcessGroup,
+    device: torch.device,
+) -> tuple[Tensor, int]:
+    """Encode the whole vector once, all_gather every member's payload, decode and sum."""
+    x = contribution
+    feedback = state.uses_error_feedback
+    if feedback and state.residual is not None:
+        x = x + state.config.error_feedback_decay * state.residual
+    payload, decoded = codec.roundtrip(x, state._rng(device))
+    gathered = [torch.empty_like(payload) for _ in range(layout.world)]
+    dist.all_gather(gathered, payload, group=group)
+    result = torch.zeros_like(x)
+    for member in gathered:  # in rank order on every member: the sums agree to the bit
+        result += codec.decode(member, layout.numel)
+    if feedback:
+        state.residual = (x - decoded).contiguous()
+    return result, (layout.world - 1) * codec.wire_bytes(layout.numel)
 
 
 def _powersgd_round(
