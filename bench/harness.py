@@ -99,18 +99,17 @@ class TaskData:
 
             self.context = int(self.args.get("context", "32"))
             text = corpus()
-            split = int(len(text) * 0.9)
-            self._train = text[:split]
-            held_out = text[split:]
-            if validation:
-                self._train, held_out = (
-                    text[: int(len(text) * 0.85)],
-                    text[int(len(text) * 0.85) : split],
-                )
+            # The evaluated slice starts where training stops: the held-out tenth, or
+            # for tuning the 5% before it.
+            train_end, eval_end = (0.85, 0.9) if validation else (0.9, 1.0)
+            self._train = text[: int(len(text) * train_end)]
+            held_out = text[int(len(text) * train_end) : int(len(text) * eval_end)]
             starts = torch.linspace(0, len(held_out) - self.context - 2, eval_examples).long()
             window = held_out[starts[:, None] + torch.arange(self.context + 1)]
             self.eval_set: Batch = (window[:, :-1], window[:, 1:])
         elif name == "digits":
+            if validation:
+                raise ValueError("digits has no validation split: use tinylm")
             from sklearn.datasets import load_digits
 
             digits = load_digits()
@@ -121,8 +120,6 @@ class TaskData:
             kept = order[len(labels) // 5 :]
             self._inputs, self._labels = inputs[kept], labels[kept]
             self.eval_set = (inputs[held], labels[held])
-            if validation:
-                raise ValueError("digits has no validation split: use tinylm")
         else:
             raise ValueError(f"unknown benchmark task {name!r}: use tinylm or digits")
         self.loss = load_task(name, self.args, 0).loss

@@ -152,6 +152,13 @@ class ExchangeState:
             self.powersgd.warm_query = snapshot.powersgd_query
             self.powersgd.residual = snapshot.powersgd_residual
 
+    def with_residual(self, contribution: Tensor) -> Tensor:
+        """This round's contribution plus what earlier rounds' payloads did not deliver
+        (faded by the decay), when error feedback is on."""
+        if not self.uses_error_feedback or self.residual is None:
+            return contribution
+        return contribution + self.config.error_feedback_decay * self.residual
+
     def _enter(self, layout: _Layout) -> None:
         if self._layout is not None and self._layout != layout:
             logger.warning(
@@ -311,9 +318,7 @@ def _part_round(
     generator = state._rng(device)
 
     decay = state.config.error_feedback_decay
-    x = contribution
-    if feedback and state.residual is not None:
-        x = x + decay * state.residual
+    x = state.with_residual(contribution)
     parts = torch.nn.functional.pad(x, (0, world * part - numel)).view(world, part)
     send = torch.zeros(world * wire, dtype=torch.uint8, device=device)
     delivered = parts.clone()  # what the owners will decode; our own part needs no codec
@@ -354,17 +359,14 @@ def _gather_round(
     device: torch.device,
 ) -> tuple[Tensor, int]:
     """Encode the whole vector once, all_gather every member's payload, decode and sum."""
-    x = contribution
-    feedback = state.uses_error_feedback
-    if feedback and state.residual is not None:
-        x = x + state.config.error_feedback_decay * state.residual
+    x = state.with_residual(contribution)
     payload, decoded = codec.roundtrip(x, state._rng(device))
     gathered = [torch.empty_like(payload) for _ in range(layout.world)]
     dist.all_gather(gathered, payload, group=group)
     result = torch.zeros_like(x)
     for member in gathered:  # in rank order on every member: the sums agree to the bit
         result += codec.decode(member, layout.numel)
-    if feedback:
+    if state.uses_error_feedback:
         state.residual = (x - decoded).contiguous()
     return result, (layout.world - 1) * codec.wire_bytes(layout.numel)
 
