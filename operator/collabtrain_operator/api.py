@@ -225,6 +225,13 @@ class TrainingSpec(ApiModel):
             ".microBatchSize",
         ),
         _cel(
+            "!has(self.data) || !has(self.localUpdates) || !has(self.localUpdates.overlap)"
+            " || !self.localUpdates.overlap",
+            "spec.training.localUpdates.overlap needs the task's own data: S3 data "
+            "(spec.training.data) is committed per round, so set overlap to false or drop data",
+            ".localUpdates.overlap",
+        ),
+        _cel(
             "self == oldSelf",
             "spec.training is immutable: create a new job (it can resume from this "
             "job's checkpoint) to change it",

@@ -115,9 +115,9 @@ def _instrument(faults: Faults, dump_dir: str | None) -> None:
         return result
 
     @functools.wraps(real_apply)
-    def apply(self: Any, averaged: torch.Tensor, new_step: int) -> None:
+    def apply(self: Any, averaged: torch.Tensor, new_step: int, *rest: Any) -> None:
         faults.maybe_pause("apply", new_step - 1)
-        real_apply(self, averaged, new_step)
+        real_apply(self, averaged, new_step, *rest)
 
     @functools.wraps(real_train)
     def train_micro_batch(self: Any, step: int) -> int:

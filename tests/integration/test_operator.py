@@ -978,6 +978,15 @@ def test_a_peer_token_missing_after_an_operator_stop_is_made_again(
             {"training": {"compression": {"codec": "powersgd", "allGather": True}}},
             "spec.training.compression.allGather does not apply to powersgd",
         ),
+        (
+            {
+                "training": {
+                    "localUpdates": {"innerSteps": 8, "overlap": True},
+                    "data": {"prefix": "shards/"},
+                }
+            },
+            "spec.training.localUpdates.overlap needs the task's own data",
+        ),
     ],
 )
 def test_invalid_objects_are_refused_with_their_message(

@@ -41,11 +41,12 @@ OUTER_LR, OUTER_MOMENTUM = 0.7, 0.9
 _RESTORED = re.compile(r'"msg": "state loaded from checkpoint \S+: step (\d+), hash (\w+)')
 
 
-def local_updates(inner_steps: int = 4) -> dict[str, Any]:
+def local_updates(inner_steps: int = 4, overlap: bool = False) -> dict[str, Any]:
     return {
         "inner_steps": inner_steps,
         "outer_lr": OUTER_LR,
         "outer_momentum": OUTER_MOMENTUM,
+        "overlap": overlap,
     }
 
 
@@ -97,11 +98,15 @@ def test_the_outer_step_is_nesterov_sgd_on_the_sample_weighted_mean_pseudo_gradi
 
 
 @pytest.mark.timeout(120, func_only=True)
+@pytest.mark.parametrize("overlap", [False, True], ids=["stop-for-rounds", "overlap"])
 def test_a_peer_killed_mid_exchange_costs_its_contribution_and_a_newcomer_takes_the_global_state(
-    make_cluster: ClusterFactory, tmp_path: Path
+    make_cluster: ClusterFactory, tmp_path: Path, overlap: bool
 ) -> None:
+    """With overlap too: the survivors trained on during the round the victim broke."""
     marker = tmp_path / "paused"
-    cluster = make_cluster(local_updates=local_updates(), compression={"codec": "int4"})
+    cluster = make_cluster(
+        local_updates=local_updates(overlap=overlap), compression={"codec": "int4"}
+    )
     cluster.start_peer()
     cluster.start_peer()
     victim = cluster.start_peer(
@@ -131,6 +136,15 @@ def test_a_peer_killed_mid_exchange_costs_its_contribution_and_a_newcomer_takes_
     # fp32 gradients averaged every step.
     assert status.inner_steps == 4
     assert status.bytes_per_step_fp32 / status.bytes_sent > 20
+    trained_during_rounds = [
+        int(n)
+        for peer in cluster.peers
+        for n in re.findall(r"trained (\d+) samples while round", cluster.log_text(peer))
+    ]
+    if overlap:
+        assert sum(trained_during_rounds) > 0
+    else:
+        assert not trained_during_rounds
 
 
 @pytest.mark.timeout(150, func_only=True)

@@ -11,6 +11,7 @@ from collabtrain_trainer.cli import _local_config, build_parser
 from collabtrain_trainer.config import LocalUpdatesConfig, TrainerConfig
 from collabtrain_trainer.peer.local_updates import LocalUpdates
 from collabtrain_trainer.peer.model_state import param_hash
+from collabtrain_trainer.peer.training import Training
 from collabtrain_trainer.state_snapshot import (
     StateLayout,
     StateMismatch,
@@ -63,6 +64,31 @@ def test_the_outer_step_is_torchs_nesterov_sgd_on_the_pseudo_gradient() -> None:
             torch.testing.assert_close(
                 local.state.momentum[index], outer.state[r]["momentum_buffer"]
             )
+
+
+def test_an_overlapped_rounds_outer_step_carries_what_was_trained_during_the_round() -> None:
+    """The round averages the pseudo-gradient at its start; the inner steps taken while it
+    was in flight land on the new global parameters, and the next pseudo-gradient holds
+    them."""
+    net = model()
+    params = list(net.parameters())
+    local = LocalUpdates(LocalUpdatesConfig(inner_steps=4, overlap=True), net, params)
+    inner = torch.optim.AdamW(params, lr=1e-2)
+    inner_steps(net, inner, 4, seed=0)
+    pseudo = local.pseudo_gradient()
+    at_start = local.snapshot_live()
+    inner_steps(net, inner, 2, seed=1)  # during the round
+    during = [p.detach() - s for p, s in zip(params, at_start, strict=True)]
+
+    reference = model()  # the same seed's parameters: the global ones before the round
+    plain = LocalUpdates(LocalUpdatesConfig(inner_steps=4), reference, list(reference.parameters()))
+    plain.outer_step(pseudo)
+    local.outer_step(pseudo, trained_since=at_start)
+    for g, expected in zip(local.state.params, plain.state.params, strict=True):
+        torch.testing.assert_close(g, expected)  # the outer step is the same
+    for p, g, moved in zip(params, local.state.params, during, strict=True):
+        torch.testing.assert_close(p.detach(), g + moved)
+    torch.testing.assert_close(local.pseudo_gradient(), -torch.cat([d.reshape(-1) for d in during]))
 
 
 def test_the_global_state_keeps_the_models_keys_and_its_hash_covers_the_outer_momentum() -> None:
@@ -124,3 +150,41 @@ def test_the_local_runner_takes_inner_steps_and_refuses_outer_flags_without_them
     assert _local_config(parser.parse_args(["local"])).local_updates is None
     with pytest.raises(SystemExit, match="need --inner-steps"):
         _local_config(parser.parse_args(["local", "--outer-momentum", "0.8"]))
+    overlapped = _local_config(parser.parse_args(["local", "--inner-steps", "8", "--overlap"]))
+    assert overlapped.local_updates == LocalUpdatesConfig(inner_steps=8, overlap=True)
+    with pytest.raises(SystemExit, match="need --inner-steps"):
+        _local_config(parser.parse_args(["local", "--overlap"]))
+
+
+def test_overlap_is_refused_with_s3_data_naming_the_field() -> None:
+    storage = {"endpoint": "http://minio:9000", "bucket": "ckpt"}
+    base = {"job": "j", "checkpoint": storage, "data": {"prefix": "shards/"}}
+    TrainerConfig.model_validate({**base, "local_updates": {"inner_steps": 4}})
+    with pytest.raises(ValueError, match=r"localUpdates\.overlap.*set overlap to false"):
+        TrainerConfig.model_validate({**base, "local_updates": {"inner_steps": 4, "overlap": True}})
+
+
+def test_an_overlapped_round_keeps_its_samples_apart_and_gives_them_back_when_abandoned() -> None:
+    config = TrainerConfig.model_validate(
+        {"job": "j", "task": "digits", "local_updates": {"inner_steps": 4, "overlap": True}}
+    )
+    training = Training(config, torch.device("cpu"))
+    training.follow_shard(0)
+    for _ in range(3):
+        training.train_micro_batch(step=0)
+    started = training.start_overlapped_round()
+    assert started.accumulator.micro_batches == 3 and training.accumulator.samples == 0
+    assert training.accumulator.inner_offset == 3  # the task's schedule counts on
+    torch.testing.assert_close(started.contribution, training.contribution())
+    training.train_micro_batch(step=0)
+    training.abandon_overlapped_round(started)
+    assert training.accumulator.micro_batches == 4
+    assert training.accumulator.samples == 4 * config.micro_batch_size
+
+    started = training.start_overlapped_round()
+    training.train_micro_batch(step=0)
+    training.apply(started.contribution, step=0, overlapped=started)
+    # Only what the round averaged is committed: the data position is the round's start,
+    # and the micro-batch trained during the round counts toward the next one.
+    assert training.committed_micro_batches == 4
+    assert training.accumulator.micro_batches == 1 and training.accumulator.inner_offset == 0

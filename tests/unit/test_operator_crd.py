@@ -245,7 +245,12 @@ def test_the_trainers_config_is_the_one_source_of_its_spec_fields(path: str, con
                     "errorFeedbackDecay": 0.95,
                     "allGather": True,
                 },
-                "localUpdates": {"innerSteps": 16, "outerLr": 0.5, "outerMomentum": 0.8},
+                "localUpdates": {
+                    "innerSteps": 16,
+                    "outerLr": 0.5,
+                    "outerMomentum": 0.8,
+                    "overlap": True,
+                },
             },
         }
     )

@@ -144,11 +144,15 @@ def _checkpoint_config(args: argparse.Namespace) -> dict[str, Any] | None:
 
 def _local_updates_config(args: argparse.Namespace) -> dict[str, Any] | None:
     if args.inner_steps is None:
-        if args.outer_lr is not None or args.outer_momentum is not None:
-            raise SystemExit("--outer-lr/--outer-momentum need --inner-steps (local updates)")
+        if args.outer_lr is not None or args.outer_momentum is not None or args.overlap:
+            raise SystemExit(
+                "--outer-lr/--outer-momentum/--overlap need --inner-steps (local updates)"
+            )
         return None
     outer = {"outer_lr": args.outer_lr, "outer_momentum": args.outer_momentum}
-    return {"inner_steps": args.inner_steps} | {k: v for k, v in outer.items() if v is not None}
+    return {"inner_steps": args.inner_steps, "overlap": args.overlap} | {
+        k: v for k, v in outer.items() if v is not None
+    }
 
 
 def _local_config(args: argparse.Namespace) -> TrainerConfig:
@@ -346,6 +350,12 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("--outer-lr", type=float, default=None, help="with --inner-steps (0.7)")
     local.add_argument(
         "--outer-momentum", type=float, default=None, help="with --inner-steps (0.9, Nesterov)"
+    )
+    local.add_argument(
+        "--overlap",
+        action="store_true",
+        help="with --inner-steps: train on while a round is in flight (its outer step lands "
+        "one round late)",
     )
     local.add_argument("--lr", type=float, default=None)
     local.add_argument("--seed", type=int, default=0)

@@ -119,6 +119,13 @@ class LocalUpdatesConfig(StrictModel):
     outer_momentum: float = Field(
         default=0.9, ge=0, lt=1, description="Nesterov momentum of the outer optimizer."
     )
+    overlap: bool = Field(
+        default=False,
+        description="Train on while a round is in flight, so that a slow link does not "
+        "stall the peers: the round averages what was trained before it started, and what "
+        "a peer trains meanwhile is carried onto the new global parameters (its outer "
+        "step lands one round late). Needs the task's own data (not spec.training.data).",
+    )
 
 
 class DataConfig(StrictModel):
@@ -224,11 +231,17 @@ class TrainerConfig(StrictModel):
     local_updates: LocalUpdatesConfig | None = None
 
     @model_validator(mode="after")
-    def _data_needs_storage(self) -> TrainerConfig:
+    def _data_is_usable(self) -> TrainerConfig:
         if self.data is not None and self.checkpoint is None:
             raise ValueError(
                 "data is read through the checkpoint's storage (endpoint, credentials): "
                 "configure checkpoint too"
+            )
+        if self.data is not None and self.local_updates is not None and self.local_updates.overlap:
+            raise ValueError(
+                "local_updates.overlap (localUpdates.overlap in a job's spec) needs the "
+                "task's own data: S3 data is committed per round, so set overlap to false "
+                "or drop data"
             )
         return self
 

@@ -3,7 +3,9 @@
 Between rounds a peer trains its live model with the job's optimizer (the inner steps),
 whose moments never leave the peer. A round averages each peer's pseudo-gradient, the
 global parameters minus its live ones, and every peer applies the same outer step (SGD
-with Nesterov momentum) to the global parameters, then trains on from them.
+with Nesterov momentum) to the global parameters, then trains on from them. With
+`overlap` a peer trains on while the round is in flight, and what it trained meanwhile is
+carried onto the new global parameters (the next round's pseudo-gradient holds it).
 
 The global parameters and the outer momentum are what the step's parameter hash covers,
 what a newcomer fetches and what a checkpoint holds: one module, `GlobalState`, whose
@@ -83,10 +85,22 @@ class LocalUpdates:
                 ]
             )
 
-    def outer_step(self, averaged: Tensor) -> None:
-        """Apply the averaged pseudo-gradient to the global parameters (Nesterov SGD, the
-        same on every peer), then start the live model from them."""
+    def snapshot_live(self) -> list[Tensor]:
+        """A copy of the live parameters: where an overlapped round's contribution ended."""
         with torch.no_grad():
+            return [p.detach().clone() for p in self.live]
+
+    def outer_step(self, averaged: Tensor, trained_since: list[Tensor] | None = None) -> None:
+        """Apply the averaged pseudo-gradient to the global parameters (Nesterov SGD, the
+        same on every peer), then start the live model from them. With `trained_since`
+        (the live parameters when an overlapped round started), what the peer trained
+        during the round is carried onto the new global parameters."""
+        with torch.no_grad():
+            drift = (
+                [p.detach() - s for p, s in zip(self.live, trained_since, strict=True)]
+                if trained_since is not None
+                else None
+            )
             sgd(
                 list(self.state.params),
                 split_flat(self.state.params, averaged),
@@ -98,7 +112,10 @@ class LocalUpdates:
                 nesterov=True,
                 maximize=False,
             )
-        self.reset_live()
+            self.reset_live()
+            if drift is not None:
+                for param, moved in zip(self.live, drift, strict=True):
+                    param.add_(moved)
 
     def reset_live(self) -> None:
         """Live model := global model (parameters and buffers): after a round, a sync or a

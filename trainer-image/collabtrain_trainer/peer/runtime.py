@@ -7,11 +7,14 @@ optimizer step only after the coordinator committed the round, and keeps its acc
 gradient untouched until then, so an abandoned round loses nothing and a step is never
 applied twice. With local updates (`peer.local_updates`) the peer takes inner optimizer
 steps as it trains, and a round averages and applies the pseudo-gradient instead; an
-abandoned round again loses nothing (the next one carries the inner steps since).
+abandoned round again loses nothing (the next one carries the inner steps since). With
+`overlap` the round runs on its own thread while the peer trains on: the round averages
+what was trained before it, and the outer step carries what was trained during it.
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import signal
 import threading
@@ -33,9 +36,9 @@ from collabtrain_trainer.peer.client import (
     RejoinRequired,
 )
 from collabtrain_trainer.peer.model_state import param_hash
-from collabtrain_trainer.peer.rounds import Contribution, Rounds
+from collabtrain_trainer.peer.rounds import Committed, Contribution, Rounds
 from collabtrain_trainer.peer.state_server import StateServer, StateTransferError, fetch_state
-from collabtrain_trainer.peer.training import Training
+from collabtrain_trainer.peer.training import OverlappedRound, Training
 from collabtrain_trainer.protocol import (
     CheckpointResult,
     DataTable,
@@ -59,6 +62,8 @@ log = logging.getLogger("collabtrain.peer")
 
 # A peer reports at least this often while training, so rounds form without overshoot.
 _REPORT_INTERVAL_S = 0.05
+# How often a peer that trained its share checks whether an overlapped round ended.
+_OVERLAP_POLL_S = 0.02
 # A served snapshot (a copy of the whole state) is dropped after this long unread.
 _SNAPSHOT_IDLE_S = 60.0
 # After max_steps the coordinator says "stop" only once the final checkpoint is durable;
@@ -420,17 +425,26 @@ class Peer:
 
     def _take_part(self, assignment: RoundAssignment) -> None:
         """Take part in the round; apply its average if the coordinator committed it."""
-        accumulator = self.training.accumulator
-        committed = self.rounds.take_part(
-            assignment,
-            Contribution(self.training.contribution, accumulator.samples, accumulator.mean_loss),
-            self.step,
-        )
+        overlapped: OverlappedRound | None = None
+        if self.training.local is not None and self.training.local.config.overlap:
+            overlapped = self.training.start_overlapped_round()
+            committed = self._round_while_training(assignment, overlapped)
+        else:
+            accumulator = self.training.accumulator
+            committed = self.rounds.take_part(
+                assignment,
+                Contribution(
+                    self.training.contribution, accumulator.samples, accumulator.mean_loss
+                ),
+                self.step,
+            )
         if committed is None:
+            if overlapped is not None:
+                self.training.abandon_overlapped_round(overlapped)
             return
         result, decision = committed.result, committed.decision
         with self.tracer.start_as_current_span("apply"):
-            self._apply(result.average, assignment.step + 1)
+            self._apply(result.average, assignment.step + 1, overlapped)
             data = self.training.data
             if data is not None:
                 if assignment.rank in result.excluded_ranks:
@@ -450,9 +464,50 @@ class Peer:
             self.hash,
         )
 
-    def _apply(self, averaged: Tensor, new_step: int) -> None:
+    def _round_while_training(
+        self, assignment: RoundAssignment, overlapped: OverlappedRound
+    ) -> Committed | None:
+        """Local updates with overlap: the round runs on a thread of its own while this
+        one trains on, up to one share of a round (so the next round does not overshoot
+        its target) and not while the peer must stop or rejoin."""
+        frozen = overlapped.accumulator
+        contribution = Contribution(
+            lambda: overlapped.contribution, frozen.samples, frozen.mean_loss
+        )
+        outcome: list[Committed | BaseException | None] = []
+        context = contextvars.copy_context()  # the round's span and log context
+
+        def take_part() -> None:
+            try:
+                outcome.append(
+                    context.run(self.rounds.take_part, assignment, contribution, self.step)
+                )
+            except BaseException as error:  # re-raised on the training thread
+                outcome.append(error)
+
+        thread = threading.Thread(target=take_part, name="round", daemon=True)
+        thread.start()
+        share = -(-self.config.round_samples // assignment.world_size)
+        trained = 0
+        while thread.is_alive():
+            if trained < share and self.term_at is None and not self.rejoin.is_set():
+                samples = self.training.train_micro_batch(self.step)
+                self._samples_counter.add(samples)
+                trained += samples
+                if samples:
+                    continue
+            thread.join(_OVERLAP_POLL_S)
+        thread.join()
+        log.info("trained %d samples while round %d was in flight", trained, assignment.round_id)
+        if isinstance(outcome[0], BaseException):
+            raise outcome[0]
+        return outcome[0]
+
+    def _apply(
+        self, averaged: Tensor, new_step: int, overlapped: OverlappedRound | None = None
+    ) -> None:
         with self.state_lock:
-            self.training.apply(averaged, self.step)
+            self.training.apply(averaged, self.step, overlapped)
             self.step = new_step
             self.hash = param_hash(self.training.shared_model)
         log_context.step = self.step

@@ -38,10 +38,35 @@ class Accumulator:
     loss_sum: float = 0.0
     started: float = field(default_factory=time.monotonic)
     recent_rate: float = 0.0
+    # Inner steps taken toward the same step before these (by an overlapped round's own
+    # accumulation): the task's schedule counts on from there.
+    inner_offset: int = 0
 
     @property
     def mean_loss(self) -> float | None:
         return self.loss_sum / self.samples if self.samples else None
+
+    def followed_by(self, later: Accumulator) -> Accumulator:
+        """This accumulation and the one trained after it, as one."""
+        return Accumulator(
+            samples=self.samples + later.samples,
+            micro_batches=self.micro_batches + later.micro_batches,
+            loss_sum=self.loss_sum + later.loss_sum,
+            started=self.started,
+            recent_rate=later.recent_rate or self.recent_rate,
+            inner_offset=self.inner_offset,
+        )
+
+
+@dataclass(frozen=True)
+class OverlappedRound:
+    """An overlapped round's part of the training (local updates with `overlap`): what
+    it averages, and where the live model and the data were when it started."""
+
+    contribution: Tensor  # the pseudo-gradient then
+    accumulator: Accumulator  # what that pseudo-gradient was trained from
+    live: list[Tensor]  # the live parameters then
+    micro_batches: int  # of the data, read then
 
 
 class Training:
@@ -100,9 +125,36 @@ class Training:
             return self.local.pseudo_gradient()
         return flat_mean_gradient(self.params, self.accumulator.samples)
 
-    def apply(self, averaged: Tensor, step: int) -> None:
+    def start_overlapped_round(self) -> OverlappedRound:
+        """Freeze what the round averages; the training goes on into a fresh accumulation."""
+        assert self.local is not None
+        started = OverlappedRound(
+            contribution=self.local.pseudo_gradient(),
+            accumulator=self.accumulator,
+            live=self.local.snapshot_live(),
+            micro_batches=self.micro_batches,
+        )
+        self.accumulator = Accumulator(
+            recent_rate=started.accumulator.recent_rate,
+            inner_offset=started.accumulator.inner_offset + started.accumulator.micro_batches,
+        )
+        return started
+
+    def abandon_overlapped_round(self, started: OverlappedRound) -> None:
+        """The round was not committed: its training and what came after go to the next
+        (the live model holds both already)."""
+        self.accumulator = started.accumulator.followed_by(self.accumulator)
+
+    def apply(self, averaged: Tensor, step: int, overlapped: OverlappedRound | None = None) -> None:
         """A committed round's average, applied as collaborative step `step` (the same on
-        every peer); the accumulation starts afresh. The caller holds the state lock."""
+        every peer); the accumulation starts afresh, or after an overlapped round goes on
+        with what was trained during it. The caller holds the state lock."""
+        if overlapped is not None:
+            assert self.local is not None
+            self.local.outer_step(averaged, trained_since=overlapped.live)
+            self.accumulator.inner_offset = 0
+            self.committed_micro_batches = overlapped.micro_batches
+            return
         if self.local is not None:
             self.local.outer_step(averaged)  # the live model starts from the result
         else:
@@ -242,7 +294,12 @@ class Training:
         if self.task.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.params, self.task.max_grad_norm)
         if self.task.lr_schedule is not None:
-            inner_step = step * self.local.config.inner_steps + self.accumulator.micro_batches
+            accumulator = self.accumulator
+            inner_step = (
+                step * self.local.config.inner_steps
+                + accumulator.inner_offset
+                + accumulator.micro_batches
+            )
             self.scale_lr(float(self.task.lr_schedule(inner_step)))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
