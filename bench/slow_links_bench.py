@@ -41,7 +41,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 from types import FrameType
@@ -198,6 +198,7 @@ class Mode:
     max_steps: int  # committed steps (rounds) before the run ends
     snapshot_every: int  # committed steps between saved models
     outer: dict[str, float] = field(default_factory=dict)  # outer_lr, outer_momentum
+    overlap: bool = False  # local updates: train on while a round is in flight
 
 
 def traced_peer_main(args: list[str]) -> int:
@@ -223,10 +224,14 @@ def traced_peer_main(args: list[str]) -> int:
             start.write_text(repr(time.time()))
         return int(real_train(self, step))
 
-    def apply(self: Any, averaged: torch.Tensor, new_step: int) -> None:
-        real_apply(self, averaged, new_step)
+    def apply(self: Any, averaged: torch.Tensor, new_step: int, *rest: Any) -> None:
+        real_apply(self, averaged, new_step, *rest)
         if every and (new_step % every == 0 or new_step == last):
-            state = {k: v.clone() for k, v in self.training.model.state_dict().items()}
+            # The committed model: with local updates the global one (after an overlapped
+            # round the live model holds what was trained during it too).
+            local = self.training.local
+            model = local.state.model if local is not None else self.training.model
+            state = {k: v.clone() for k, v in model.state_dict().items()}
             torch.save({"time": time.time(), "state": state}, directory / f"step-{new_step}.pt")
 
     training.Training.train_micro_batch = train_micro_batch
@@ -255,7 +260,9 @@ def runtime_run(
             "optimizer": {"name": hyper.optimizer, "lr": hyper.lr},
             "compression": mode.compression,
             "local_updates": (
-                {"inner_steps": mode.inner_steps, **mode.outer} if mode.inner_steps else None
+                {"inner_steps": mode.inner_steps, "overlap": mode.overlap, **mode.outer}
+                if mode.inner_steps
+                else None
             ),
         }
     )
@@ -364,17 +371,19 @@ def plan(max_steps: int, quick: bool) -> list[Mode]:
     inner, local_codec, local_settings, outer = best_local_setting()
     # Rounds enough to reach the target with room: local updates need more samples to get
     # there (local_updates.json), a round holding `inner` steps' worth.
+    local = Mode(
+        f"collab H={inner} {local_codec}",
+        local_settings,
+        inner,
+        max(2, (3 if quick else 2) * max_steps // inner),
+        1,
+        outer,
+    )
     return [
         Mode("collab fp32", {"codec": "none"}, None, max_steps, DDP_EVAL_EVERY),
         Mode(f"collab {codec_label}", codec, None, max_steps, DDP_EVAL_EVERY),
-        Mode(
-            f"collab H={inner} {local_codec}",
-            local_settings,
-            inner,
-            max(2, (3 if quick else 2) * max_steps // inner),
-            1,
-            outer,
-        ),
+        local,
+        replace(local, label=f"{local.label} overlap", overlap=True),
     ]
 
 
@@ -385,7 +394,8 @@ def plot(rows: list[dict[str, Any]], summary: dict[str, Any], path: Path) -> Non
     import matplotlib.pyplot as plt
 
     modes = list(dict.fromkeys(r["mode"] for r in rows))
-    palette = dict(zip(modes, ["tab:grey", "tab:blue", "tab:green", "tab:orange"], strict=False))
+    colors = ["tab:grey", "tab:blue", "tab:green", "tab:orange", "tab:red", "tab:purple"]
+    palette = dict(zip(modes, colors, strict=False))
     fig, axes = plt.subplots(figsize=(7, 4.5))
     for row in rows:
         _, seconds, losses = zip(*row["curve"], strict=True)
