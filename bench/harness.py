@@ -186,7 +186,9 @@ def train(
     With `local_updates`, every step is an inner step of each peer's own optimizer, and
     every `inner_steps` steps (and after the last) the peers average their compressed
     pseudo-gradients and take the runtime's outer step (`peer.local_updates`); held-out
-    loss is then the global model's. With `stop_at_loss`, training ends at the first
+    loss is then the global model's. With its `overlap`, each round's outer step lands
+    half a round of inner steps late, carrying those steps, as the runtime does when an
+    exchange takes that long. With `stop_at_loss`, training ends at the first
     evaluation at or below it (the clock is paused while evaluating); `steps` is then
     only the cap.
     """
@@ -216,6 +218,24 @@ def train(
     exchange_seconds: list[float] = []
     sent = fp32 = excluded = 0
     train_seconds = 0.0
+    # With overlap, a round's average lands `overlap_steps` inner steps after it started
+    # (as if the exchange took that long), carrying the steps taken meanwhile: (the step
+    # it lands at, the pseudo-gradient sent, the live parameters when it was taken).
+    in_flight: tuple[int, Tensor, list[Tensor]] | None = None
+    overlap_steps = max(1, local_updates.inner_steps // 2) if local_updates else 0
+
+    def exchange(pseudo_gradient: Tensor) -> Tensor:
+        nonlocal sent, excluded, fp32
+        assert state is not None
+        before = time.perf_counter()
+        result = average(pseudo_gradient, float(hyper.micro_batch), group, state)
+        exchange_seconds.append(time.perf_counter() - before)
+        sent += result.bytes_sent
+        excluded += bool(result.excluded_ranks)
+        fp32 += result.bytes_fp32_equivalent
+        averaged: Tensor = result.average
+        return averaged
+
     step = 0
     while step < hyper.steps:
         started = time.perf_counter()
@@ -227,14 +247,16 @@ def train(
             assert state is not None and local_updates is not None
             data.loss(model(inputs), targets).backward()  # type: ignore[no-untyped-call]
             optimizer.step()  # the inner step
-            if (step + 1) % local_updates.inner_steps == 0 or step + 1 == hyper.steps:
-                before = time.perf_counter()
-                result = average(local.pseudo_gradient(), float(len(inputs)), group, state)
-                exchange_seconds.append(time.perf_counter() - before)
-                local.outer_step(result.average)
-                sent += result.bytes_sent
-                excluded += bool(result.excluded_ranks)
-                fp32 += result.bytes_fp32_equivalent
+            last = step + 1 == hyper.steps
+            if in_flight is not None and (step + 1 == in_flight[0] or last):
+                local.outer_step(exchange(in_flight[1]), trained_since=in_flight[2])
+                in_flight = None
+            if (step + 1) % local_updates.inner_steps == 0 or last:
+                if local_updates.overlap and not last:
+                    due = step + 1 + overlap_steps
+                    in_flight = (due, local.pseudo_gradient(), local.snapshot_live())
+                else:
+                    local.outer_step(exchange(local.pseudo_gradient()))
         elif ddp is not None:
             # DDP all-reduces during backward; time the whole backward as its exchange.
             loss = data.loss(ddp(inputs), targets)

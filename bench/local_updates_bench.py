@@ -95,6 +95,7 @@ class Run:
     compression: CompressionConfig | None  # None: DDP
     inner_steps: int | None = None
     outer: tuple[float, float] = (0.7, 0.9)  # the outer step's lr and Nesterov momentum
+    overlap: bool = False  # each outer step lands half a round late (harness.train)
 
 
 def parse_setting(text: str) -> LargeSetting:
@@ -123,7 +124,9 @@ def plan(
     outer: tuple[float, float],
     large_settings: tuple[LargeSetting, ...] = LARGE_SETTINGS,
     large_seeds: int = 1,
+    overlap_too: bool = False,
 ) -> list[Run]:
+    """The runs in order; with `overlap_too`, each local-update run again with overlap."""
     runs = []
     if small is not None:
         runs += [
@@ -143,6 +146,13 @@ def plan(
                 if inner_lr is not None:
                     label, hyper = f"{label} inner lr {inner_lr:g}", replace(seeded, lr=inner_lr)
                 runs.append(Run(label, "large", hyper, CODECS[name], h, (outer_lr, outer_momentum)))
+    if overlap_too:
+        runs = [
+            overlapped
+            for run in runs
+            for overlapped in (run, replace(run, label=f"{run.label} overlap", overlap=True))
+            if overlapped.inner_steps or not overlapped.overlap
+        ]
     return runs
 
 
@@ -162,7 +172,10 @@ def _worker(rank: int, port: int, runs: list[Run], out: str) -> None:
         if run.inner_steps:
             lr, momentum = run.outer
             local = LocalUpdatesConfig(
-                inner_steps=run.inner_steps, outer_lr=lr, outer_momentum=momentum
+                inner_steps=run.inner_steps,
+                outer_lr=lr,
+                outer_momentum=momentum,
+                overlap=run.overlap,
             )
         record = train(run.label, run.compression, run.hyper, data, group, local_updates=local)
         row = {
@@ -376,6 +389,11 @@ def main() -> None:
     )
     parser.add_argument("--no-runtime", action="store_true", help="skip the runtime check")
     parser.add_argument(
+        "--overlap",
+        action="store_true",
+        help="run each local-update setting again with overlap (its outer step half a round late)",
+    )
+    parser.add_argument(
         "--inner-steps", type=int, nargs="+", default=list(INNER_STEPS), help="the grid's H"
     )
     parser.add_argument(
@@ -418,6 +436,7 @@ def main() -> None:
         outer,
         tuple(args.large_settings),
         args.large_seeds,
+        args.overlap,
     )
     started = time.perf_counter()
     print(f"{len(runs)} runs, {PEERS} peers")
