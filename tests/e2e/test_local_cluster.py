@@ -213,20 +213,25 @@ def test_s3_data_is_used_once_per_epoch_through_a_spot_preemption(cluster: Local
     assert condition(job, "Ready")["message"].startswith("finished 2 pass(es) over the data")
 
 
-def test_local_updates_train_through_a_spot_preemption_mid_round(cluster: LocalCluster) -> None:
+@pytest.mark.parametrize("overlap", [False, True], ids=["stop-for-rounds", "overlap"])
+def test_local_updates_train_through_a_spot_preemption_mid_round(
+    cluster: LocalCluster, overlap: bool
+) -> None:
     """spec.training.localUpdates on real kubelets: the peers take inner steps and average
-    int4 pseudo-gradients every 4 target batches; a spot node goes while a round's inner
-    steps run, and the job still succeeds with the outer state checkpointed."""
+    int4 pseudo-gradients every 4 target batches (with overlap: training on while each
+    round is in flight); a spot node goes while a round's inner steps run, and the job
+    still succeeds with the outer state checkpointed."""
     from collabtrain_trainer.config import LocalUpdatesConfig
 
-    manifest = quickstart("diloco")
+    name = "diloco-overlap" if overlap else "diloco"  # its own checkpoints
+    manifest = quickstart(name)
     training = manifest["spec"]["training"]
     training["maxSteps"] = 12
-    training["localUpdates"] = {"innerSteps": 4}
+    training["localUpdates"] = {"innerSteps": 4, "overlap": overlap}
     training["compression"] = {"codec": "int4"}
     manifest["spec"]["checkpoint"]["everySteps"] = 3
     job, observation = succeeds_through_a_preemption(
-        cluster, "e2e-local-updates", manifest, preempt_at=3
+        cluster, "e2e-overlap" if overlap else "e2e-local-updates", manifest, preempt_at=3
     )
     progress = job["status"]["progress"]
     assert progress["step"] == 12
@@ -240,7 +245,7 @@ def test_local_updates_train_through_a_spot_preemption_mid_round(cluster: LocalC
 
     untrained = evaluation_loss(load_task(manifest["spec"]["trainer"]["task"], {}, seed=0))
     evaluated = loss_of_final_checkpoint(
-        cluster, "diloco", step=12, local_updates=LocalUpdatesConfig(inner_steps=4)
+        cluster, name, step=12, local_updates=LocalUpdatesConfig(inner_steps=4)
     )
     assert evaluated < untrained - 1.0, (evaluated, untrained, observation.losses)
     last = observation.losses[-1][1]
