@@ -226,8 +226,17 @@ def test_nan_sending_peer_is_excluded_and_the_others_step_is_unaffected(
 
 
 @pytest.mark.timeout(45, func_only=True)
-def test_sigterm_contributes_then_leaves_with_exit_zero(make_cluster: ClusterFactory) -> None:
-    cluster = make_cluster(timing={"leave_grace_s": 10.0})
+@pytest.mark.parametrize(
+    "local_updates",
+    [None, {"inner_steps": 2, "overlap": True}],
+    ids=["per-step", "local-updates-overlap"],
+)
+def test_sigterm_contributes_then_leaves_with_exit_zero(
+    make_cluster: ClusterFactory, local_updates: dict[str, Any] | None
+) -> None:
+    """With overlap too: a SIGTERM during a round stops the training, the round ends,
+    and what was trained meanwhile goes into one more round before the peer leaves."""
+    cluster = make_cluster(timing={"leave_grace_s": 10.0}, local_updates=local_updates)
     keeper = cluster.start_peer()
     leaver = cluster.start_peer()
     cluster.wait_for(lambda s: len(s.peers) == 2 and s.step >= 3, 40, "two peers training")
