@@ -202,7 +202,9 @@ def test_s3_data_is_used_once_per_epoch_through_a_spot_preemption(cluster: Local
     spec.loader.exec_module(writer)
     manifest = quickstart("shards")
     bucket = manifest["spec"]["checkpoint"]["bucket"]
-    records = writer.write_shards(cluster.minio.client(), bucket, "e2e-corpus/", 6, 80)
+    # 200 records a shard: two epochs last about 25 steps, so the preemption at step 3
+    # lands mid-run (with 80 the job could finish before the node went, counting none).
+    records = writer.write_shards(cluster.minio.client(), bucket, "e2e-corpus/", 6, 200)
     manifest["spec"]["training"]["maxSteps"] = 1000
     manifest["spec"]["training"]["data"] = {"prefix": "e2e-corpus/", "epochs": 2}
     job, _ = succeeds_through_a_preemption(cluster, "e2e-data", manifest, preempt_at=3)
